@@ -1,0 +1,67 @@
+"""Decode cache: per GDN layer the conv window (last K pre-conv inputs, model dtype) and the fp32 recurrent
+state [B, HV, K, V]; per attention layer a preallocated KV buffer. Buffers are allocated once per generation,
+so a decode step does no allocation or concatenation."""
+
+from __future__ import annotations
+
+import torch
+
+from .config import FULL_ATTENTION, Qwen35Config
+
+
+class GatedDeltaNetCache:
+    def __init__(self, config: Qwen35Config, batch_size: int, dtype: torch.dtype, device):
+        self.conv_state = torch.zeros(batch_size, config.conv_dim, config.linear_conv_kernel_dim, dtype=dtype,
+                                      device=device)
+        self.recurrent_state = torch.zeros(batch_size, config.linear_num_value_heads, config.linear_key_head_dim,
+                                           config.linear_value_head_dim, dtype=torch.float32, device=device)
+        self.initialized = False
+
+
+class KVCache:
+    def __init__(self, config: Qwen35Config, batch_size: int, max_length: int, dtype: torch.dtype, device,
+                 owner: "Qwen35Cache"):
+        shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.owner = owner
+
+    def update(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write key/value [B, Nkv, T, D] at the cache's current length; return all keys/values so far."""
+        start, end = self.owner.length, self.owner.length + key.shape[2]
+        self.keys[:, :, start:end] = key
+        self.values[:, :, start:end] = value
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+class Qwen35Cache:
+    """State of one batch of sequences being decoded. `length` counts the positions already processed
+    (padding included); `valid` marks which cached positions are real tokens (False at left padding)."""
+
+    def __init__(self, config: Qwen35Config, batch_size: int, max_length: int, dtype: torch.dtype, device=None):
+        self.max_length = max_length
+        self.length = 0
+        self.valid = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
+        self.layers = [
+            KVCache(config, batch_size, max_length, dtype, device, self) if kind == FULL_ATTENTION
+            else GatedDeltaNetCache(config, batch_size, dtype, device)
+            for kind in config.layer_types
+        ]
+
+    def attention_mask(self, padding_mask: torch.Tensor | None, num_new: int) -> torch.Tensor:
+        """Record the validity of `num_new` incoming positions and return the bool mask [B, 1, num_new, keys]
+        for them: causal over the cache, never attending to padding. A padded query row attends to itself
+        only, which keeps SDPA finite; its output is never used."""
+        start, end = self.length, self.length + num_new
+        if end > self.max_length:
+            raise ValueError(f"cache holds {self.max_length} positions; {end} requested")
+        self.valid[:, start:end] = True if padding_mask is None else padding_mask.bool()
+        keys = torch.arange(end, device=self.valid.device)
+        queries = torch.arange(start, end, device=self.valid.device)
+        causal = keys[None, :] <= queries[:, None]
+        mask = causal[None] & self.valid[:, None, :end]
+        mask = mask | (keys[None, :] == queries[:, None])[None]
+        return mask[:, None]
+
+    def advance(self, num_new: int) -> None:
+        self.length += num_new

@@ -1,0 +1,81 @@
+"""Gated DeltaNet mixer: causal depthwise conv over q,k,v + SiLU, gated delta rule, gated RMSNorm, out_proj."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+
+from .config import Qwen35Config
+from .layers import GatedRMSNorm
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, config: Qwen35Config):
+        super().__init__()
+        self.num_k_heads = config.linear_num_key_heads
+        self.num_v_heads = config.linear_num_value_heads
+        self.head_k_dim = config.linear_key_head_dim
+        self.head_v_dim = config.linear_value_head_dim
+        self.key_dim = config.linear_key_dim
+        self.value_dim = config.linear_value_dim
+        hidden = config.hidden_size
+        conv_dim = config.conv_dim
+        self.in_proj_qkv = nn.Linear(hidden, conv_dim, bias=False)
+        self.in_proj_z = nn.Linear(hidden, self.value_dim, bias=False)
+        self.in_proj_b = nn.Linear(hidden, self.num_v_heads, bias=False)
+        self.in_proj_a = nn.Linear(hidden, self.num_v_heads, bias=False)
+        # Kept as an nn.Conv1d for HF's parameter name and shape [C, 1, K]; applied through kernels.causal_conv1d.
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, config.linear_conv_kernel_dim, groups=conv_dim, bias=False)
+        self.dt_bias = nn.Parameter(torch.ones(self.num_v_heads))
+        self.A_log = nn.Parameter(torch.empty(self.num_v_heads))
+        self.norm = GatedRMSNorm(self.head_v_dim, eps=config.rms_norm_eps)
+        self.out_proj = nn.Linear(self.value_dim, hidden, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.dt_bias)
+        # log(U(0.01, 16)): the lower bound keeps A_log finite.
+        with torch.no_grad():
+            self.A_log.copy_(torch.empty_like(self.A_log).uniform_(0.01, 16).log_())
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                padding_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """x [B, T, hidden]; cu_seqlens int32 [N+1] for a packed batch (B == 1); padding_mask [B, T] (1 = token)
+        zeroes padded inputs so the conv window and the state stay clean; cache: a `GatedDeltaNetCache`."""
+        if padding_mask is not None:
+            x = x * padding_mask[..., None].to(x.dtype)
+        B, T, _ = x.shape
+        decode_step = cache is not None and cache.initialized and T == 1
+        conv_weight = self.conv1d.weight.squeeze(1)
+        mixed = self.in_proj_qkv(x)
+        if decode_step:
+            mixed = kernels.causal_conv1d_update(mixed[:, 0], cache.conv_state, conv_weight)[:, None]
+        else:
+            mixed, conv_state = kernels.causal_conv1d(
+                mixed, conv_weight, initial_state=cache.conv_state if cache is not None and cache.initialized else None,
+                output_final_state=cache is not None, cu_seqlens=cu_seqlens)
+            if cache is not None:
+                cache.conv_state.copy_(conv_state)
+        query, key, value = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        query = query.view(B, T, self.num_k_heads, self.head_k_dim)
+        key = key.view(B, T, self.num_k_heads, self.head_k_dim)
+        value = value.view(B, T, self.num_v_heads, self.head_v_dim)
+
+        beta = self.in_proj_b(x).sigmoid()
+        # Log-decay in fp32 even for low-precision models (exp(A_log) overflows fp16).
+        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)
+
+        rule = kernels.recurrent_gated_delta_rule if decode_step else kernels.chunk_gated_delta_rule
+        out, state = rule(query, key, value, g, beta,
+                          initial_state=cache.recurrent_state if cache is not None and cache.initialized else None,
+                          output_final_state=cache is not None, cu_seqlens=cu_seqlens, use_qk_l2norm=True)
+        if cache is not None:
+            cache.recurrent_state.copy_(state)
+            cache.initialized = True
+
+        z = self.in_proj_z(x).view(B, T, self.num_v_heads, self.head_v_dim)
+        out = self.norm(out, z).reshape(B, T, self.value_dim)
+        return self.out_proj(out)

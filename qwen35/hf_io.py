@@ -1,0 +1,188 @@
+"""HF checkpoint import/export. Our module names are transformers' text-model names, so loading is key
+normalisation only: the multimodal prefix is dropped, per-expert MoE tensors are stacked into the fused layout,
+vision and MTP tensors are skipped. Nothing is converted arithmetically, so HF -> here -> HF is bit-exact."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import Qwen35Config
+from .model import Qwen35ForCausalLM
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_MULTIMODAL_PREFIX = "model.language_model."
+_SKIPPED_PREFIXES = ("model.visual.", "mtp.")
+_PER_EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def _checkpoint_files(hf_dir: Path) -> list[Path]:
+    index = hf_dir / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise ValueError(f"{index}: not a safetensors index with a 'weight_map' ({err})") from None
+        files = [hf_dir / name for name in sorted(set(weight_map.values()))]
+    elif (hf_dir / SINGLE_FILE).exists():
+        files = [hf_dir / SINGLE_FILE]
+    else:
+        raise FileNotFoundError(f"{hf_dir}: no {SINGLE_FILE} or {INDEX_FILE}")
+    for path in files:
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: listed in {index} but missing")
+    return files
+
+
+def _read_text_tensors(hf_dir: Path, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+    """All decoder tensors under text-model names (`model.*`, `lm_head.weight`), per-expert keys still split."""
+    tensors: dict[str, torch.Tensor] = {}
+    skipped: dict[str, int] = {}
+    for path in _checkpoint_files(hf_dir):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                prefix = next((p for p in _SKIPPED_PREFIXES if key.startswith(p)), None)
+                if prefix is not None:
+                    skipped[prefix] = skipped.get(prefix, 0) + 1
+                    continue
+                name = "model." + key[len(_MULTIMODAL_PREFIX):] if key.startswith(_MULTIMODAL_PREFIX) else key
+                if name in tensors:
+                    raise ValueError(f"{path}: tensor {key!r} appears twice in the checkpoint (as {name!r})")
+                tensors[name] = f.get_tensor(key).to(device=device, dtype=dtype)
+    if skipped:
+        log.info("load_pretrained(%s): skipped %s (not part of the text decoder)", hf_dir,
+                 ", ".join(f"{n} tensors under {p}*" for p, n in skipped.items()))
+    return tensors
+
+
+def _fuse_per_expert(tensors: dict[str, torch.Tensor], num_experts: int) -> None:
+    """Stack `experts.{e}.{gate,up,down}_proj.weight` into `experts.gate_up_proj [E, 2I, H]`, `experts.down_proj`."""
+    groups: dict[str, dict[tuple[int, str], torch.Tensor]] = {}
+    for key in [k for k in tensors if _PER_EXPERT_KEY.match(k)]:
+        base, expert, proj = _PER_EXPERT_KEY.match(key).groups()
+        groups.setdefault(base, {})[(int(expert), proj)] = tensors.pop(key)
+    for base, parts in groups.items():
+        for e in range(num_experts):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                if (e, proj) not in parts:
+                    raise ValueError(f"checkpoint has per-expert tensors under {base} but is missing "
+                                     f"{base}.{e}.{proj}.weight")
+        extra = sorted(e for e, _ in parts if e >= num_experts)
+        if extra:
+            raise ValueError(f"unexpected tensor {base}.{extra[0]}.*: config has num_experts={num_experts}")
+        tensors[f"{base}.gate_up_proj"] = torch.stack(
+            [torch.cat([parts[(e, "gate_proj")], parts[(e, "up_proj")]]) for e in range(num_experts)])
+        tensors[f"{base}.down_proj"] = torch.stack([parts[(e, "down_proj")] for e in range(num_experts)])
+
+
+def load_pretrained(hf_dir: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu") -> Qwen35ForCausalLM:
+    """Load an HF directory (config.json + one or sharded safetensors; text-only or multimodal keys; fused or
+    per-expert MoE). Every missing, unexpected or mis-shaped tensor raises before a model is returned."""
+    hf_dir = Path(hf_dir)
+    config = Qwen35Config.from_hf_file(hf_dir / "config.json")
+    tensors = _read_text_tensors(hf_dir, dtype, device)
+    if config.is_moe:
+        _fuse_per_expert(tensors, config.num_experts)
+
+    with torch.device("meta"):
+        model = Qwen35ForCausalLM(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings and "lm_head.weight" in tensors:
+        lm_head = tensors.pop("lm_head.weight")
+        embed = tensors.get("model.embed_tokens.weight")
+        if embed is None or not torch.equal(lm_head, embed):
+            raise ValueError(f"{hf_dir}: config ties lm_head to embed_tokens but the checkpoint's lm_head.weight "
+                             "differs from model.embed_tokens.weight")
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing:
+        raise ValueError(f"{hf_dir}: checkpoint is missing {len(missing)} tensor(s), first {missing[0]!r} "
+                         f"(expected shape {tuple(expected[missing[0]])}); all missing: {missing}")
+    if unexpected:
+        raise ValueError(f"{hf_dir}: checkpoint has {len(unexpected)} unexpected tensor(s), first "
+                         f"{unexpected[0]!r} with shape {tuple(tensors[unexpected[0]].shape)}; all: {unexpected}")
+    for key, shape in expected.items():
+        if tensors[key].shape != shape:
+            raise ValueError(f"{hf_dir}: tensor {key!r} has shape {tuple(tensors[key].shape)} in the checkpoint, "
+                             f"the model expects {tuple(shape)}")
+
+    model.load_state_dict(tensors, strict=False, assign=True)
+    model.tie_weights()
+    model.model.rotary_emb.to_empty(device=device).reset_parameters()
+    return model
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", size.upper())
+    if not match:
+        raise ValueError(f"max_shard_size {size!r}: expected bytes or a string like '5GB', '200MB'")
+    return int(float(match.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[match.group(2)])
+
+
+def save_pretrained(model: Qwen35ForCausalLM, out_dir: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
+    """Write config.json + safetensors (sharded with an index above `max_shard_size`) that transformers'
+    AutoModelForCausalLM loads. Files are written under temporary names and renamed only once all are complete."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    limit = _parse_size(max_shard_size)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    dtypes = {v.dtype for v in state.values()}
+    dtype_name = str(next(iter(dtypes))).removeprefix("torch.") if len(dtypes) == 1 else "float32"
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    for key, tensor in state.items():
+        size = tensor.numel() * tensor.element_size()
+        if shards[-1] and shard_bytes + size > limit:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][key] = tensor
+        shard_bytes += size
+
+    outputs: dict[str, bytes | dict[str, torch.Tensor]] = {
+        "config.json": json.dumps(model.config.to_hf_dict(dtype_name), indent=2).encode()}
+    if len(shards) == 1:
+        outputs[SINGLE_FILE] = shards[0]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        outputs.update(zip(names, shards))
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": {key: name for name, shard in zip(names, shards) for key in shard}}
+        outputs[INDEX_FILE] = json.dumps(index, indent=2).encode()
+
+    temporary = []
+    try:
+        for name, content in outputs.items():
+            tmp = out_dir / f".{name}.tmp"
+            temporary.append((tmp, out_dir / name))
+            if isinstance(content, bytes):
+                tmp.write_bytes(content)
+            else:
+                save_file(content, tmp, metadata={"format": "pt"})
+    except BaseException:
+        for tmp, _ in temporary:
+            tmp.unlink(missing_ok=True)
+        raise
+    # A previous save's files that this one does not overwrite would be read as part of it: remove them.
+    for stale in (out_dir / SINGLE_FILE, out_dir / INDEX_FILE, *out_dir.glob("model-*-of-*.safetensors")):
+        if stale.name not in outputs:
+            stale.unlink(missing_ok=True)
+    for tmp, final in temporary:
+        os.replace(tmp, final)

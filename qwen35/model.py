@@ -1,0 +1,155 @@
+"""The Qwen3.5 hybrid decoder. Module names mirror transformers' `Qwen3_5ForCausalLM`, so the state dict keys are
+exactly HF's text-only keys (`model.layers.N.linear_attn.in_proj_qkv.weight`, ...)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import GatedAttention
+from .cache import Qwen35Cache
+from .config import LINEAR_ATTENTION, Qwen35Config
+from .gated_deltanet import GatedDeltaNet
+from .layers import GatedRMSNorm, RMSNorm, RotaryEmbedding, SwiGLU
+from .moe import GroupedExperts, SparseMoE, TopKRouter, load_balancing_loss
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then + mlp(norm(.)). The mixer is Gated DeltaNet
+    (`linear_attn`) or gated attention (`self_attn`); the MLP is dense SwiGLU or sparse MoE."""
+
+    def __init__(self, config: Qwen35Config, layer_idx: int):
+        super().__init__()
+        self.layer_type = config.layer_types[layer_idx]
+        if self.layer_type == LINEAR_ATTENTION:
+            self.linear_attn = GatedDeltaNet(config)
+        else:
+            self.self_attn = GatedAttention(config)
+        self.mlp = SparseMoE(config) if config.is_moe else SwiGLU(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None,
+                cache=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns (hidden, router logits or None)."""
+        h = self.input_layernorm(x)
+        if self.layer_type == LINEAR_ATTENTION:
+            h = self.linear_attn(h, cu_seqlens=cu_seqlens, padding_mask=padding_mask, cache=cache)
+        else:
+            h = self.self_attn(h, cos, sin, attn_mask=attn_mask, kv_cache=cache)
+        x = x + h
+        h = self.post_attention_layernorm(x)
+        router_logits = None
+        if isinstance(self.mlp, SparseMoE):
+            h, router_logits = self.mlp(h)
+        else:
+            h = self.mlp(h)
+        return x + h, router_logits
+
+
+class Qwen35TextModel(nn.Module):
+    def __init__(self, config: Qwen35Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.rotary_dim, config.rope_theta)
+
+
+def packed_positions_and_mask(cu_seqlens: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a packed row of documents: positions restarting at 0 in each document [1, T] and the block-causal
+    attention mask [1, 1, T, T]. Computed on device without host syncs."""
+    idx = torch.arange(seq_len, device=cu_seqlens.device)
+    doc = torch.searchsorted(cu_seqlens[1:].to(idx.dtype), idx, right=True)
+    positions = idx - cu_seqlens.to(idx.dtype)[doc]
+    mask = (doc[:, None] == doc[None, :]) & (idx[None, :] <= idx[:, None])
+    return positions[None], mask[None, None]
+
+
+class Qwen35ForCausalLM(nn.Module):
+    def __init__(self, config: Qwen35Config):
+        super().__init__()
+        self.config = config
+        self.model = Qwen35TextModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.init_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """transformers' initialisation: linear, conv, embedding, router and expert weights N(0, initializer_range);
+        (1+w) norms 0; gated norm 1; dt_bias 1; A_log log(U(0.01, 16)). Works after `to_empty` from meta."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Embedding, TopKRouter)):
+                module.weight.normal_(0.0, std)
+                if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                    module.weight[module.padding_idx].zero_()
+            elif isinstance(module, GroupedExperts):
+                module.gate_up_proj.normal_(0.0, std)
+                module.down_proj.normal_(0.0, std)
+            elif isinstance(module, (RMSNorm, GatedRMSNorm, RotaryEmbedding, GatedDeltaNet)):
+                module.reset_parameters()
+
+    def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None,
+                cache: Qwen35Cache | None = None, num_logits_to_keep: int = 0, return_aux_loss: bool = False):
+        """input_ids [B, T] -> logits [B, T, vocab] (the last `num_logits_to_keep` positions when > 0).
+
+        cu_seqlens (int32 [N+1], B == 1): documents packed in one row; positions restart per document and no
+        state, conv window or attention crosses a boundary. padding_mask [B, T] (1 = token, 0 = left padding).
+        cache: decode state, advanced by T. return_aux_loss: also return the MoE load-balancing loss (unscaled).
+        """
+        B, T = input_ids.shape
+        attn_mask = None
+        if cu_seqlens is not None:
+            if B != 1 or cache is not None or padding_mask is not None:
+                raise ValueError("cu_seqlens needs batch size 1 and no cache or padding_mask")
+            packed_positions, attn_mask = packed_positions_and_mask(cu_seqlens, T)
+            position_ids = packed_positions if position_ids is None else position_ids
+        elif cache is not None:
+            attn_mask = cache.attention_mask(padding_mask, T)
+        elif padding_mask is not None:
+            valid = padding_mask.bool()
+            idx = torch.arange(T, device=input_ids.device)
+            attn_mask = ((idx[None, :] <= idx[:, None])[None] & valid[:, None, :]) | (idx[None, :] == idx[:, None])
+            attn_mask = attn_mask[:, None]
+        if position_ids is None:
+            if padding_mask is not None:
+                past = cache.valid[:, :cache.length].sum(-1, keepdim=True) if cache is not None else 0
+                position_ids = (padding_mask.long().cumsum(-1) - 1 + past).clamp(min=0)
+            else:
+                start = cache.length if cache is not None else 0
+                position_ids = torch.arange(start, start + T, device=input_ids.device)[None].expand(B, T)
+
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary_emb(position_ids, x.dtype)
+        router_logits = []
+        for i, layer in enumerate(self.model.layers):
+            x, logits = layer(x, cos, sin, attn_mask=attn_mask, cu_seqlens=cu_seqlens, padding_mask=padding_mask,
+                              cache=cache.layers[i] if cache is not None else None)
+            if logits is not None:
+                router_logits.append(logits)
+        if cache is not None:
+            cache.advance(T)
+        x = self.model.norm(x)
+        if num_logits_to_keep:
+            x = x[:, -num_logits_to_keep:]
+        logits = self.lm_head(x)
+        if not return_aux_loss:
+            return logits
+        if not router_logits:
+            raise ValueError("return_aux_loss=True needs an MoE config")
+        return logits, load_balancing_loss(router_logits, self.config.num_experts, self.config.num_experts_per_tok)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        params = {id(p): p for p in self.parameters()}  # a tied lm_head counts once
+        if exclude_embeddings:
+            params.pop(id(self.model.embed_tokens.weight), None)
+            params.pop(id(self.lm_head.weight), None)
+        return sum(p.numel() for p in params.values())

@@ -1,0 +1,82 @@
+"""Sparse MoE block: softmax router -> top-k -> renormalise, fused 3-D experts run as grouped GEMMs over
+tokens sorted by expert, plus a shared SwiGLU expert behind a sigmoid gate."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Qwen35Config
+from .layers import SwiGLU
+
+
+class TopKRouter(nn.Module):
+    def __init__(self, config: Qwen35Config):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, hidden] -> (router logits [N, E], top-k weights [N, k] renormalised, expert ids [N, k])."""
+        logits = F.linear(x, self.weight)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return logits, weights.to(logits.dtype), experts
+
+
+class GroupedExperts(nn.Module):
+    """All experts' SwiGLU weights in HF's fused layout: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I]."""
+
+    def __init__(self, config: Qwen35Config):
+        super().__init__()
+        self.num_experts = config.num_experts
+        inter, hidden = config.moe_intermediate_size, config.hidden_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * inter, hidden))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, hidden, inter))
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, H]; expert_ids, weights [N, k] -> sum_j weights[:, j] * expert_{ids[:, j]}(x)."""
+        top_k = expert_ids.shape[1]
+        flat_ids = expert_ids.reshape(-1)
+        order = torch.argsort(flat_ids, stable=True)
+        token_of_slot = order // top_k
+        group_ends = torch.bincount(flat_ids, minlength=self.num_experts).cumsum(0).to(torch.int32)
+        hidden = torch._grouped_mm(x[token_of_slot], self.gate_up_proj.transpose(-2, -1), offs=group_ends)
+        gate, up = hidden.chunk(2, dim=-1)
+        out = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=group_ends)
+        out = out * weights.reshape(-1)[order, None]
+        return torch.zeros_like(x).index_add_(0, token_of_slot, out.to(x.dtype))
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, config: Qwen35Config):
+        super().__init__()
+        self.gate = TopKRouter(config)
+        self.experts = GroupedExperts(config)
+        self.shared_expert = SwiGLU(config.hidden_size, config.shared_expert_intermediate_size)
+        self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, H] -> (output [B, T, H], router logits [B*T, E])."""
+        flat = x.reshape(-1, x.shape[-1])
+        logits, weights, expert_ids = self.gate(flat)
+        routed = self.experts(flat, expert_ids, weights)
+        shared = torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+        return (routed + shared).view_as(x), logits
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top_k: int) -> torch.Tensor:
+    """Switch-style auxiliary loss over all MoE layers' tokens jointly (transformers' definition, unscaled):
+    E * sum_e f_e * P_e with f_e the fraction of top-k assignments and P_e the mean router probability."""
+    assignments = torch.zeros(num_experts, dtype=torch.float32, device=router_logits[0].device)
+    prob_sum = torch.zeros_like(assignments)
+    rows = 0
+    for logits in router_logits:
+        probs = torch.softmax(logits.float(), dim=-1)
+        experts = torch.topk(probs, top_k, dim=-1).indices
+        assignments = assignments + F.one_hot(experts.reshape(-1), num_experts).sum(0).float()
+        prob_sum = prob_sum + probs.sum(0)
+        rows += logits.shape[0]
+    return num_experts * torch.sum((assignments / rows) * (prob_sum / rows))
