@@ -14,7 +14,7 @@ if getattr(_kernels, "__file__", None) is None or \
 
 from .cache import Qwen35Cache  # noqa: E402
 from .config import FLAVORS, Qwen35Config  # noqa: E402
-from .generate import generate  # noqa: E402
+from .decoding import generate  # noqa: E402
 from .hf_io import load_pretrained, save_pretrained  # noqa: E402
 from .model import Qwen35ForCausalLM  # noqa: E402
 
