@@ -86,14 +86,12 @@ class Qwen35ForCausalLM(nn.Module):
         (1+w) norms 0; gated norm 1; dt_bias 1; A_log log(U(0.01, 16)). Works after `to_empty` from meta."""
         std = self.config.initializer_range
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Embedding, TopKRouter)):
+            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Embedding)):
                 module.weight.normal_(0.0, std)
                 if isinstance(module, nn.Embedding) and module.padding_idx is not None:
                     module.weight[module.padding_idx].zero_()
-            elif isinstance(module, GroupedExperts):
-                module.gate_up_proj.normal_(0.0, std)
-                module.down_proj.normal_(0.0, std)
-            elif isinstance(module, (RMSNorm, GatedRMSNorm, RotaryEmbedding, GatedDeltaNet)):
+            elif isinstance(module, (RMSNorm, GatedRMSNorm, RotaryEmbedding, GatedDeltaNet, TopKRouter,
+                                     GroupedExperts)):
                 module.reset_parameters()
 
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,

@@ -15,7 +15,12 @@ class TopKRouter(nn.Module):
     def __init__(self, config: Qwen35Config):
         super().__init__()
         self.top_k = config.num_experts_per_tok
+        self.init_std = config.initializer_range
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, 0.0, self.init_std)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, hidden] -> (router logits [N, E], top-k weights [N, k] renormalised, expert ids [N, k])."""
@@ -32,9 +37,15 @@ class GroupedExperts(nn.Module):
     def __init__(self, config: Qwen35Config):
         super().__init__()
         self.num_experts = config.num_experts
+        self.init_std = config.initializer_range
         inter, hidden = config.moe_intermediate_size, config.hidden_size
         self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, hidden, inter))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.gate_up_proj, 0.0, self.init_std)
+        nn.init.normal_(self.down_proj, 0.0, self.init_std)
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, H]; expert_ids, weights [N, k] -> sum_j weights[:, j] * expert_{ids[:, j]}(x)."""
@@ -42,7 +53,10 @@ class GroupedExperts(nn.Module):
         flat_ids = expert_ids.reshape(-1)
         order = torch.argsort(flat_ids, stable=True)
         token_of_slot = order // top_k
-        group_ends = torch.bincount(flat_ids, minlength=self.num_experts).cumsum(0).to(torch.int32)
+        # per-expert counts with a static shape (bincount's output size is data-dependent under torch.compile)
+        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
+        group_ends = counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32)).cumsum(0)
+        group_ends = group_ends.to(torch.int32)
         hidden = torch._grouped_mm(x[token_of_slot], self.gate_up_proj.transpose(-2, -1), offs=group_ends)
         gate, up = hidden.chunk(2, dim=-1)
         out = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=group_ends)

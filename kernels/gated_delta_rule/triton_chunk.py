@@ -1,0 +1,763 @@
+"""Chunked gated delta rule in Triton: forward and backward (chunk 64, fp32 state and accumulation).
+
+Per value head, a chunk of C = 64 tokens entering with state S [K, V] is processed in the UT / WY form
+(gamma = within-chunk cumsum of the log decay g, Gamma_ij = exp(gamma_i - gamma_j)):
+
+    Tm    = (I + A)^-1,  A = strictLower(diag(beta) (K K^T) * Gamma)
+    W     = Tm diag(beta exp(gamma)) K,   U = Tm diag(beta) V
+    V_new = U - W S
+    O     = scale (diag(exp(gamma)) Q S + lower(Q K^T * Gamma) V_new)      (lower: diagonal included)
+    S'    = exp(gamma_last) S + (diag(exp(gamma_last - gamma)) K)^T V_new
+
+Forward, three launches: `_prepare_kernel` (gamma, Tm, W, U; chunk-parallel) -> `_state_kernel` (walks the
+chunks of a sequence: per-chunk entry states h and V_new) -> `_output_kernel` (O; chunk-parallel).
+Backward: only the inputs are saved; it re-runs `_prepare_kernel` and `_state_kernel`, then `_local_dv_kernel`
+(the part of dV_new that does not depend on the state), `_state_bwd_kernel` (walks the chunks in reverse:
+per-chunk dS at the chunk end and the full dV_new), `_wy_bwd_kernel` (through U, W and Tm: dv, dbeta, part of
+dk and dgamma) and `_qk_bwd_kernel` (through O and the state update: dq, the rest of dk, dg).
+
+Layout: tokens are flattened ([B, T, ...] -> [B*T, ...]), sequences are spans of cu_seqlens (fixed-length batches
+use cu_seqlens = [0, T, 2T, ...]). A chunk table gives each chunk-parallel program its (sequence, first token);
+it is built on the device with shapes known from the inputs, so varlen launches never sync with the host.
+Everything uses plain pointer arithmetic with masks (no block pointers: they are gone in Triton 3.9).
+Intermediates (W, U, V_new, h, dh) are stored in the input dtype like the inputs of a bf16 matmul; gamma, Tm,
+states and gradients of q, k, g, beta stay fp32.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+CHUNK = 64
+SUB_CHUNK = 16  # Tm is assembled from inverted 16x16 diagonal blocks merged with matmuls
+
+# tl.sum, tl.cumsum and tl.zeros are themselves @triton.jit functions, fixed as compiled or interpreted when triton
+# is imported; the CPU tests interpret these kernels even when triton was imported without TRITON_INTERPRET=1, so
+# the kernels use the builtins underneath: tl.reduce / tl.associative_scan with triton's own add combiner (which
+# the interpreter maps onto numpy) and tl.full.
+_ADD = tl.standard._sum_combine
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Device helpers
+
+
+@triton.jit
+def _load_rows(ptr, tok, tok_mask, row_stride, cols, n_cols):
+    """fp32 tile [len(tok), len(cols)] of rows `tok` of a row-major tensor; out-of-range entries read 0."""
+    return tl.load(ptr + tok[:, None] * row_stride + cols[None, :],
+                   mask=tok_mask[:, None] & (cols < n_cols)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_rows(ptr, tok, tok_mask, row_stride, cols, n_cols, x):
+    tl.store(ptr + tok[:, None] * row_stride + cols[None, :], x.to(ptr.dtype.element_ty),
+             mask=tok_mask[:, None] & (cols < n_cols)[None, :])
+
+
+@triton.jit
+def _load_state(ptr, rows_k, cols_v, K, V):
+    """fp32 tile [BK, BV] of a [K, V] matrix."""
+    return tl.load(ptr + rows_k[:, None] * V + cols_v[None, :],
+                   mask=(rows_k < K)[:, None] & (cols_v < V)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_state(ptr, rows_k, cols_v, K, V, x):
+    tl.store(ptr + rows_k[:, None] * V + cols_v[None, :], x.to(ptr.dtype.element_ty),
+             mask=(rows_k < K)[:, None] & (cols_v < V)[None, :])
+
+
+@triton.jit
+def _load_qk(ptr, tok, tok_mask, head, H, K, cols, L2NORM: tl.constexpr):
+    """q or k rows of one head in fp32, L2-normalised (x * rsqrt(sum x^2 + 1e-6)) when L2NORM."""
+    x = _load_rows(ptr + head * K, tok, tok_mask, H * K, cols, K)
+    if L2NORM:
+        x = x * tl.rsqrt(tl.reduce(x * x, 1, _ADD) + 1e-6)[:, None]
+    return x
+
+
+@triton.jit
+def _load_head_scalar(ptr, tok, tok_mask, hv, HV):
+    """Per-token value of head hv of a [tokens, HV] tensor (g, beta, gamma) in fp32; 0 outside the sequence."""
+    return tl.load(ptr + tok * HV + hv, mask=tok_mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _last_row_value(x, rows, last):
+    """x[last] for a 1-D tile (last is a runtime scalar)."""
+    return tl.reduce(tl.where(rows == last, x, 0.0), 0, _ADD)
+
+
+@triton.jit
+def _chunk_of_program(chunks_ptr, cu_ptr, c):
+    """(first token, end of its sequence) of global chunk c; first token is -1 for the padding entries."""
+    seq = tl.load(chunks_ptr + 2 * c)
+    t0 = tl.load(chunks_ptr + 2 * c + 1).to(tl.int64)
+    eos = tl.load(cu_ptr + tl.maximum(seq, 0) + 1).to(tl.int64)
+    return tl.where(seq < 0, -1, t0), eos
+
+
+@triton.jit
+def _decayed_kkt_block(k_i, k_j, beta_i, gamma_i, gamma_j, DIAGONAL: tl.constexpr, BC: tl.constexpr,
+                       PREC: tl.constexpr):
+    """Block (i, j) of A = strictLower(diag(beta) (K K^T) * Gamma) from k blocks already in the input dtype;
+    DIAGONAL blocks keep their strict lower triangle."""
+    kk = tl.dot(k_i, tl.trans(k_j), input_precision=PREC)
+    diff = gamma_i[:, None] - gamma_j[None, :]
+    if DIAGONAL:
+        rows = tl.arange(0, BC)
+        strict = rows[:, None] > rows[None, :]
+        # The mask goes inside exp too: above the diagonal the exponent is positive and could overflow.
+        return tl.where(strict, kk * beta_i[:, None] * tl.exp(tl.where(strict, diff, 0.0)), 0.0)
+    return kk * beta_i[:, None] * tl.exp(diff)
+
+
+@triton.jit
+def _invert_unit_lower(a, BC: tl.constexpr):
+    """(I + a)^-1 for a strictly lower-triangular [16, 16] block, in fp32 (true fp32 matmuls: this is where
+    tf32 rounding would be the largest error, and the blocks are tiny).
+
+    a is nilpotent (a^16 = 0), so the inverse is the finite series sum_{n<16} (-a)^n, evaluated in product form
+    (I - a)(I + a^2)(I + a^4)(I + a^8): six small matmuls instead of a 15-step row-by-row substitution.
+    """
+    tl.static_assert(BC == 16)
+    rows = tl.arange(0, BC)
+    eye = (rows[:, None] == rows[None, :]).to(tl.float32)
+    a2 = tl.dot(a, a, input_precision="ieee")
+    a4 = tl.dot(a2, a2, input_precision="ieee")
+    a8 = tl.dot(a4, a4, input_precision="ieee")
+    inv = tl.dot(eye - a, eye + a2, input_precision="ieee")
+    inv = tl.dot(inv, eye + a4, input_precision="ieee")
+    return tl.dot(inv, eye + a8, input_precision="ieee")
+
+
+@triton.jit
+def _store_lower_blocks_product(out_ptr, row_stride, cols, n_cols, tok0, tok1, tok2, tok3, m0, m1, m2, m3,
+                                t00, t10, t11, t20, t21, t22, t30, t31, t32, t33, x0, x1, x2, x3,
+                                PREC: tl.constexpr):
+    """Tm @ X for a block-lower-triangular Tm (4x4 blocks of 16 rows) and X given as 4 row blocks. Each row block
+    is stored as soon as it is computed, so that one [16, n] accumulator is live at a time."""
+    col_mask = (cols < n_cols)[None, :]
+    y = tl.dot(t00, x0, input_precision=PREC)
+    tl.store(out_ptr + tok0[:, None] * row_stride + cols[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=m0[:, None] & col_mask)
+    y = tl.dot(t10, x0, input_precision=PREC)
+    y = tl.dot(t11, x1, y, input_precision=PREC)
+    tl.store(out_ptr + tok1[:, None] * row_stride + cols[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=m1[:, None] & col_mask)
+    y = tl.dot(t20, x0, input_precision=PREC)
+    y = tl.dot(t21, x1, y, input_precision=PREC)
+    y = tl.dot(t22, x2, y, input_precision=PREC)
+    tl.store(out_ptr + tok2[:, None] * row_stride + cols[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=m2[:, None] & col_mask)
+    y = tl.dot(t30, x0, input_precision=PREC)
+    y = tl.dot(t31, x1, y, input_precision=PREC)
+    y = tl.dot(t32, x2, y, input_precision=PREC)
+    y = tl.dot(t33, x3, y, input_precision=PREC)
+    tl.store(out_ptr + tok3[:, None] * row_stride + cols[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=m3[:, None] & col_mask)
+
+
+@triton.jit
+def _load_sub_block(k_ptr, g_ptr, beta_ptr, tok, tok_mask, h, hv, H, HV, K, cols_k, L2NORM: tl.constexpr):
+    """k rows (normalised in fp32 when L2NORM, returned in the input dtype), g and beta of a 16-token sub-block."""
+    k = tl.load(k_ptr + (tok * H + h)[:, None] * K + cols_k[None, :],
+                mask=tok_mask[:, None] & (cols_k < K)[None, :], other=0.0).to(tl.float32)
+    if L2NORM:
+        k = k * tl.rsqrt(tl.reduce(k * k, 1, _ADD) + 1e-6)[:, None]
+    g = tl.load(g_ptr + tok * HV + hv, mask=tok_mask, other=0.0).to(tl.float32)
+    beta = tl.load(beta_ptr + tok * HV + hv, mask=tok_mask, other=0.0).to(tl.float32)
+    return k.to(k_ptr.dtype.element_ty), g, beta
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Forward kernels
+
+
+@triton.jit
+def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, gcum_ptr, tm_ptr, w_ptr, u_ptr, cu_ptr, chunks_ptr,
+                    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                    L2NORM: tl.constexpr, PREC: tl.constexpr):
+    """Per (chunk, value head): gamma, Tm = (I + A)^-1, W and U. The 64-row chunk is handled as four 16-row
+    sub-blocks so that Tm can be assembled from inverted 16x16 diagonal blocks."""
+    tl.static_assert(BT == 4 * BC)
+    c = tl.program_id(0)
+    hv = tl.program_id(1)
+    h = hv // (HV // H)
+    DT = k_ptr.dtype.element_ty
+    t0, eos = _chunk_of_program(chunks_ptr, cu_ptr, c)
+    if t0 < 0:
+        return
+    sub = tl.arange(0, BC)
+    cols_k = tl.arange(0, BK)
+    tok0 = t0 + sub
+    tok1 = tok0 + BC
+    tok2 = tok1 + BC
+    tok3 = tok2 + BC
+    m0 = tok0 < eos
+    m1 = tok1 < eos
+    m2 = tok2 < eos
+    m3 = tok3 < eos
+
+    kc0, g0, b0 = _load_sub_block(k_ptr, g_ptr, beta_ptr, tok0, m0, h, hv, H, HV, K, cols_k, L2NORM)
+    kc1, g1, b1 = _load_sub_block(k_ptr, g_ptr, beta_ptr, tok1, m1, h, hv, H, HV, K, cols_k, L2NORM)
+    kc2, g2, b2 = _load_sub_block(k_ptr, g_ptr, beta_ptr, tok2, m2, h, hv, H, HV, K, cols_k, L2NORM)
+    kc3, g3, b3 = _load_sub_block(k_ptr, g_ptr, beta_ptr, tok3, m3, h, hv, H, HV, K, cols_k, L2NORM)
+
+    # gamma: cumsum of g from the chunk start, carried across the sub-blocks.
+    gam0 = tl.associative_scan(g0, 0, _ADD)
+    gam1 = tl.associative_scan(g1, 0, _ADD) + tl.reduce(g0, 0, _ADD)
+    gam2 = tl.associative_scan(g2, 0, _ADD) + tl.reduce(g1, 0, _ADD) + tl.reduce(g0, 0, _ADD)
+    gam3 = tl.associative_scan(g3, 0, _ADD) + tl.reduce(g2, 0, _ADD) + tl.reduce(g1, 0, _ADD) + tl.reduce(g0, 0, _ADD)
+    tl.store(gcum_ptr + tok0 * HV + hv, gam0, mask=m0)
+    tl.store(gcum_ptr + tok1 * HV + hv, gam1, mask=m1)
+    tl.store(gcum_ptr + tok2 * HV + hv, gam2, mask=m2)
+    tl.store(gcum_ptr + tok3 * HV + hv, gam3, mask=m3)
+
+    a00 = _decayed_kkt_block(kc0, kc0, b0, gam0, gam0, True, BC, PREC)
+    a11 = _decayed_kkt_block(kc1, kc1, b1, gam1, gam1, True, BC, PREC)
+    a22 = _decayed_kkt_block(kc2, kc2, b2, gam2, gam2, True, BC, PREC)
+    a33 = _decayed_kkt_block(kc3, kc3, b3, gam3, gam3, True, BC, PREC)
+    a10 = _decayed_kkt_block(kc1, kc0, b1, gam1, gam0, False, BC, PREC)
+    a20 = _decayed_kkt_block(kc2, kc0, b2, gam2, gam0, False, BC, PREC)
+    a21 = _decayed_kkt_block(kc2, kc1, b2, gam2, gam1, False, BC, PREC)
+    a30 = _decayed_kkt_block(kc3, kc0, b3, gam3, gam0, False, BC, PREC)
+    a31 = _decayed_kkt_block(kc3, kc1, b3, gam3, gam1, False, BC, PREC)
+    a32 = _decayed_kkt_block(kc3, kc2, b3, gam3, gam2, False, BC, PREC)
+
+    # Block forward substitution: Tm_rc = -Tm_rr sum_{c <= s < r} A_rs Tm_sc, in fp32.
+    t00 = _invert_unit_lower(a00, BC)
+    t11 = _invert_unit_lower(a11, BC)
+    t22 = _invert_unit_lower(a22, BC)
+    t33 = _invert_unit_lower(a33, BC)
+    t10 = -tl.dot(t11, tl.dot(a10, t00, input_precision="ieee"), input_precision="ieee")
+    t21 = -tl.dot(t22, tl.dot(a21, t11, input_precision="ieee"), input_precision="ieee")
+    t32 = -tl.dot(t33, tl.dot(a32, t22, input_precision="ieee"), input_precision="ieee")
+    acc = tl.dot(a20, t00, input_precision="ieee")
+    acc = tl.dot(a21, t10, acc, input_precision="ieee")
+    t20 = -tl.dot(t22, acc, input_precision="ieee")
+    acc = tl.dot(a31, t11, input_precision="ieee")
+    acc = tl.dot(a32, t21, acc, input_precision="ieee")
+    t31 = -tl.dot(t33, acc, input_precision="ieee")
+    acc = tl.dot(a30, t00, input_precision="ieee")
+    acc = tl.dot(a31, t10, acc, input_precision="ieee")
+    acc = tl.dot(a32, t20, acc, input_precision="ieee")
+    t30 = -tl.dot(t33, acc, input_precision="ieee")
+
+    # Tm rows [tokens, HV, BT]; blocks above the diagonal are never stored (readers mask them).
+    tm_row = HV * BT
+    tm_head = tm_ptr + hv * BT
+    _store_rows(tm_head, tok0, m0, tm_row, sub, BC, t00)
+    _store_rows(tm_head, tok1, m1, tm_row, sub, BC, t10)
+    _store_rows(tm_head + BC, tok1, m1, tm_row, sub, BC, t11)
+    _store_rows(tm_head, tok2, m2, tm_row, sub, BC, t20)
+    _store_rows(tm_head + BC, tok2, m2, tm_row, sub, BC, t21)
+    _store_rows(tm_head + 2 * BC, tok2, m2, tm_row, sub, BC, t22)
+    _store_rows(tm_head, tok3, m3, tm_row, sub, BC, t30)
+    _store_rows(tm_head + BC, tok3, m3, tm_row, sub, BC, t31)
+    _store_rows(tm_head + 2 * BC, tok3, m3, tm_row, sub, BC, t32)
+    _store_rows(tm_head + 3 * BC, tok3, m3, tm_row, sub, BC, t33)
+
+    # W = Tm diag(beta exp(gamma)) K and U = Tm diag(beta) V as matmuls in the input dtype.
+    tc00 = t00.to(DT)
+    tc10 = t10.to(DT)
+    tc11 = t11.to(DT)
+    tc20 = t20.to(DT)
+    tc21 = t21.to(DT)
+    tc22 = t22.to(DT)
+    tc30 = t30.to(DT)
+    tc31 = t31.to(DT)
+    tc32 = t32.to(DT)
+    tc33 = t33.to(DT)
+    _store_lower_blocks_product(
+        w_ptr + hv * K, HV * K, cols_k, K, tok0, tok1, tok2, tok3, m0, m1, m2, m3,
+        tc00, tc10, tc11, tc20, tc21, tc22, tc30, tc31, tc32, tc33,
+        (kc0 * (b0 * tl.exp(gam0))[:, None]).to(DT), (kc1 * (b1 * tl.exp(gam1))[:, None]).to(DT),
+        (kc2 * (b2 * tl.exp(gam2))[:, None]).to(DT), (kc3 * (b3 * tl.exp(gam3))[:, None]).to(DT), PREC)
+    v_head = v_ptr + hv * V
+    for v0 in range(0, V, BV):
+        cols_v = v0 + tl.arange(0, BV)
+        _store_lower_blocks_product(
+            u_ptr + hv * V, HV * V, cols_v, V, tok0, tok1, tok2, tok3, m0, m1, m2, m3,
+            tc00, tc10, tc11, tc20, tc21, tc22, tc30, tc31, tc32, tc33,
+            (_load_rows(v_head, tok0, m0, HV * V, cols_v, V) * b0[:, None]).to(DT),
+            (_load_rows(v_head, tok1, m1, HV * V, cols_v, V) * b1[:, None]).to(DT),
+            (_load_rows(v_head, tok2, m2, HV * V, cols_v, V) * b2[:, None]).to(DT),
+            (_load_rows(v_head, tok3, m3, HV * V, cols_v, V) * b3[:, None]).to(DT), PREC)
+
+
+@triton.jit
+def _state_kernel(k_ptr, w_ptr, u_ptr, gcum_ptr, h0_ptr, h_ptr, vnew_ptr, ht_ptr, cu_ptr, chunk_offsets_ptr,
+                  H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                  L2NORM: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
+    """Per (V block, sequence, value head): walk the chunks in order, keeping S [K, BV] in fp32. Stores the
+    entry state of every chunk (h) and V_new = U - W S; optionally the final state."""
+    vb = tl.program_id(0)
+    n = (tl.program_id(1) // HV).to(tl.int64)  # int64: state offsets can pass 2^31 with many sequences
+    hv = tl.program_id(1) % HV
+    h = hv // (HV // H)
+    DT = k_ptr.dtype.element_ty
+    bos = tl.load(cu_ptr + n).to(tl.int64)
+    eos = tl.load(cu_ptr + n + 1).to(tl.int64)
+    first_chunk = tl.load(chunk_offsets_ptr + n).to(tl.int64)
+    num_chunks = tl.load(chunk_offsets_ptr + n + 1).to(tl.int64) - first_chunk
+    rows = tl.arange(0, BT)
+    rows_k = tl.arange(0, BK)
+    cols_v = vb * BV + tl.arange(0, BV)
+    state_offset = (n * HV + hv) * K * V
+    if HAS_H0:
+        s = _load_state(h0_ptr + state_offset, rows_k, cols_v, K, V)
+    else:
+        s = tl.full([BK, BV], 0.0, tl.float32)
+    for i in range(0, num_chunks):
+        t0 = bos + i * BT
+        tok = t0 + rows
+        valid = tok < eos
+        _store_state(h_ptr + ((first_chunk + i) * HV + hv) * K * V, rows_k, cols_v, K, V, s)
+        w = _load_rows(w_ptr + hv * K, tok, valid, HV * K, rows_k, K).to(DT)
+        u = _load_rows(u_ptr + hv * V, tok, valid, HV * V, cols_v, V)
+        v_new = (u - tl.dot(w, s.to(DT), input_precision=PREC)).to(DT)
+        _store_rows(vnew_ptr + hv * V, tok, valid, HV * V, cols_v, V, v_new)
+        gam = _load_head_scalar(gcum_ptr, tok, valid, hv, HV)
+        gam_last = _last_row_value(gam, rows, tl.minimum(eos - t0, BT) - 1)
+        k = _load_qk(k_ptr, tok, valid, h, H, K, rows_k, L2NORM)
+        k_to_end = (k * tl.where(valid, tl.exp(gam_last - gam), 0.0)[:, None]).to(DT)
+        s = tl.dot(tl.trans(k_to_end), v_new, s * tl.exp(gam_last), input_precision=PREC)
+    if STORE_HT:
+        _store_state(ht_ptr + state_offset, rows_k, cols_v, K, V, s)
+
+
+@triton.jit
+def _output_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, vnew_ptr, o_ptr, cu_ptr, chunks_ptr, scale,
+                   H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                   L2NORM: tl.constexpr, PREC: tl.constexpr):
+    """Per (V block, chunk, value head): O = scale (diag(exp(gamma)) Q h + lower(Q K^T * Gamma) V_new)."""
+    vb = tl.program_id(0)
+    c = tl.program_id(1)
+    hv = tl.program_id(2)
+    h = hv // (HV // H)
+    DT = k_ptr.dtype.element_ty
+    t0, eos = _chunk_of_program(chunks_ptr, cu_ptr, c)
+    if t0 < 0:
+        return
+    rows = tl.arange(0, BT)
+    rows_k = tl.arange(0, BK)
+    cols_v = vb * BV + tl.arange(0, BV)
+    tok = t0 + rows
+    valid = tok < eos
+    q = _load_qk(q_ptr, tok, valid, h, H, K, rows_k, L2NORM)
+    k = _load_qk(k_ptr, tok, valid, h, H, K, rows_k, L2NORM).to(DT)
+    gam = _load_head_scalar(gcum_ptr, tok, valid, hv, HV)
+    causal = rows[:, None] >= rows[None, :]
+    decay = tl.exp(tl.where(causal, gam[:, None] - gam[None, :], 0.0))
+    scores = tl.dot(q.to(DT), tl.trans(k), input_precision=PREC)
+    scores = tl.where(causal, scores * decay * scale, 0.0).to(DT)
+    s = _load_state(h_ptr + (c.to(tl.int64) * HV + hv) * K * V, rows_k, cols_v, K, V).to(DT)
+    v_new = _load_rows(vnew_ptr + hv * V, tok, valid, HV * V, cols_v, V).to(DT)
+    o = tl.dot((q * (scale * tl.exp(gam))[:, None]).to(DT), s, input_precision=PREC)
+    o = tl.dot(scores, v_new, o, input_precision=PREC)
+    _store_rows(o_ptr + hv * V, tok, valid, HV * V, cols_v, V, o)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backward kernels
+
+
+@triton.jit
+def _local_dv_kernel(q_ptr, k_ptr, gcum_ptr, do_ptr, dv_local_ptr, cu_ptr, chunks_ptr, scale,
+                     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                     L2NORM: tl.constexpr, PREC: tl.constexpr):
+    """Per (V block, chunk, value head): the state-independent part of dV_new, scale lower(Q K^T * Gamma)^T dO."""
+    vb = tl.program_id(0)
+    c = tl.program_id(1)
+    hv = tl.program_id(2)
+    h = hv // (HV // H)
+    DT = k_ptr.dtype.element_ty
+    t0, eos = _chunk_of_program(chunks_ptr, cu_ptr, c)
+    if t0 < 0:
+        return
+    rows = tl.arange(0, BT)
+    cols_k = tl.arange(0, BK)
+    cols_v = vb * BV + tl.arange(0, BV)
+    tok = t0 + rows
+    valid = tok < eos
+    q = _load_qk(q_ptr, tok, valid, h, H, K, cols_k, L2NORM).to(DT)
+    k = _load_qk(k_ptr, tok, valid, h, H, K, cols_k, L2NORM).to(DT)
+    gam = _load_head_scalar(gcum_ptr, tok, valid, hv, HV)
+    # Transposed scores: entry (j, i) = q_i . k_j Gamma_ij for j <= i.
+    anticausal = rows[:, None] <= rows[None, :]
+    decay_t = tl.exp(tl.where(anticausal, gam[None, :] - gam[:, None], 0.0))
+    scores_t = tl.dot(k, tl.trans(q), input_precision=PREC)
+    scores_t = tl.where(anticausal, scores_t * decay_t * scale, 0.0).to(DT)
+    do = _load_rows(do_ptr + hv * V, tok, valid, HV * V, cols_v, V).to(DT)
+    dv_local = tl.dot(scores_t, do, input_precision=PREC)
+    _store_rows(dv_local_ptr + hv * V, tok, valid, HV * V, cols_v, V, dv_local)
+
+
+@triton.jit
+def _state_bwd_kernel(q_ptr, k_ptr, w_ptr, gcum_ptr, do_ptr, dv_local_ptr, dht_ptr, dh_ptr, dvnew_ptr, dh0_ptr,
+                      cu_ptr, chunk_offsets_ptr, scale,
+                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                      L2NORM: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr):
+    """Per (V block, sequence, value head): walk the chunks in reverse with dS = dL/dS at the chunk end.
+    Stores dS per chunk (dh), the full dV_new = dv_local + K~ dS, and dL/d(initial state)."""
+    vb = tl.program_id(0)
+    n = (tl.program_id(1) // HV).to(tl.int64)  # int64: state offsets can pass 2^31 with many sequences
+    hv = tl.program_id(1) % HV
+    h = hv // (HV // H)
+    DT = k_ptr.dtype.element_ty
+    bos = tl.load(cu_ptr + n).to(tl.int64)
+    eos = tl.load(cu_ptr + n + 1).to(tl.int64)
+    first_chunk = tl.load(chunk_offsets_ptr + n).to(tl.int64)
+    num_chunks = tl.load(chunk_offsets_ptr + n + 1).to(tl.int64) - first_chunk
+    rows = tl.arange(0, BT)
+    rows_k = tl.arange(0, BK)
+    cols_v = vb * BV + tl.arange(0, BV)
+    state_offset = (n * HV + hv) * K * V
+    if HAS_DHT:
+        ds = _load_state(dht_ptr + state_offset, rows_k, cols_v, K, V)
+    else:
+        ds = tl.full([BK, BV], 0.0, tl.float32)
+    for j in range(0, num_chunks):
+        i = num_chunks - 1 - j
+        t0 = bos + i * BT
+        tok = t0 + rows
+        valid = tok < eos
+        _store_state(dh_ptr + ((first_chunk + i) * HV + hv) * K * V, rows_k, cols_v, K, V, ds)
+        gam = _load_head_scalar(gcum_ptr, tok, valid, hv, HV)
+        gam_last = _last_row_value(gam, rows, tl.minimum(eos - t0, BT) - 1)
+        k = _load_qk(k_ptr, tok, valid, h, H, K, rows_k, L2NORM)
+        k_to_end = (k * tl.where(valid, tl.exp(gam_last - gam), 0.0)[:, None]).to(DT)
+        ds_c = ds.to(DT)
+        dv_local = _load_rows(dv_local_ptr + hv * V, tok, valid, HV * V, cols_v, V)
+        dv_new = tl.dot(k_to_end, ds_c, dv_local, input_precision=PREC).to(DT)
+        _store_rows(dvnew_ptr + hv * V, tok, valid, HV * V, cols_v, V, dv_new)
+        q = _load_qk(q_ptr, tok, valid, h, H, K, rows_k, L2NORM)
+        q_from_start = (q * (scale * tl.exp(gam))[:, None]).to(DT)
+        do = _load_rows(do_ptr + hv * V, tok, valid, HV * V, cols_v, V).to(DT)
+        w = _load_rows(w_ptr + hv * K, tok, valid, HV * K, rows_k, K).to(DT)
+        ds = tl.dot(tl.trans(q_from_start), do, ds * tl.exp(gam_last), input_precision=PREC)
+        ds -= tl.dot(tl.trans(w), dv_new, input_precision=PREC)
+    if STORE_DH0:
+        _store_state(dh0_ptr + state_offset, rows_k, cols_v, K, V, ds)
+
+
+@triton.jit
+def _wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gcum_ptr, tm_ptr, h_ptr, dvnew_ptr, dv_ptr, dk_ptr, dbeta_ptr,
+                   dgam_ptr, cu_ptr, chunks_ptr,
+                   H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                   L2NORM: tl.constexpr, PREC: tl.constexpr):
+    """Per (chunk, value head), the gradients through V_new = U - W h with U = Tm diag(beta) V,
+    W = Tm diag(beta exp(gamma)) K and Tm = (I + A)^-1. With X = Tm^T dV_new (dU = dV_new, dW = -dV_new h^T):
+        dv = diag(beta) X,   dTm = dV_new (diag(beta) (V - exp(gamma) K h))^T,   dA = -Tm^T dTm Tm^T.
+    Stores dv, dbeta, and the partial dk (w.r.t. normalised k) and dgamma that `_qk_bwd_kernel` completes."""
+    c = tl.program_id(0)
+    hv = tl.program_id(1)
+    h = hv // (HV // H)
+    DT = k_ptr.dtype.element_ty
+    t0, eos = _chunk_of_program(chunks_ptr, cu_ptr, c)
+    if t0 < 0:
+        return
+    rows = tl.arange(0, BT)
+    rows_k = tl.arange(0, BK)
+    tok = t0 + rows
+    valid = tok < eos
+    state_offset = (c.to(tl.int64) * HV + hv) * K * V
+
+    k = _load_qk(k_ptr, tok, valid, h, H, K, rows_k, L2NORM).to(DT)
+    beta = _load_head_scalar(beta_ptr, tok, valid, hv, HV)
+    gam = _load_head_scalar(gcum_ptr, tok, valid, hv, HV)
+    decay_in = tl.exp(gam)
+    tm_t = tl.trans(tl.load(tm_ptr + (tok * HV + hv)[:, None] * BT + rows[None, :],
+                            mask=valid[:, None] & (rows[None, :] <= rows[:, None]), other=0.0)).to(DT)
+    k_in = (k * decay_in[:, None]).to(DT)
+
+    dk = tl.full([BT, BK], 0.0, tl.float32)
+    dtm = tl.full([BT, BT], 0.0, tl.float32)
+    dbeta = tl.full([BT], 0.0, tl.float32)
+    x_dot_kh = tl.full([BT], 0.0, tl.float32)  # rows of X . (exp(gamma) K h)
+    for v0 in range(0, V, BV):
+        cols_v = v0 + tl.arange(0, BV)
+        s = _load_state(h_ptr + state_offset, rows_k, cols_v, K, V).to(DT)
+        dv_new = _load_rows(dvnew_ptr + hv * V, tok, valid, HV * V, cols_v, V).to(DT)
+        v = _load_rows(v_ptr + hv * V, tok, valid, HV * V, cols_v, V)
+        x = tl.dot(tm_t, dv_new, input_precision=PREC)
+        _store_rows(dv_ptr + hv * V, tok, valid, HV * V, cols_v, V, x * beta[:, None])
+        kh = tl.dot(k_in, s, input_precision=PREC)
+        dbeta += tl.reduce(x * (v - kh), 1, _ADD)
+        x_dot_kh += tl.reduce(x * kh, 1, _ADD)
+        dtm = tl.dot(dv_new, tl.trans(((v - kh) * beta[:, None]).to(DT)), dtm, input_precision=PREC)
+        # dk -= diag(beta exp(gamma)) X h^T (the row factors go on the left operand)
+        dk = tl.dot((x * (-beta * decay_in)[:, None]).to(DT), tl.trans(s), dk, input_precision=PREC)
+    dgam = -beta * x_dot_kh
+
+    # A_ij = beta_i k_i . k_j Gamma_ij (j < i)
+    strict = rows[:, None] > rows[None, :]
+    decay = tl.exp(tl.where(strict, gam[:, None] - gam[None, :], 0.0))
+    da = tl.dot(tl.dot(tm_t, dtm.to(DT), input_precision=PREC).to(DT), tm_t, input_precision=PREC)
+    da = tl.where(strict, -da, 0.0)
+    kk_decayed = tl.where(strict, tl.dot(k, tl.trans(k), input_precision=PREC) * decay, 0.0)
+    dbeta += tl.reduce(da * kk_decayed, 1, _ADD)
+    da_beta = (da * decay * beta[:, None]).to(DT)
+    dk = tl.dot(da_beta, k, dk, input_precision=PREC)
+    dk = tl.dot(tl.trans(da_beta), k, dk, input_precision=PREC)
+    da_a = da * kk_decayed * beta[:, None]
+    dgam += tl.reduce(da_a, 1, _ADD) - tl.reduce(da_a, 0, _ADD)
+
+    _store_rows(dk_ptr + hv * K, tok, valid, HV * K, rows_k, K, dk)
+    tl.store(dbeta_ptr + tok * HV + hv, dbeta, mask=valid)
+    tl.store(dgam_ptr + tok * HV + hv, dgam, mask=valid)
+
+
+@triton.jit
+def _qk_bwd_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, do_ptr, dq_ptr, dk_ptr, dgam_ptr, dg_ptr,
+                   cu_ptr, chunks_ptr, scale,
+                   H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                   L2NORM: tl.constexpr, PREC: tl.constexpr):
+    """Per (chunk, value head), the gradients through O = scale (diag(exp(gamma)) Q h + lower(Q K^T * Gamma) V_new)
+    and S' = exp(gamma_last) h + (diag(exp(gamma_last - gamma)) K)^T V_new, added to the partial dk and dgamma of
+    `_wy_bwd_kernel` (dk is read and overwritten in place). Finishes dq, dk (per value head, through the L2 norm)
+    and dg (reverse cumsum of dgamma)."""
+    c = tl.program_id(0)
+    hv = tl.program_id(1)
+    h = hv // (HV // H)
+    DT = k_ptr.dtype.element_ty
+    t0, eos = _chunk_of_program(chunks_ptr, cu_ptr, c)
+    if t0 < 0:
+        return
+    rows = tl.arange(0, BT)
+    rows_k = tl.arange(0, BK)
+    tok = t0 + rows
+    valid = tok < eos
+    last = tl.minimum(eos - t0, BT) - 1
+    state_offset = (c.to(tl.int64) * HV + hv) * K * V
+
+    # Only input-dtype copies of (normalised) q and k stay live, plus the L2 norm's row factors.
+    q_raw = _load_rows(q_ptr + h * K, tok, valid, H * K, rows_k, K)
+    k_raw = _load_rows(k_ptr + h * K, tok, valid, H * K, rows_k, K)
+    if L2NORM:
+        q_rstd = tl.rsqrt(tl.reduce(q_raw * q_raw, 1, _ADD) + 1e-6)
+        k_rstd = tl.rsqrt(tl.reduce(k_raw * k_raw, 1, _ADD) + 1e-6)
+        q = (q_raw * q_rstd[:, None]).to(DT)
+        k = (k_raw * k_rstd[:, None]).to(DT)
+    else:
+        q = q_raw.to(DT)
+        k = k_raw.to(DT)
+    gam = _load_head_scalar(gcum_ptr, tok, valid, hv, HV)
+    gam_last = _last_row_value(gam, rows, last)
+    decay_in = tl.exp(gam)
+    decay_out = tl.where(valid, tl.exp(gam_last - gam), 0.0)
+
+    dq = tl.full([BT, BK], 0.0, tl.float32)
+    dk = tl.full([BT, BK], 0.0, tl.float32)
+    do_vnew = tl.full([BT, BT], 0.0, tl.float32)  # dO V_new^T
+    k_dot_end = tl.full([BT], 0.0, tl.float32)  # exp(gamma_last - gamma_i) k_i . (V_new dS^T)_i
+    s_dot_ds = tl.full([BK], 0.0, tl.float32)  # <h, dS>, per row of K
+    for v0 in range(0, V, BV):
+        cols_v = v0 + tl.arange(0, BV)
+        s = _load_state(h_ptr + state_offset, rows_k, cols_v, K, V)
+        ds = _load_state(dh_ptr + state_offset, rows_k, cols_v, K, V)
+        s_dot_ds += tl.reduce(s * ds, 1, _ADD)
+        ds = ds.to(DT)
+        do = _load_rows(do_ptr + hv * V, tok, valid, HV * V, cols_v, V).to(DT)
+        v_new = _load_rows(vnew_ptr + hv * V, tok, valid, HV * V, cols_v, V)
+        dq = tl.dot(do, tl.trans(s.to(DT)), dq, input_precision=PREC)
+        do_vnew = tl.dot(do, tl.trans(v_new.to(DT)), do_vnew, input_precision=PREC)
+        # dk += diag(exp(gamma_last - gamma)) V_new dS^T (the row factors go on the left operand)
+        k_dot_end += tl.reduce(v_new * tl.dot(k, ds, input_precision=PREC), 1, _ADD) * decay_out
+        dk = tl.dot((v_new * decay_out[:, None]).to(DT), tl.trans(ds), dk, input_precision=PREC)
+
+    # Inter-chunk part of O.
+    dq = dq * (scale * decay_in)[:, None]
+    dgam = tl.load(dgam_ptr + tok * HV + hv, mask=valid, other=0.0) + tl.reduce(dq * q.to(tl.float32), 1, _ADD)
+
+    # Intra-chunk scores M = lower(Q K^T * Gamma), dM = scale dO V_new^T.
+    causal = rows[:, None] >= rows[None, :]
+    decay = tl.exp(tl.where(causal, gam[:, None] - gam[None, :], 0.0))
+    scores = tl.where(causal, tl.dot(q, tl.trans(k), input_precision=PREC) * decay, 0.0)
+    dscores = tl.where(causal, do_vnew * scale, 0.0)
+    dscores_decayed = (dscores * decay).to(DT)
+    dq = tl.dot(dscores_decayed, k, dq, input_precision=PREC)
+    dk = tl.dot(tl.trans(dscores_decayed), q, dk, input_precision=PREC)
+    ds_s = dscores * scores
+    dgam += tl.reduce(ds_s, 1, _ADD) - tl.reduce(ds_s, 0, _ADD)
+
+    # State update: the decay of h, and exp(gamma_last - gamma_i) on the rows of K.
+    dgam -= k_dot_end
+    dgam_last = tl.reduce(k_dot_end, 0, _ADD) + tl.exp(gam_last) * tl.reduce(s_dot_ds, 0, _ADD)
+    dgam += tl.where(rows == last, dgam_last, 0.0)
+    # gamma is a cumsum of g within the chunk, so dg is the reverse cumsum of dgamma.
+    dg = tl.associative_scan(tl.where(valid, dgam, 0.0), 0, _ADD, reverse=True)
+    tl.store(dg_ptr + tok * HV + hv, dg, mask=valid)
+
+    dk += _load_rows(dk_ptr + hv * K, tok, valid, HV * K, rows_k, K)
+    if L2NORM:
+        # Through x / ||x||: d raw = rstd (d normed - normed (normed . d normed)).
+        q_f = q.to(tl.float32)
+        k_f = k.to(tl.float32)
+        dq = (dq - q_f * tl.reduce(q_f * dq, 1, _ADD)[:, None]) * q_rstd[:, None]
+        dk = (dk - k_f * tl.reduce(k_f * dk, 1, _ADD)[:, None]) * k_rstd[:, None]
+    _store_rows(dq_ptr + hv * K, tok, valid, HV * K, rows_k, K, dq)
+    _store_rows(dk_ptr + hv * K, tok, valid, HV * K, rows_k, K, dk)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _block_sizes(K, V):
+    # tl.dot needs every dimension >= 16; K is kept whole in registers (one state tile is [K, BV]).
+    BK = max(16, triton.next_power_of_2(K))
+    BV = min(32, max(16, triton.next_power_of_2(V)))
+    return BK, BV
+
+
+# Launch configurations (fixed: no autotuning, which needs a GPU driver and would not run in the interpreter).
+# Chosen from offline sm_90 compiles at K = V = 128, bf16, as the settings with the fewest ptxas spills; they
+# are a starting point, not timed.
+_WARPS = dict(prepare=8, state=4, output=8, local_dv=8, state_bwd=4, wy_bwd=8, qk_bwd=8)
+_SEQUENTIAL_STAGES = 1  # the chunk loops of the state kernels: no software pipelining (it only adds spills)
+
+
+def chunk_layout(cu_seqlens, batch, seqlen, device):
+    """(cu [N+1], chunk_offsets [N+1], chunks [NC, 2]) as int32 on `device`, for flattened tokens.
+
+    chunk_offsets[n] is the index of the first chunk of sequence n; chunks[c] = (sequence, first token) of chunk
+    c, or (-1, -1) for the trailing entries of the static upper bound NC (ceil(T/64) + N - 1 for varlen).
+    Pure device ops with static shapes: no host sync, traceable.
+    """
+    if cu_seqlens is None:
+        cu = torch.arange(0, batch + 1, dtype=torch.int32, device=device) * seqlen
+        num_chunks_bound = batch * triton.cdiv(seqlen, CHUNK)
+    else:
+        cu = cu_seqlens.to(device=device, dtype=torch.int32)
+        num_chunks_bound = triton.cdiv(seqlen, CHUNK) + cu.shape[0] - 2
+    num_seqs = cu.shape[0] - 1
+    chunks_per_seq = (cu[1:] - cu[:-1] + CHUNK - 1) // CHUNK
+    chunk_offsets = torch.cat([cu.new_zeros(1), chunks_per_seq.cumsum(0, dtype=torch.int32)])
+    chunk_ids = torch.arange(num_chunks_bound, dtype=torch.int32, device=device)
+    seq = torch.searchsorted(chunk_offsets[1:], chunk_ids, right=True).to(torch.int32)
+    in_range = chunk_ids < chunk_offsets[-1]
+    seq_clamped = seq.clamp(max=num_seqs - 1)
+    first_token = cu[seq_clamped] + (chunk_ids - chunk_offsets[seq_clamped]) * CHUNK
+    chunks = torch.stack([torch.where(in_range, seq, -1), torch.where(in_range, first_token, -1)], 1)
+    return cu, chunk_offsets, chunks.contiguous()
+
+
+class _Problem:
+    """Shapes, flattened contiguous inputs and launch constants shared by the forward and backward."""
+
+    def __init__(self, q, k, v, g, beta, scale, cu_seqlens, use_qk_l2norm):
+        B, T, H, K = q.shape
+        HV, V = v.shape[2:]
+        if HV % H:
+            raise ValueError(f"value heads ({HV}) must be a multiple of q/k heads ({H})")
+        dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"the Triton gated delta rule takes fp16 / bf16 / fp32 q, k, v, got {dtype}")
+        self.q, self.k, self.v = (x.to(dtype).reshape(B * T, *x.shape[2:]).contiguous() for x in (q, k, v))
+        self.g, self.beta = (x.reshape(B * T, HV).contiguous() for x in (g, beta))
+        self.B, self.T, self.H, self.HV, self.K, self.V = B, T, H, HV, K, V
+        self.dtype = dtype
+        self.scale = K ** -0.5 if scale is None else float(scale)
+        self.cu, self.chunk_offsets, self.chunks = chunk_layout(cu_seqlens, B, T, q.device)
+        self.N = self.cu.shape[0] - 1
+        self.NC = self.chunks.shape[0]
+        self.BK, self.BV = _block_sizes(K, V)
+        self.l2norm = bool(use_qk_l2norm)
+        # fp32 inputs get true fp32 matmuls (tf32 would cost ~1e-3 relative error); 16-bit ones use tensor cores.
+        self.prec = "ieee" if dtype == torch.float32 else "tf32"
+
+    def consts(self):
+        return dict(H=self.H, HV=self.HV, K=self.K, V=self.V, BT=CHUNK, BK=self.BK, L2NORM=self.l2norm,
+                    PREC=self.prec)
+
+    def prepare(self):
+        """gamma [B*T, HV] fp32, Tm [B*T, HV, 64] fp32, W [B*T, HV, K] and U [B*T, HV, V] (input dtype)."""
+        tokens, HV = self.q.shape[0], self.HV
+        gcum = torch.empty(tokens, HV, dtype=torch.float32, device=self.q.device)
+        tm = torch.empty(tokens, HV, CHUNK, dtype=torch.float32, device=self.q.device)
+        w = torch.empty(tokens, HV, self.K, dtype=self.dtype, device=self.q.device)
+        u = torch.empty_like(self.v)
+        _prepare_kernel[(self.NC, HV)](self.k, self.v, self.g, self.beta, gcum, tm, w, u, self.cu, self.chunks,
+                                       BC=SUB_CHUNK, BV=self.BV, **self.consts(), num_warps=_WARPS["prepare"])
+        return gcum, tm, w, u
+
+    def states(self, w, u, gcum, initial_state, store_final):
+        """Per-chunk entry states h [NC, HV, K, V], V_new [B*T, HV, V], final state [N, HV, K, V] or None."""
+        h = self.q.new_empty(self.NC, self.HV, self.K, self.V)
+        v_new = torch.empty_like(self.v)
+        final = (torch.empty(self.N, self.HV, self.K, self.V, dtype=torch.float32, device=self.q.device)
+                 if store_final else None)
+        h0 = initial_state.contiguous() if initial_state is not None else None
+        grid = (triton.cdiv(self.V, self.BV), self.N * self.HV)
+        _state_kernel[grid](self.k, w, u, gcum, h0, h, v_new, final, self.cu, self.chunk_offsets,
+                            BV=self.BV, HAS_H0=h0 is not None, STORE_HT=store_final, **self.consts(),
+                            num_warps=_WARPS["state"], num_stages=_SEQUENTIAL_STAGES)
+        return h, v_new, final
+
+
+def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                               cu_seqlens=None, use_qk_l2norm=False):
+    """Triton forward. Shapes as `kernels.chunk_gated_delta_rule`; returns (o [B, T, HV, V] in v's dtype,
+    final state [N, HV, K, V] fp32 or None)."""
+    p = _Problem(q, k, v, g, beta, scale, cu_seqlens, use_qk_l2norm)
+    gcum, tm, w, u = p.prepare()
+    h, v_new, final = p.states(w, u, gcum, initial_state, output_final_state)
+    o = torch.empty(p.B * p.T, p.HV, p.V, dtype=v.dtype, device=v.device)
+    grid = (triton.cdiv(p.V, p.BV), p.NC, p.HV)
+    _output_kernel[grid](p.q, p.k, gcum, h, v_new, o, p.cu, p.chunks, p.scale, BV=p.BV, **p.consts(),
+                         num_warps=_WARPS["output"])
+    return o.view(p.B, p.T, p.HV, p.V), final
+
+
+def chunk_gated_delta_rule_bwd(do, dht, q, k, v, g, beta, scale=None, initial_state=None, cu_seqlens=None,
+                               use_qk_l2norm=False):
+    """Triton backward: gradients (dq, dk, dv, dg, dbeta, dh0) in the dtypes of their inputs (dh0 None without
+    an initial state), given do [B, T, HV, V] and dht (gradient of the final state, or None).
+    Recomputes gamma, Tm, W, U, the chunk states and V_new from the inputs (nothing else is saved)."""
+    p = _Problem(q, k, v, g, beta, scale, cu_seqlens, use_qk_l2norm)
+    gcum, tm, w, u = p.prepare()
+    h, v_new, _ = p.states(w, u, gcum, initial_state, store_final=False)
+    do = do.to(p.dtype).reshape(p.B * p.T, p.HV, p.V).contiguous()
+    tokens, HV, K, V = p.q.shape[0], p.HV, p.K, p.V
+
+    dv_local = torch.empty_like(p.v)
+    _local_dv_kernel[(triton.cdiv(V, p.BV), p.NC, HV)](p.q, p.k, gcum, do, dv_local, p.cu, p.chunks, p.scale,
+                                                        BV=p.BV, **p.consts(), num_warps=_WARPS["local_dv"])
+
+    dh = torch.empty_like(h)
+    dv_new = torch.empty_like(p.v)
+    dh0 = (torch.empty(initial_state.shape, dtype=torch.float32, device=q.device)
+           if initial_state is not None else None)
+    dht = dht.contiguous() if dht is not None else None
+    _state_bwd_kernel[(triton.cdiv(V, p.BV), p.N * HV)](
+        p.q, p.k, w, gcum, do, dv_local, dht, dh, dv_new, dh0, p.cu, p.chunk_offsets, p.scale, BV=p.BV,
+        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, **p.consts(), num_warps=_WARPS["state_bwd"],
+        num_stages=_SEQUENTIAL_STAGES)
+
+    # dq, dk per value head in fp32 (the value heads of a group are summed below); dk and dgamma are started by
+    # the WY part and finished by the q/k part.
+    dq = torch.empty(tokens, HV, K, dtype=torch.float32, device=q.device)
+    dk = torch.empty_like(dq)
+    dv = torch.empty(tokens, HV, V, dtype=v.dtype, device=v.device)
+    dg = torch.empty(tokens, HV, dtype=torch.float32, device=q.device)
+    dgam = torch.empty_like(dg)
+    dbeta = torch.empty_like(dg)
+    _wy_bwd_kernel[(p.NC, HV)](p.k, p.v, p.beta, gcum, tm, h, dv_new, dv, dk, dbeta, dgam, p.cu, p.chunks,
+                               BV=p.BV, **p.consts(), num_warps=_WARPS["wy_bwd"])
+    _qk_bwd_kernel[(p.NC, HV)](p.q, p.k, gcum, h, dh, v_new, do, dq, dk, dgam, dg, p.cu, p.chunks, p.scale,
+                               BV=p.BV, **p.consts(), num_warps=_WARPS["qk_bwd"])
+    group_shape = (p.B, p.T, p.H, HV // p.H, K)
+    dq = dq.view(group_shape).sum(3).to(q.dtype)
+    dk = dk.view(group_shape).sum(3).to(k.dtype)
+    return (dq, dk, dv.view(v.shape), dg.view(g.shape).to(g.dtype), dbeta.view(beta.shape).to(beta.dtype),
+            dh0.to(initial_state.dtype) if dh0 is not None else None)

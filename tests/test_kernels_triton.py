@@ -1,0 +1,205 @@
+"""Triton gated delta rule kernels under the Triton interpreter (CPU), against the float64 oracle.
+
+CPU tensors with backend="triton" run the kernels interpreted: `kernels.gated_delta_rule.ops` loads its own
+interpreted copy of the Triton modules (TRITON_INTERPRET=1 while they are decorated), so these tests need no
+environment setup and work in any order with the rest of the suite. Shapes are tiny: the interpreter runs each
+program in numpy, about a second per forward + backward here. GPU code generation, which the interpreter does not
+exercise, is checked by compiling every kernel for sm_90 (no GPU needed).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from delta_rule_oracle import naive_gated_delta_rule_f64
+from kernels.gated_delta_rule import ops
+
+# (name, B, lengths (None = fixed length T of each batch row), T, H, HV, K, V, initial state, final state, l2norm)
+CASES = [
+    # T not a multiple of 64, two batch rows, grouped value heads, V > K.
+    ("fixed_T100_gva", 2, None, 100, 1, 2, 16, 32, False, True, False),
+    # Packed sequences of odd lengths, grouped value heads, initial state, in-kernel L2 norm.
+    ("varlen_gva_h0_l2norm", 1, [37, 65, 9], None, 2, 4, 16, 16, True, True, True),
+    # A 1-token and an empty sequence, chunk-boundary lengths 63 / 65, initial state, no L2 norm.
+    ("varlen_edges_h0", 1, [1, 0, 63, 65], None, 2, 2, 16, 16, True, True, False),
+    # K and V not powers of two, V = 80 in three V blocks (the last one partial), one exact chunk, no final state.
+    ("fixed_T64_odd_dims", 1, None, 64, 1, 2, 24, 80, False, False, True),
+]
+
+
+def _inputs(B, lengths, T, H, HV, K, V, with_h0, l2norm, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    cu_seqlens = None
+    if lengths is not None:
+        cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        T = sum(lengths)
+    N = B if lengths is None else len(lengths)
+    q = torch.randn(B, T, H, K, generator=gen)
+    k = torch.randn(B, T, H, K, generator=gen)
+    if not l2norm:
+        # Unit keys keep the delta rule contractive (I - beta k k^T) when the kernel does not normalise them.
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    v = torch.randn(B, T, HV, V, generator=gen)
+    g = F.logsigmoid(torch.randn(B, T, HV, generator=gen) + 2)
+    beta = torch.rand(B, T, HV, generator=gen)
+    h0 = torch.randn(N, HV, K, V, generator=gen) if with_h0 else None
+    return (q.to(dtype), k.to(dtype), v.to(dtype), g, beta), h0, cu_seqlens
+
+
+def _run_with_grads(fn, tensors, h0, output_final_state, seed=1):
+    """fn(q, k, v, g, beta, h0) -> (o, final or None); returns o, final and the gradients of
+    <o, do> + <final, dfinal> w.r.t. q, k, v, g, beta (and h0 when given), for fixed random do, dfinal."""
+    leaves = [x.detach().clone().requires_grad_() for x in tensors]
+    h0_leaf = h0.detach().clone().requires_grad_() if h0 is not None else None
+    o, final = fn(*leaves, h0_leaf)
+    gen = torch.Generator().manual_seed(seed)
+    outputs, grads_out = [o], [torch.randn(o.shape, generator=gen).to(o.dtype)]
+    if output_final_state:
+        outputs.append(final)
+        grads_out.append(torch.randn(final.shape, generator=gen).to(final.dtype))
+    wrt = leaves + ([h0_leaf] if h0_leaf is not None else [])
+    grads = torch.autograd.grad(outputs, wrt, grads_out)
+    return o.detach(), (final.detach() if output_final_state else None), grads
+
+
+def _compare(case, backend, dtype, atol_out, atol_grad):
+    _, B, lengths, T, H, HV, K, V, with_h0, with_final, l2norm = case
+    tensors, h0, cu_seqlens = _inputs(B, lengths, T, H, HV, K, V, with_h0, l2norm, dtype)
+
+    def ours(q, k, v, g, beta, h0):
+        return ops.chunk_gated_delta_rule_op(q, k, v, g, beta, initial_state=h0, output_final_state=with_final,
+                                             cu_seqlens=cu_seqlens, use_qk_l2norm=l2norm, backend=backend)
+
+    def oracle(q, k, v, g, beta, h0):
+        return naive_gated_delta_rule_f64(q, k, v, g, beta, initial_state=h0, cu_seqlens=cu_seqlens,
+                                          use_qk_l2norm=l2norm)
+
+    o, final, grads = _run_with_grads(ours, tensors, h0, with_final)
+    ref_o, ref_final, ref_grads = _run_with_grads(oracle, [x.double() for x in tensors],
+                                                  h0.double() if h0 is not None else None, with_final)
+    assert o.dtype == dtype and o.shape == ref_o.shape
+    torch.testing.assert_close(o.double(), ref_o, rtol=0, atol=atol_out)
+    if with_final:
+        assert final.dtype == torch.float32
+        torch.testing.assert_close(final.double(), ref_final, rtol=0, atol=atol_out)
+    else:
+        assert final is None
+    names = ["dq", "dk", "dv", "dg", "dbeta", "dh0"]
+    for name, grad, ref in zip(names, grads, ref_grads):
+        torch.testing.assert_close(grad.double(), ref, rtol=0, atol=atol_grad, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_triton_chunk_fp32_matches_oracle(case):
+    _compare(case, "triton", torch.float32, atol_out=1e-5, atol_grad=1e-4)
+
+
+def test_triton_chunk_fp16_matches_oracle():
+    # fp16 q/k/v (g, beta fp32): the matmuls take fp16 operands, intermediates are stored in fp16.
+    _compare(CASES[1], "triton", torch.float16, atol_out=5e-3, atol_grad=3e-2)
+
+
+def test_torch_backend_through_op_matches_oracle():
+    # The CPU implementation of the ops: reference forward, and its vjp recomputed inside the backward op.
+    _compare(CASES[1], "torch", torch.float32, atol_out=1e-5, atol_grad=1e-4)
+
+
+def test_triton_recurrent_matches_oracle_and_updates_state_in_place():
+    # Decoding-shaped batch: two 1-token sequences and a 5-token one, grouped value heads, L2 norm.
+    (q, k, v, g, beta), h0, cu_seqlens = _inputs(1, [1, 5, 1], None, 2, 4, 16, 32, True, True)
+    ref_o, ref_final = naive_gated_delta_rule_f64(q, k, v, g, beta, initial_state=h0, cu_seqlens=cu_seqlens,
+                                                  use_qk_l2norm=True)
+    o, final = ops.recurrent_gated_delta_rule_op(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                                                 cu_seqlens=cu_seqlens, use_qk_l2norm=True, backend="triton")
+    torch.testing.assert_close(o.double(), ref_o, rtol=0, atol=1e-5)
+    torch.testing.assert_close(final.double(), ref_final, rtol=0, atol=1e-5)
+
+    state = h0.clone()
+    o_inplace = ops.recurrent_gated_delta_rule_inplace(q, k, v, g, beta, state, cu_seqlens=cu_seqlens,
+                                                       use_qk_l2norm=True, backend="triton")
+    torch.testing.assert_close(o_inplace, o, rtol=0, atol=0)
+    torch.testing.assert_close(state, final, rtol=0, atol=0)
+
+
+def _opcheck_args():
+    (q, k, v, g, beta), h0, cu_seqlens = _inputs(1, [5, 11], None, 1, 2, 16, 16, True, True)
+    return q, k, v, g, beta, h0, cu_seqlens
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck_chunk_ops(backend):
+    q, k, v, g, beta, h0, cu_seqlens = _opcheck_args()
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, g, beta)]
+    torch.library.opcheck(torch.ops.qwen35.chunk_gated_delta_rule_fwd,
+                          (*leaves, 0.25, h0.clone().requires_grad_(), True, cu_seqlens, True, backend))
+    do = torch.randn_like(v)
+    dht = torch.randn_like(h0)
+    torch.library.opcheck(torch.ops.qwen35.chunk_gated_delta_rule_bwd,
+                          (do, dht, q, k, v, g, beta, 0.25, h0, cu_seqlens, True, backend))
+    torch.library.opcheck(torch.ops.qwen35.chunk_gated_delta_rule_bwd,
+                          (do, None, q, k, v, g, beta, 0.25, None, cu_seqlens, False, backend))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck_recurrent_ops(backend):
+    q, k, v, g, beta, h0, cu_seqlens = _opcheck_args()
+    torch.library.opcheck(torch.ops.qwen35.recurrent_gated_delta_rule,
+                          (q, k, v, g, beta, 0.25, h0, True, cu_seqlens, True, backend))
+    torch.library.opcheck(torch.ops.qwen35.recurrent_gated_delta_rule_,
+                          (q, k, v, g, beta, h0.clone(), 0.25, cu_seqlens, True, backend))
+
+
+def test_op_compiles_fullgraph_without_breaks():
+    (q, k, v, g, beta), h0, _ = _inputs(1, None, 70, 1, 2, 16, 16, True, True)
+
+    def loss_fn(q, k, v, g, beta, h0):
+        o, final = ops.chunk_gated_delta_rule_op(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                                                 use_qk_l2norm=True)
+        return o.square().sum() + final.sin().sum()
+
+    explanation = torch._dynamo.explain(loss_fn)(q, k, v, g, beta, h0)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0
+
+    inputs = [x.clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
+    compiled_inputs = [x.clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
+    loss_fn(*inputs).backward()
+    torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(*compiled_inputs).backward()
+    for eager, compiled in zip(inputs, compiled_inputs):
+        torch.testing.assert_close(compiled.grad, eager.grad, rtol=1e-5, atol=1e-6)
+
+
+# Pointer arguments that are not in the input dtype.
+_FP32_POINTERS = {"g_ptr", "gcum_ptr", "tm_ptr", "h0_ptr", "ht_ptr", "dht_ptr", "dh0_ptr", "dq_ptr", "dk_ptr",
+                  "dg_ptr", "dbeta_ptr", "dgam_ptr"}
+_INT32_POINTERS = {"cu_ptr", "chunks_ptr", "chunk_offsets_ptr"}
+
+
+def test_kernels_compile_for_sm90():
+    """The interpreter runs kernels as numpy and cannot catch GPU code generation errors; compile every kernel
+    for sm_90 (bf16, K = V = 128, all features on) through Triton's own backend, which needs no GPU."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    from kernels.gated_delta_rule import triton_chunk, triton_recurrent
+
+    if not isinstance(triton_chunk._prepare_kernel, JITFunction):
+        pytest.skip("the kernels were imported under TRITON_INTERPRET=1: nothing to compile")
+
+    BK, BV = triton_chunk._block_sizes(128, 128)
+    flags = dict(H=16, HV=32, K=128, V=128, BT=64, BC=16, BK=BK, BV=BV, L2NORM=True, PREC="tf32",
+                 HAS_H0=True, STORE_HT=True, HAS_DHT=True, STORE_DH0=True)
+    kernels = [getattr(triton_chunk, name) for name in dir(triton_chunk) if name.endswith("_kernel")]
+    kernels.append(triton_recurrent._recurrent_kernel)
+    for kernel in kernels:
+        constexprs = {name: flags[name] for name in kernel.arg_names if name in flags}
+        signature = {name: "constexpr" if name in constexprs else
+                     "fp32" if name == "scale" else
+                     "*fp32" if name in _FP32_POINTERS else
+                     "*i32" if name in _INT32_POINTERS else "*bf16" for name in kernel.arg_names}
+        source = ASTSource(kernel, signature,
+                           constexprs={(kernel.arg_names.index(name),): value for name, value in constexprs.items()})
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": 4, "enable_fp_fusion": True})
+        assert compiled.asm["cubin"], kernel.__name__
