@@ -2,7 +2,9 @@
 
     python bench/model_cpu.py [--threads 2] [--seq 2048] [--repeats 3]
 
-Prints tokens/s of a training step (forward + backward), of prefill and of decode, and ours / transformers.
+Prints tokens/s of a training step (forward + backward), of prefill and of decode, and ours / transformers, for
+our model in eager mode and compiled (torch.compile fullgraph, inductor; compile time excluded by a warm-up).
+transformers runs eagerly on its torch path (its delta-rule fallback is what it ships for CPU).
 """
 
 import argparse
@@ -70,17 +72,28 @@ def main() -> None:
     def decode_hf():
         hf.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
 
-    def decode_ours():
-        qwen35.generate(ours, prompt, args.new_tokens, eos_token_id=[])
+    def decode_ours(compile):
+        return lambda: qwen35.generate(ours, prompt, args.new_tokens, eos_token_id=[], compile=compile)
 
+    compiled = torch.compile(ours, fullgraph=True)
+    identity = lambda x: x  # noqa: E731
+    hf_logits = lambda o: o.logits  # noqa: E731
+    measurements = [
+        ("train step (fwd+bwd)", args.seq, train_step(ours, identity), train_step(hf, hf_logits)),
+        ("  compiled", args.seq, train_step(compiled, identity), None),
+        ("prefill", args.seq, prefill(ours, identity), prefill(hf, hf_logits)),
+        ("  compiled", args.seq, prefill(compiled, identity), None),
+        ("decode", args.new_tokens, decode_ours(False), decode_hf),
+        ("  compiled step", args.new_tokens, decode_ours(True), None),
+    ]
     rows = []
-    for name, tokens, ours_fn, hf_fn in [
-        ("train step (fwd+bwd)", args.seq, train_step(ours.train(), lambda x: x), train_step(hf.train(), lambda o: o.logits)),
-        ("prefill", args.seq, prefill(ours.eval(), lambda x: x), prefill(hf.eval(), lambda o: o.logits)),
-        ("decode", args.new_tokens, decode_ours, decode_hf),
-    ]:
-        t_ours, t_hf = timed(ours_fn, args.repeats), timed(hf_fn, args.repeats)
-        rows.append((name, tokens / t_ours, tokens / t_hf))
+    for name, tokens, ours_fn, hf_fn in measurements:
+        if name.startswith("train"):
+            ours.train(), hf.train()
+        elif name == "prefill":
+            ours.eval(), hf.eval()
+        hf_tps = tokens / timed(hf_fn, args.repeats) if hf_fn is not None else rows[-1][2]
+        rows.append((name, tokens / timed(ours_fn, args.repeats), hf_tps))
 
     print(f"config: hidden {CONFIG.hidden_size}, {CONFIG.num_hidden_layers} layers, vocab {CONFIG.vocab_size}, "
           f"seq {args.seq}, fp32, {args.threads} threads, torch {torch.__version__}; max |logit diff| {diff:.2e}")

@@ -3,6 +3,7 @@ cache. The command-line front end is `python -m qwen35.generate`."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -15,6 +16,16 @@ def eos_set(eos_token_id) -> set[int]:
     if eos_token_id is None:
         return set()
     return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+
+
+_compiled_steps: "weakref.WeakKeyDictionary[Qwen35ForCausalLM, Callable]" = weakref.WeakKeyDictionary()
+
+
+def compiled_decode_step(model: Qwen35ForCausalLM) -> Callable:
+    """The model compiled once (fullgraph, dynamic cache length) for one-token steps; reused across calls."""
+    if model not in _compiled_steps:
+        _compiled_steps[model] = torch.compile(model, fullgraph=True, dynamic=True)
+    return _compiled_steps[model]
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
@@ -36,10 +47,11 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 def generate(model: Qwen35ForCausalLM, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
              padding_mask: torch.Tensor | None = None, temperature: float = 0.0, top_p: float = 1.0,
              seed: int | None = None, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-             on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+             on_token: Callable[[torch.Tensor], None] | None = None, compile: bool = False) -> torch.Tensor:
     """Greedy (default) or temperature/top-p sampling. input_ids [B, T], left-padded when padding_mask [B, T]
     (1 = token) is given. Returns [B, T + n] with the prompt; sequences that hit EOS are filled with
-    pad_token_id (default: the first EOS id) until all are done. `on_token` receives each step's tokens [B]."""
+    pad_token_id (default: the first EOS id) until all are done. `on_token` receives each step's tokens [B].
+    compile: run the one-token steps through torch.compile (one-time compile cost; removes per-op overhead)."""
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
     eos = eos_set(model.config.eos_token_id if eos_token_id is None else eos_token_id)
@@ -56,6 +68,7 @@ def generate(model: Qwen35ForCausalLM, input_ids: torch.Tensor, max_new_tokens: 
     step_mask = None if padding_mask is None else torch.ones(B, 1, dtype=padding_mask.dtype, device=device)
 
     logits = model(input_ids, padding_mask=padding_mask, cache=cache, num_logits_to_keep=1)
+    decode = compiled_decode_step(model) if compile else model
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     out = [input_ids]
     for step in range(max_new_tokens):
@@ -67,5 +80,5 @@ def generate(model: Qwen35ForCausalLM, input_ids: torch.Tensor, max_new_tokens: 
         finished |= torch.isin(token, eos_ids)
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
-        logits = model(token[:, None], padding_mask=step_mask, cache=cache, num_logits_to_keep=1)
+        logits = decode(token[:, None], padding_mask=step_mask, cache=cache, num_logits_to_keep=1)
     return torch.cat(out, dim=1)

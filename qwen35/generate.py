@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiles once)")
     args = parser.parse_args(argv)
 
     tokenizer_file = args.model / "tokenizer.json"
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.stdout.write(args.prompt if not args.chat else "")
     start = time.perf_counter()
     generate(model, input_ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-             eos_token_id=sorted(eos), on_token=stream)
+             eos_token_id=sorted(eos), on_token=stream, compile=args.compile)
     elapsed = time.perf_counter() - start
     sys.stdout.write("\n")
     print(f"[{len(generated)} tokens in {elapsed:.2f} s: {len(generated) / elapsed:.1f} tokens/s, "

@@ -109,3 +109,10 @@ def test_packed_gradients_do_not_cross_documents():
     logits[0, 12:].sum().backward()  # second document only
     assert embeds[0].grad[0, :12].abs().max().item() == 0.0
     assert embeds[0].grad[0, 12:].abs().max().item() > 0.0
+
+
+def test_compiled_decode_steps_generate_the_same_tokens(tmp_path):
+    _, model = _model("dense_untied_gqa2_hv2x", tmp_path)
+    ids = _ids(model.config, (2, 9))
+    eager = qwen35.generate(model, ids, 12, eos_token_id=[])
+    assert torch.equal(qwen35.generate(model, ids, 12, eos_token_id=[], compile=True), eager)
