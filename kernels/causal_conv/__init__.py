@@ -13,6 +13,7 @@ decode step: x [B, C], conv_state [B, C, W] updated in place. Math in weight's d
 
 import torch
 
+from .._checks import num_sequences
 from . import reference
 
 ACTIVATIONS = ("silu", None)
@@ -33,14 +34,7 @@ def causal_conv1d(x, weight, initial_state=None, output_final_state=False, cu_se
     _check_weight_activation(weight, C, activation)
     if T == 0:
         raise ValueError("the sequence is empty (T = 0)")
-    N = B
-    if cu_seqlens is not None:
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"cu_seqlens must be a 1-D int32/int64 tensor [N + 1], got "
-                             f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
-        if B != 1:
-            raise ValueError(f"with cu_seqlens the sequences are packed along T and B must be 1, got B={B}")
-        N = cu_seqlens.numel() - 1
+    N = num_sequences(B, cu_seqlens)
     W = weight.shape[1]
     if initial_state is not None and initial_state.shape != (N, C, W):
         raise ValueError(f"initial_state must be [N, C, W] = {(N, C, W)}, got {tuple(initial_state.shape)}")

@@ -21,6 +21,7 @@ import functools
 
 import torch
 
+from .._checks import num_sequences
 from . import ops, reference
 
 BACKENDS = (None, "torch", "triton")
@@ -43,14 +44,7 @@ def _check_inputs(q, k, v, g, beta, initial_state, cu_seqlens, backend):
     for name, x in (("g", g), ("beta", beta)):
         if x.shape != v.shape[:3]:
             raise ValueError(f"{name} must be [B, T, HV] = {tuple(v.shape[:3])}, got {tuple(x.shape)}")
-    N = B
-    if cu_seqlens is not None:
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"cu_seqlens must be a 1-D int32/int64 tensor [N + 1], got "
-                             f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
-        if B != 1:
-            raise ValueError(f"with cu_seqlens the sequences are packed along T and B must be 1, got B={B}")
-        N = cu_seqlens.numel() - 1
+    N = num_sequences(B, cu_seqlens)
     if initial_state is not None and initial_state.shape != (N, HV, K, V):
         raise ValueError(f"initial_state must be [N, HV, K, V] = {(N, HV, K, V)} (N = "
                          f"{'number of sequences in cu_seqlens' if cu_seqlens is not None else 'B'}), "
