@@ -11,7 +11,6 @@ last W pre-conv inputs, zero left-padded. initial_state supplies the inputs befo
 decode step: x [B, C], conv_state [B, C, W] updated in place. Math in weight's dtype, output in x's.
 """
 
-
 from .._checks import num_sequences
 from . import reference
 
