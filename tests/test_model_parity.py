@@ -92,3 +92,16 @@ def test_sharded_save_with_index(tmp_path):
     ids = _inputs(config, seq=10)
     with torch.no_grad():
         assert torch.equal(reloaded(ids), model(ids))
+
+
+def test_moe_load_balancing_loss_matches_transformers(tmp_path):
+    config = TINY_CONFIGS["moe_untied"]
+    hf = hf_causal_lm(config)
+    hf.save_pretrained(tmp_path)
+    ours = qwen35.load_pretrained(tmp_path).eval()
+    ids = _inputs(config, seq=50)
+    with torch.no_grad():
+        expected = hf(ids, output_router_logits=True)
+        logits, aux_loss = ours(ids, return_aux_loss=True)
+    assert (logits - expected.logits).abs().max().item() <= ATOL
+    assert abs(aux_loss.item() - expected.aux_loss.item()) <= 1e-6
