@@ -1,0 +1,44 @@
+"""FSDP2 (`fully_shard`) per decoder block, HSDP when the data-parallel mesh is 2-D (replicate x shard)."""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from qwen35 import Qwen35ForCausalLM
+from qwen35.moe import GroupedExperts
+
+
+def apply_fsdp(model: Qwen35ForCausalLM, dp_mesh: DeviceMesh, *, expert_dp_mesh: DeviceMesh | None = None,
+               expert_grad_divide_factor: int | None = None,
+               mp_policy: MixedPrecisionPolicy | None = None) -> None:
+    """Shard every block, the embedding and the final norm + lm_head as separate units, the rest at the root.
+
+    expert_dp_mesh: with expert parallelism, expert weights are already split over the EP ranks, which are
+    data-parallel ranks; they are FSDP-sharded over the remaining ones and their gradient (a sum over every EP
+    rank's tokens) is divided by expert_grad_divide_factor (the full data-parallel degree) to give the same
+    mean as the other parameters.
+    """
+    shard = dict(mesh=dp_mesh, mp_policy=mp_policy or MixedPrecisionPolicy())
+    for layer in model.model.layers:
+        if expert_dp_mesh is not None:
+            for experts in (m for m in layer.modules() if isinstance(m, GroupedExperts)):
+                fully_shard(experts, mesh=expert_dp_mesh, mp_policy=shard["mp_policy"])
+                experts.set_gradient_divide_factor(expert_grad_divide_factor)
+        fully_shard(layer, **shard)
+    if not model.config.tie_word_embeddings:  # a tied weight must live in a single unit: the root
+        fully_shard(model.model.embed_tokens, **shard)
+        # Needed right after the last block's forward, and first in the backward: keep them gathered.
+        fully_shard([model.model.norm, model.lm_head], reshard_after_forward=False, **shard)
+    fully_shard(model, **shard)
+    if dp_mesh.device_type == "cpu":
+        _use_plain_sum_reductions(model)
+
+
+def _use_plain_sum_reductions(model: nn.Module) -> None:
+    """gloo (the CPU backend) supports neither ReduceOp.AVG nor PREMUL_SUM, which FSDP2 uses to average
+    gradients; reduce with SUM and divide afterwards instead (same result)."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_force_sum_reduction_for_comms(True)

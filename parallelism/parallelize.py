@@ -1,0 +1,41 @@
+"""Apply every parallelism and training transform to a Qwen35ForCausalLM, in torchtitan's order:
+TP/SP -> EP -> float8 -> activation checkpointing -> torch.compile -> FSDP2."""
+
+from __future__ import annotations
+
+from torch.distributed.fsdp import MixedPrecisionPolicy
+
+from qwen35 import Qwen35ForCausalLM
+
+from .activation_checkpoint import AC_MODES, apply_activation_checkpointing
+from .compile import apply_compile
+from .expert_parallel import apply_expert_parallel
+from .float8 import apply_float8
+from .fsdp import apply_fsdp
+from .parallel_dims import ParallelDims, ParallelMeshes
+from .tensor_parallel import apply_tensor_parallel
+
+
+def parallelize(model: Qwen35ForCausalLM, dims: ParallelDims, meshes: ParallelMeshes | None, *, ac: str = "none",
+                compile: bool = False, compile_backend: str = "inductor", float8: bool = False,
+                float8_emulate: bool = False, mp_policy: MixedPrecisionPolicy | None = None) -> Qwen35ForCausalLM:
+    """Transform `model` in place (and return it). `meshes` comes from `dims.build_meshes(device_type)`
+    (None for a single process).
+    Raises ValueError naming the offending setting before touching the model."""
+    dims.validate_for(model.config)
+    if ac not in AC_MODES:
+        raise ValueError(f"activation_checkpoint.mode must be one of {AC_MODES}, got {ac!r}")
+
+    if dims.tp > 1:
+        apply_tensor_parallel(model, meshes.tp, experts_on_ep=dims.ep > 1)
+    if dims.ep > 1:
+        apply_expert_parallel(model, meshes.ep)
+    if float8:
+        apply_float8(model, emulate=float8_emulate)
+    apply_activation_checkpointing(model, ac)
+    if compile:
+        apply_compile(model, compile_backend)
+    if dims.fsdp_enabled:
+        apply_fsdp(model, meshes.fsdp, expert_dp_mesh=meshes.expert_fsdp if dims.ep > 1 else None,
+                   expert_grad_divide_factor=dims.dp, mp_policy=mp_policy)
+    return model

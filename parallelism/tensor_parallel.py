@@ -1,0 +1,141 @@
+"""Tensor + sequence parallelism for Qwen35ForCausalLM.
+
+Between blocks the residual stream is a DTensor sharded on the sequence dim (Shard(1)); the RMSNorms run on
+it as torch's SequenceParallel. Each mixer and dense MLP gathers the sequence, runs *unmodified* on plain local
+tensors holding its heads / intermediate columns (see local_execution), and reduce-scatters its partial output
+back to sequence shards. The modules read head counts from attributes, which are set to per-rank values.
+
+Parameter storage (all DTensors on the TP mesh, global shapes and layouts identical to HF's):
+- q_proj / k_proj / v_proj, in_proj_z / in_proj_b / in_proj_a, dt_bias, A_log, gate_proj / up_proj: Shard(0),
+  i.e. by head (q_proj rows are per head [query | gate], so a head's gate stays with its query).
+- o_proj, out_proj, down_proj: Shard(1). q_norm, k_norm and the GDN gated-norm weight: Replicate (per head-dim,
+  shared by all heads; their gradients are summed over TP ranks).
+- in_proj_qkv and conv1d are fused [Q | K | V] with Q, K and V of different sizes when Hv * Dv != Hk * Dk.
+  Shard(0) would give rank 0 all of Q and part of K; no DTensor placement describes "rows r/n of each block".
+  They are stored Shard(0) for memory and checkpoints, and each forward all-gathers them and takes this rank's
+  rows of each block (the backward reduce-scatters the gradient). This costs one weight all-gather per GDN
+  layer, like an FSDP unshard, and keeps checkpoints in HF's layout for any TP degree.
+- MoE blocks are not split by TP: every TP rank runs the whole block on the gathered sequence with replicated
+  router / shared expert weights (experts are split by expert parallelism instead).
+- embed_tokens: vocab-sharded (RowwiseParallel, output sequence-sharded); lm_head: ColwiseParallel with the
+  logits all-gathered (Replicate), so any loss function works unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
+from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel, SequenceParallel,
+                                               parallelize_module)
+
+from qwen35 import Qwen35ForCausalLM
+from qwen35.attention import GatedAttention
+from qwen35.gated_deltanet import GatedDeltaNet
+from qwen35.layers import SwiGLU
+from qwen35.moe import SparseMoE
+
+from .local_execution import (LocalView, distribute_parameters, local_replica, local_replica_summed_grad, local_rows_of_blocks,
+                              local_shard, run_on_local_tensors)
+
+
+def apply_tensor_parallel(model: Qwen35ForCausalLM, tp_mesh: DeviceMesh, *, experts_on_ep: bool = False) -> None:
+    """Split `model` over `tp_mesh` in place. experts_on_ep: MoE expert tensors are left for expert
+    parallelism instead of being replicated over TP."""
+    parallelize_module(model, tp_mesh, {
+        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1),
+                                              use_local_output=False),
+        "model.norm": SequenceParallel(),
+        "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
+    })
+    if model.config.tie_word_embeddings:  # both are vocab-sharded Shard(0): share the one DTensor again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    for layer in model.model.layers:
+        parallelize_module(layer, tp_mesh, {"input_layernorm": SequenceParallel(),
+                                            "post_attention_layernorm": SequenceParallel()})
+        if isinstance(getattr(layer, "linear_attn", None), GatedDeltaNet):
+            _shard_gated_deltanet(layer.linear_attn, tp_mesh)
+        else:
+            _shard_gated_attention(layer.self_attn, tp_mesh)
+        if isinstance(layer.mlp, SwiGLU):
+            _shard_swiglu(layer.mlp, tp_mesh)
+        elif isinstance(layer.mlp, SparseMoE):
+            _replicate_moe(layer.mlp, tp_mesh, skip_experts=experts_on_ep)
+
+
+def _shard_gated_deltanet(gdn: GatedDeltaNet, mesh: DeviceMesh) -> None:
+    tp, rank = mesh.size(), mesh.get_local_rank()
+    qkv_rows = local_rows_of_blocks([gdn.key_dim, gdn.key_dim, gdn.value_dim], rank, tp)
+    by_head, by_input_column = (Shard(0), local_shard), (Shard(1), local_shard)
+    _run_head_sharded(gdn, mesh, {
+        "in_proj_qkv.weight": (Shard(0), qkv_rows),
+        "conv1d.weight": (Shard(0), qkv_rows),
+        "in_proj_z.weight": by_head,
+        "in_proj_b.weight": by_head,
+        "in_proj_a.weight": by_head,
+        "dt_bias": by_head,
+        "A_log": by_head,
+        "norm.weight": (Replicate(), local_replica_summed_grad),
+        "out_proj.weight": by_input_column,
+    })
+    gdn.num_k_heads //= tp
+    gdn.num_v_heads //= tp
+    gdn.key_dim //= tp
+    gdn.value_dim //= tp
+
+
+def _shard_gated_attention(attn: GatedAttention, mesh: DeviceMesh) -> None:
+    by_head = (Shard(0), local_shard)
+    _run_head_sharded(attn, mesh, {
+        "q_proj.weight": by_head,
+        "k_proj.weight": by_head,
+        "v_proj.weight": by_head,
+        "o_proj.weight": (Shard(1), local_shard),
+        "q_norm.weight": (Replicate(), local_replica_summed_grad),
+        "k_norm.weight": (Replicate(), local_replica_summed_grad),
+    })
+    attn.num_heads //= mesh.size()
+    attn.num_kv_heads //= mesh.size()
+
+
+def _shard_swiglu(mlp: SwiGLU, mesh: DeviceMesh) -> None:
+    _run_head_sharded(mlp, mesh, {
+        "gate_proj.weight": (Shard(0), local_shard),
+        "up_proj.weight": (Shard(0), local_shard),
+        "down_proj.weight": (Shard(1), local_shard),
+    })
+
+
+def _replicate_moe(moe: SparseMoE, mesh: DeviceMesh, *, skip_experts: bool) -> None:
+    names = [name for name, _ in moe.named_parameters() if not (skip_experts and name.startswith("experts."))]
+    distribute_parameters(moe, mesh, {name: Replicate() for name in names})
+    # Every TP rank computes the same output and the same complete gradients from the gathered sequence.
+    run_on_local_tensors(
+        moe, {name: local_replica for name in names},
+        map_args=lambda args: (args[0].redistribute(placements=[Replicate()]).to_local(), *args[1:]),
+        map_output=lambda out: (_scatter_sequence(out[0], mesh), *out[1:]))  # (hidden, router logits)
+
+
+def _run_head_sharded(module: nn.Module, mesh: DeviceMesh,
+                      layout: dict[str, tuple[Placement, LocalView]]) -> None:
+    """Store each parameter with its placement and run `module` on local heads: gather the sequence in,
+    reduce-scatter the partial sums out."""
+    distribute_parameters(module, mesh, {name: placement for name, (placement, _) in layout.items()})
+    run_on_local_tensors(module, {name: view for name, (_, view) in layout.items()},
+                         map_args=lambda args: (_gather_sequence(args[0]), *args[1:]),
+                         map_output=lambda partial_sum: _reduce_scatter_sequence(partial_sum, mesh))
+
+
+def _gather_sequence(x: DTensor) -> torch.Tensor:
+    # Each rank's input gradient covers only its heads: sum over ranks (reduce-scatter) in the backward.
+    return x.redistribute(placements=[Replicate()]).to_local(grad_placements=[Partial()])
+
+
+def _reduce_scatter_sequence(partial_sum: torch.Tensor, mesh: DeviceMesh) -> DTensor:
+    return DTensor.from_local(partial_sum, mesh, [Partial()], run_check=False).redistribute(placements=[Shard(1)])
+
+
+def _scatter_sequence(replicated: torch.Tensor, mesh: DeviceMesh) -> DTensor:
+    return DTensor.from_local(replicated, mesh, [Replicate()], run_check=False).redistribute(placements=[Shard(1)])
+

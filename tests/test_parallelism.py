@@ -1,0 +1,140 @@
+"""Distributed training on CPU (gloo, 2 processes): FSDP, TP/SP, EP and TP + compile reproduce the 1-process
+losses of the first 3 AdamW steps; float8 conversion (torchao emulation) trains; impossible degrees are
+rejected with the offending key."""
+
+import re
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import qwen35
+from distributed_utils import run_distributed
+from parallelism import ParallelDims, parallelize
+from parallelism.float8 import float8_module_filter
+
+STEPS, GLOBAL_BATCH, SEQ_LEN = 3, 2, 64
+
+
+def _batch(config) -> torch.Tensor:
+    return torch.randint(0, config.vocab_size, (GLOBAL_BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(1))
+
+
+def _model(flavor: str, **overrides) -> qwen35.Qwen35ForCausalLM:
+    torch.manual_seed(0)
+    return qwen35.Qwen35ForCausalLM(qwen35.Qwen35Config.from_flavor(flavor, **overrides))
+
+
+def _train(model, ids: torch.Tensor, dp_group_size: int = 1) -> list[float]:
+    """Mean next-token loss of each step; with data parallelism, averaged over the data-parallel ranks."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(STEPS):
+        logits = model(ids)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        reported = loss.detach().clone()
+        if dp_group_size > 1:
+            dist.all_reduce(reported)
+            reported /= dp_group_size
+        losses.append(reported.item())
+    return losses
+
+
+def _train_distributed(flavor: str, overrides: dict, degrees: dict, options: dict) -> list[float]:
+    dims = ParallelDims(world_size=dist.get_world_size(), **degrees)
+    meshes = dims.build_meshes("cpu")
+    model = parallelize(_model(flavor, **overrides), dims, meshes, **options)
+    if model.config.tie_word_embeddings:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    dp_rank, per_rank = meshes.dp.get_local_rank(), GLOBAL_BATCH // dims.dp
+    ids = _batch(model.config)[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+    return _train(model, ids, dims.dp)
+
+
+_REFERENCE: dict[tuple, list[float]] = {}
+
+
+def _reference_losses(flavor: str, **overrides) -> list[float]:
+    key = (flavor, *sorted(overrides.items()))
+    if key not in _REFERENCE:
+        model = _model(flavor, **overrides)
+        _REFERENCE[key] = _train(model, _batch(model.config))
+    return _REFERENCE[key]
+
+
+TIED = dict(tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("flavor, overrides, degrees, options", [
+    pytest.param("debug", {}, dict(dp_shard=2), dict(ac="full"), id="fsdp2-full_ac"),
+    pytest.param("debug", {}, dict(tp=2), dict(ac="selective"), id="tp2-selective_ac"),
+    pytest.param("debug", TIED, dict(tp=2), {}, id="tp2-tied_embeddings"),
+    pytest.param("debug-moe", {}, dict(dp_shard=2, ep=2), {}, id="ep2-moe"),
+    pytest.param("debug-moe", {}, dict(tp=2), {}, id="tp2-moe"),
+    pytest.param("debug", {}, dict(tp=2), dict(compile=True, compile_backend="aot_eager"), id="tp2-compile"),
+])
+def test_two_process_losses_match_one_process(flavor, overrides, degrees, options):
+    losses = run_distributed(_train_distributed, flavor, overrides, degrees, options)
+    torch.testing.assert_close(losses, _reference_losses(flavor, **overrides), rtol=1e-5, atol=0)
+
+
+def test_two_process_tensor_parallel_float8_trains():
+    losses = run_distributed(_train_distributed, "debug", {}, dict(tp=2), dict(float8=True, float8_emulate=True))
+    torch.testing.assert_close(losses, _reference_losses("debug"), rtol=0.05, atol=0)
+
+
+def test_float8_converts_filtered_linears_and_trains():
+    from torchao.float8.float8_linear import Float8Linear
+
+    reference = _reference_losses("debug")
+    model = _model("debug")
+    dims = ParallelDims(world_size=1)
+    parallelize(model, dims, meshes=None, float8=True, float8_emulate=True)
+    converted = {name for name, m in model.named_modules() if isinstance(m, Float8Linear)}
+    linears = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    # debug: 3 GDN layers x (in_proj_qkv, in_proj_z, out_proj) + 1 attention layer x 4 + 4 MLPs x 3
+    assert len(converted) == 3 * 3 + 4 + 4 * 3
+    kept = {name.rsplit(".", 1)[-1] for name in linears - converted}
+    assert kept == {"lm_head", "in_proj_a", "in_proj_b"}
+    assert not float8_module_filter(model.lm_head, "lm_head")
+
+    losses = _train(model, _batch(model.config))
+    torch.testing.assert_close(losses, reference, rtol=0.05, atol=0)
+
+
+@pytest.mark.parametrize("flavor, overrides, degrees, message", [
+    ("debug", {}, dict(tp=3), "parallelism.tp=3 must divide Qwen35Config.num_attention_heads=4"),
+    ("debug", {}, dict(tp=4), "parallelism.tp=4 must divide Qwen35Config.num_key_value_heads=2"),
+    ("debug", dict(linear_num_key_heads=1, linear_num_value_heads=2), dict(tp=2),
+     "parallelism.tp=2 must divide Qwen35Config.linear_num_key_heads=1"),
+    ("debug", dict(vocab_size=2047), dict(tp=2), "parallelism.tp=2 must divide Qwen35Config.vocab_size=2047"),
+    ("debug", dict(intermediate_size=385), dict(tp=2),
+     "parallelism.tp=2 must divide Qwen35Config.intermediate_size=385"),
+    ("debug-moe", {}, dict(dp_shard=3, ep=3), "parallelism.ep=3 must divide Qwen35Config.num_experts=8"),
+    ("debug", {}, dict(dp_shard=2, ep=2), "parallelism.ep=2 needs an MoE config"),
+])
+def test_impossible_model_splits_name_the_key_and_rule(flavor, overrides, degrees, message):
+    config = qwen35.Qwen35Config.from_flavor(flavor, **overrides)
+    dims = ParallelDims(world_size=degrees.get("tp", 1) * degrees.get("dp_shard", 1), **degrees)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parallelize(qwen35.Qwen35ForCausalLM(config), dims, meshes=None)
+
+
+@pytest.mark.parametrize("degrees, message", [
+    (dict(dp_shard=2, tp=2), r"dp_replicate \* dp_shard \* tp = 1 \* 2 \* 2 = 4 must equal the world size 2"),
+    (dict(tp=3), "world size 2 is not divisible by dp_replicate \\* tp = 1 \\* 3"),
+    (dict(dp_shard=1, ep=2, tp=2), r"parallelism\.ep=2 must divide parallelism\.dp_shard=1"),
+    (dict(tp=0), r"parallelism\.tp must be a positive integer"),
+])
+def test_degrees_must_multiply_to_world_size(degrees, message):
+    with pytest.raises(ValueError, match=message):
+        ParallelDims(world_size=2, **degrees)
+
+
+def test_unknown_activation_checkpoint_mode():
+    with pytest.raises(ValueError, match=r"activation_checkpoint\.mode must be one of"):
+        parallelize(_model("debug"), ParallelDims(world_size=1), meshes=None, ac="some")
