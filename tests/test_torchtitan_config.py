@@ -1,0 +1,135 @@
+"""TOML front end: errors name the key and the file; overrides win; every train_configs/*.toml validates."""
+
+from pathlib import Path
+
+import pytest
+
+import torchtitan_ext  # noqa: F401  (compat shims before torchtitan)
+from qwen35 import Qwen35Config
+from torchtitan_ext import compat
+from torchtitan_ext.preflight import prepare_files
+from torchtitan_ext.toml_config import ConfigError, read_sections, to_trainer_config
+from torchtitan_ext.train import load_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "train_configs"
+PRETRAIN_CONFIGS = sorted(CONFIGS.glob("qwen35_*.toml"))
+MINIMAL = """
+[model]
+flavor = "debug"
+hf_assets_path = "{assets}"
+[data]
+dataset_path = "{corpus}"
+"""
+
+
+@pytest.fixture
+def files(tmp_path):
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    (assets / "tokenizer.json").write_text('{"model": {"vocab": {"a": 0}}}')
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "hello"}\n')
+    return assets, corpus
+
+
+def _toml(tmp_path, files, extra=""):
+    assets, corpus = files
+    path = tmp_path / "run.toml"
+    path.write_text(MINIMAL.format(assets=assets, corpus=corpus) + extra)
+    return path
+
+
+def test_unknown_key_names_key_and_file(tmp_path, files):
+    path = _toml(tmp_path, files, "[training]\nsteps = 3\nstepz = 4\n")
+    with pytest.raises(ConfigError, match=r"run\.toml: unknown key \[training\] stepz"):
+        read_sections(path, [])
+
+
+def test_unknown_section_names_section_and_file(tmp_path, files):
+    with pytest.raises(ConfigError, match=r"run\.toml: unknown section \[trainig\]"):
+        read_sections(_toml(tmp_path, files, "[trainig]\nsteps = 3\n"), [])
+
+
+@pytest.mark.parametrize("extra, key", [
+    ('[training]\nsteps = "many"\n', r"\[training\] steps = 'many'"),
+    ("[optimizer]\nlr = true\n", r"\[optimizer\] lr = True"),
+    ('[activation_checkpoint]\nmode = "sometimes"\n', r"\[activation_checkpoint\] mode"),
+    ("[compile]\ncomponents = \"model\"\n", r"\[compile\] components"),
+])
+def test_wrong_type_names_key_and_file(tmp_path, files, extra, key):
+    with pytest.raises(ConfigError, match=rf"run\.toml: {key}.* has the wrong type"):
+        read_sections(_toml(tmp_path, files, extra), [])
+
+
+def test_cli_overrides_win_and_are_type_checked(tmp_path, files):
+    path = _toml(tmp_path, files, "[training]\nsteps = 3\nseq_len = 64\n")
+    sections = read_sections(path, ["--training.steps", "7", "--optimizer.lr=0.01", "--compile.components",
+                                    "model,loss", "--checkpoint.enable", "true", "--job.seed", "none"])
+    assert sections["training"].steps == 7 and sections["training"].seq_len == 64
+    assert sections["optimizer"].lr == 0.01 and sections["compile"].components == ["model", "loss"]
+    assert sections["checkpoint"].enable is True and sections["job"].seed is None
+    with pytest.raises(ConfigError, match=r"--training\.steps 'x': wrong type for \[training\] steps.*run\.toml"):
+        read_sections(path, ["--training.steps", "x"])
+    with pytest.raises(ConfigError, match=r"--training\.stepz: unknown key \[training\] stepz.*run\.toml"):
+        read_sections(path, ["--training.stepz", "1"])
+
+
+def test_required_keys(tmp_path):
+    path = tmp_path / "empty.toml"
+    path.write_text("[model]\nflavor = \"debug\"\n")
+    with pytest.raises(ConfigError, match=r"empty\.toml: \[model\] hf_assets_path is required"):
+        read_sections(path, [])
+
+
+def test_missing_files_fail_before_training(tmp_path, files):
+    assets, corpus = files
+    path = _toml(tmp_path, files)
+    corpus.unlink()
+    with pytest.raises(ConfigError, match=r"run\.toml: \[data\] dataset_path = .*corpus\.jsonl.*not found"):
+        load_config(["--config", str(path)])
+    (assets / "tokenizer.json").unlink()
+    with pytest.raises(ConfigError, match=r"run\.toml: \[model\] hf_assets_path = .*no tokenizer\.json"):
+        load_config(["--config", str(path)])
+    with pytest.raises(ConfigError, match=r"config file .*nope\.toml not found"):
+        load_config(["--config", str(tmp_path / "nope.toml")])
+
+
+def test_initial_load_path_must_exist_and_becomes_absolute(tmp_path, files, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = _toml(tmp_path, files, "[checkpoint]\ninitial_load_path = \"hf_dir\"\n")
+    with pytest.raises(ConfigError, match=r"run\.toml: \[checkpoint\] initial_load_path = .*hf_dir.*not found"):
+        prepare_files(read_sections(path, []), path)
+    (tmp_path / "hf_dir").mkdir()
+    sections = read_sections(path, [])
+    prepare_files(sections, path)
+    assert sections["checkpoint"].initial_load_path == str(tmp_path / "hf_dir")
+
+
+@pytest.mark.parametrize("path", PRETRAIN_CONFIGS, ids=lambda p: p.stem)
+def test_pretraining_configs_validate(path):
+    sections = read_sections(path, [])
+    config = to_trainer_config(sections)
+    flavor = sections["model"].flavor
+    arch = Qwen35Config.from_flavor(flavor)
+    p = sections["parallelism"]
+    world = p.data_parallel_replicate_degree * p.data_parallel_shard_degree * p.tensor_parallel_degree
+    assert world % 8 == 0, "whole 8xH100 nodes"
+    assert f"{world // 8} node" in path.read_text(), "the header documents the node count"
+    for heads in (arch.num_attention_heads, arch.num_key_value_heads, arch.linear_num_key_heads,
+                  arch.linear_num_value_heads):
+        assert heads % p.tensor_parallel_degree == 0
+    if arch.is_moe:
+        assert p.expert_parallel_degree > 1 and arch.num_experts % p.expert_parallel_degree == 0
+        assert p.data_parallel_shard_degree % p.expert_parallel_degree == 0
+    else:
+        assert p.expert_parallel_degree == 1
+    if flavor in ("27B", "35B-A3B", "122B-A10B", "397B-A17B"):
+        assert world > 8, "multi-node"
+    assert config.model_spec.flavor == flavor
+    assert config.parallelism.spmd_backend == compat.default_spmd_backend()
+    assert config.training.seq_len <= arch.max_position_embeddings
+
+
+def test_every_flavor_has_a_pretraining_config():
+    flavors = {read_sections(p, [])["model"].flavor for p in PRETRAIN_CONFIGS}
+    assert flavors == {"0.8B", "2B", "4B", "9B", "27B", "35B-A3B", "122B-A10B", "397B-A17B"}

@@ -1,0 +1,139 @@
+"""Run torchtitan 0.3.0 (written against a PyTorch nightly) on stable torch 2.13 and on CPU-only machines.
+
+`apply()` must run before the first `import torchtitan`: torchtitan picks its device module at import time.
+Each shim checks whether it is needed and does nothing otherwise, so on a CUDA machine with a torch that has
+everything, `apply()` changes nothing but the spmd backend default returned by `default_spmd_backend()`.
+See shared/reference/torchtitan-0.3.md sections 1 and 5 for the failures these shims replace.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import resource
+import sys
+import types
+from collections import namedtuple
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+_applied = False
+
+
+def cpu_only() -> bool:
+    return not torch.accelerator.is_available()
+
+
+# ---------------------------------------------------------------------------------------------- device
+_CpuProperties = namedtuple("_CpuProperties", ["name", "total_memory"])
+
+
+def _total_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _cpu_memory_stats(device=None) -> dict[str, int]:
+    """The process's peak resident set size in the keys torchtitan reads from CUDA's allocator statistics
+    (active and reserved peaks are the same number here; it cannot be reset)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    return {"active_bytes.all.peak": peak, "reserved_bytes.all.peak": peak, "num_alloc_retries": 0, "num_ooms": 0}
+
+
+def _make_cpu_device_module() -> types.ModuleType:
+    """`torch.cpu` plus the CUDA-style calls torchtitan makes on its device module (trainer.set_device,
+    metrics.DeviceMemoryMonitor, set_pg_timeouts' barrier)."""
+    module = types.ModuleType("torchtitan_ext.compat.cpu_device")
+    for name in dir(torch.cpu):
+        if not name.startswith("_"):
+            setattr(module, name, getattr(torch.cpu, name))
+    module.current_device = lambda: 0  # torch.cpu returns "cpu"; torchtitan passes it as a device index
+    module.set_device = lambda device: None
+    module.device_count = lambda: 1
+    module.get_device_name = lambda device=None: "cpu"
+    module.get_device_properties = lambda device=None: _CpuProperties("cpu", _total_memory_bytes())
+    module.memory_stats = _cpu_memory_stats
+    module.reset_peak_memory_stats = lambda device=None: None
+    module.empty_cache = lambda: None
+    module.manual_seed = lambda seed: None  # torch.manual_seed already seeds the CPU generator
+    module.manual_seed_all = lambda seed: None
+    return module
+
+
+def _install_cpu_device_module() -> None:
+    """Upstream: `torchtitan.tools.utils` uses `_get_available_device_type() or "cuda"`, so CPU-only torch gets
+    `torch.cuda` as device module and the Trainer dies in `set_device`. Report "cpu" with a usable module;
+    `init_process_group` then picks gloo (torch's default backend for cpu)."""
+    cpu_module = _make_cpu_device_module()
+    original_get_device_module = torch._utils._get_device_module
+
+    def get_device_module(device_type=None):
+        if device_type == "cpu":
+            return cpu_module
+        return original_get_device_module(device_type)
+
+    torch._utils._get_available_device_type = lambda: "cpu"
+    torch._utils._get_device_module = get_device_module
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+def _set_timeout(timeout: timedelta, group=None) -> None:
+    dist.distributed_c10d._set_pg_timeout(timeout, group)
+
+
+def _install_set_timeout() -> None:
+    """Upstream: `distributed.utils.set_pg_timeouts` calls `torch.distributed.set_timeout` (nightly only)
+    after step 1. Delegate to the private c10d function stable torch has."""
+    dist.set_timeout = _set_timeout
+
+
+def _install_gloo_fsdp_reduce_op() -> None:
+    """Upstream: torchtitan calls `set_gradient_divide_factor(1.0)` on every FSDP module, so FSDP2 reduces
+    with PREMUL_SUM(1.0), which gloo rejects. Also force a plain SUM, identical for a factor of 1.0."""
+    from torch.distributed.fsdp import FSDPModule
+
+    original = FSDPModule.set_gradient_divide_factor
+
+    def set_gradient_divide_factor(self, factor: float) -> None:
+        original(self, factor)
+        if factor == 1.0:
+            self.set_force_sum_reduction_for_comms(True)
+
+    FSDPModule.set_gradient_divide_factor = set_gradient_divide_factor
+
+
+def fully_shard_understands_spmd_types() -> bool:
+    """torch nightlies teach FSDP2 about spmd_types annotations; stable 2.13 does not (its FSDP param code
+    never mentions them), so `spmd_backend = "spmd_types"` fails for any FSDP degree > 1."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param
+
+    return "spmd_types" in inspect.getsource(_fsdp_param)
+
+
+def default_spmd_backend() -> str:
+    """Upstream default "spmd_types" where torch supports it, else "partial_dtensor" (what upstream used
+    before spmd_types and what its Qwen3.5 parallelize path still supports)."""
+    return "spmd_types" if fully_shard_understands_spmd_types() else "partial_dtensor"
+
+
+# ---------------------------------------------------------------------------------------------- entry
+def apply() -> None:
+    """Install the shims this torch build needs. Idempotent; must precede the first torchtitan import."""
+    global _applied
+    if _applied:
+        return
+    if cpu_only():
+        imported = sys.modules.get("torchtitan.tools.utils")
+        if imported is not None and imported.device_type != "cpu":
+            raise RuntimeError(
+                "torchtitan was imported before torchtitan_ext on a machine without an accelerator, so it "
+                f"selected device type {imported.device_type!r}. Import torchtitan_ext first.")
+        _install_cpu_device_module()
+        _install_gloo_fsdp_reduce_op()  # CPU runs use gloo; NCCL supports PREMUL_SUM
+    if not hasattr(dist, "set_timeout"):
+        _install_set_timeout()
+    _applied = True

@@ -1,0 +1,48 @@
+"""The plain qwen35 model as a torchtitan model: a `BaseModel` that *is* a `Qwen35ForCausalLM`.
+
+Inheriting (rather than wrapping) keeps the state-dict keys equal to HF's text-model keys and lets code written
+against qwen35 module types (parallelism/) see the model it expects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qwen35 import Qwen35Config, Qwen35ForCausalLM
+from torchtitan.protocols import BaseModel
+
+from .flops import flops_per_token
+
+
+class Qwen35TitanModel(BaseModel, Qwen35ForCausalLM):
+    @dataclass(kw_only=True, slots=True)
+    class Config(BaseModel.Config):
+        flavor: str
+        architecture: Qwen35Config
+
+        def update_from_config(self, *, config, **kwargs) -> None:
+            seq_len = config.training.seq_len
+            if seq_len > self.architecture.max_position_embeddings:
+                raise ValueError(f"training.seq_len = {seq_len} exceeds the {self.flavor} model's "
+                                 f"max_position_embeddings = {self.architecture.max_position_embeddings}")
+
+        def get_nparams_and_flops(self, model: torch.nn.Module, seq_len: int) -> tuple[int, int]:
+            nparams = sum(p.numel() for p in model.parameters())
+            return nparams, flops_per_token(model, self.architecture, seq_len).total
+
+    def __init__(self, config: Config):
+        Qwen35ForCausalLM.__init__(self, config.architecture)
+
+    def verify_module_protocol(self) -> None:
+        """No-op: the internals are plain nn.Modules by design (HF names and layout); torchtitan's own HF
+        backend (experiments/transformers_modeling_backend) skips the check for the same reason. Their
+        initialisation is `Qwen35ForCausalLM.init_weights`, not torchtitan's per-module `param_init`."""
+
+    def init_states(self, *, buffer_device: torch.device | None = None) -> None:
+        # to_empty() from meta gives embed_tokens and lm_head separate storage: restore the tie first.
+        self.tie_weights()
+        if buffer_device is not None:
+            self.model.rotary_emb.to(buffer_device)
+        Qwen35ForCausalLM.init_weights(self)

@@ -1,0 +1,256 @@
+"""TOML front end: `--config file.toml [--section.key value ...]` -> a checked torchtitan `Trainer.Config`.
+
+Sections mirror `Trainer.Config`. Where torchtitan has a plain dataclass for a section (training, parallelism,
+checkpoint, metrics, compile, lr_scheduler) its fields *are* the TOML keys and its defaults apply; the other
+sections are small dataclasses below. Every key is checked against its field's type; unknown keys and wrong
+types raise `ConfigError` naming `[section] key` and the file. Command-line overrides are parsed against the
+same types and win over the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from torchtitan.components.checkpoint import CheckpointManager
+from torchtitan.components.loss import CrossEntropyLoss
+from torchtitan.components.metrics import MetricsProcessor
+from torchtitan.components.optimizer import LRSchedulersContainer, OptimizersContainer
+from torchtitan.components.optimizer.optimizer import ParamGroupConfig
+from torchtitan.config.configs import CompileConfig, DebugConfig, ParallelismConfig, TrainingConfig
+from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC
+from torchtitan.trainer import Trainer
+
+from . import compat
+from .data import PackedTextDataLoader
+from .model_spec import Float8Settings, model_registry
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class JobSection:
+    dump_folder: str = "./outputs"
+    description: str = ""
+    seed: int | None = None
+    deterministic: bool = False  # torch.use_deterministic_algorithms (needed for bitwise resume on GPU)
+    print_config: bool = False
+
+
+@dataclass
+class ModelSection:
+    flavor: str = ""
+    hf_assets_path: str = ""  # tokenizer files; also config.json + safetensors for initial weights / export
+
+
+@dataclass
+class OptimizerSection:
+    name: str = "AdamW"
+    lr: float = 8e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    implementation: Literal["for-loop", "foreach", "fused"] = "fused"
+
+
+@dataclass
+class ActivationCheckpointSection:
+    mode: Literal["none", "selective", "full"] = "none"
+
+
+@dataclass
+class Float8Section:
+    enable: bool = False  # tensorwise-scaled float8 matmuls for the large nn.Linear layers (parallelism/float8.py)
+    emulate: bool = False  # CPU / pre-SM89 GPUs: float8 numerics in high precision
+
+
+@dataclass
+class DataSection:
+    dataset_path: str = ""  # JSON-lines, one {"text": ...} per document
+    # "stdlib_docs": create dataset_path and the tokenizer in model.hf_assets_path when missing (debug runs).
+    bootstrap: Literal["none", "stdlib_docs"] = "none"
+
+
+def _spmd_parallelism() -> ParallelismConfig:
+    return ParallelismConfig(spmd_backend=compat.default_spmd_backend())
+
+
+# section -> (dataclass, factory of its defaults)
+SECTIONS: dict[str, tuple[type, typing.Callable[[], Any]]] = {
+    "job": (JobSection, JobSection),
+    "model": (ModelSection, ModelSection),
+    "training": (TrainingConfig, TrainingConfig),
+    "optimizer": (OptimizerSection, OptimizerSection),
+    "lr_scheduler": (LRSchedulersContainer.Config, LRSchedulersContainer.Config),
+    "parallelism": (ParallelismConfig, _spmd_parallelism),
+    "checkpoint": (CheckpointManager.Config, CheckpointManager.Config),
+    "metrics": (MetricsProcessor.Config, MetricsProcessor.Config),
+    "compile": (CompileConfig, CompileConfig),
+    "activation_checkpoint": (ActivationCheckpointSection, ActivationCheckpointSection),
+    "float8": (Float8Section, Float8Section),
+    "data": (DataSection, DataSection),
+}
+REQUIRED = (("model", "flavor"), ("model", "hf_assets_path"), ("data", "dataset_path"))
+# Paths are relative to the working directory; torchtitan insists on an absolute one for these.
+ABSOLUTE_PATHS = (("checkpoint", "initial_load_path"),)
+
+
+# ---------------------------------------------------------------------------------------------- types
+def _fields(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
+
+
+def _type_name(annotation) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _matches(value, annotation) -> bool:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return True
+    if annotation is type(None):
+        return value is None
+    if origin is Literal:
+        return value in args
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _parse_cli_value(text: str, annotation):
+    """A command-line string as a value of `annotation` (None if it cannot be one)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null") and type(None) in args:
+            return None
+        for arg in args:
+            if arg is not type(None) and (parsed := _parse_cli_value(text, arg)) is not None:
+                return parsed
+        return None
+    if origin is list:
+        items = [_parse_cli_value(t.strip(), args[0]) for t in text.split(",") if t.strip()]
+        return None if any(i is None for i in items) else items
+    if origin is Literal:
+        return text if text in args else None
+    if annotation is bool:
+        return {"true": True, "1": True, "false": False, "0": False}.get(text.lower())
+    for kind in (int, float):
+        if annotation is kind:
+            try:
+                return kind(text)
+            except ValueError:
+                return None
+    return text if annotation is str else None
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def read_sections(path: Path, overrides: list[str]) -> dict[str, Any]:
+    """The TOML file with the overrides applied, as one checked dataclass instance per section."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: invalid TOML ({err})") from None
+
+    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for section, table in raw.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{path}: unknown section [{section}]; known sections: {', '.join(SECTIONS)}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: '{section}' must be a [section] table, got {table!r}")
+        known = _fields(SECTIONS[section][0])
+        for key, value in table.items():
+            if key not in known:
+                raise ConfigError(f"{path}: unknown key [{section}] {key}; known keys: {', '.join(known)}")
+            if not _matches(value, known[key]):
+                raise ConfigError(f"{path}: [{section}] {key} = {value!r} has the wrong type, expected "
+                                  f"{_type_name(known[key])}")
+            values[section][key] = value
+
+    for section, key, value in _split_overrides(path, overrides):
+        values[section][key] = value
+
+    for section, key in ABSOLUTE_PATHS:
+        if values[section].get(key):
+            values[section][key] = str(Path(values[section][key]).absolute())
+    sections = {}
+    for name, (cls, defaults) in SECTIONS.items():
+        try:
+            sections[name] = dataclasses.replace(defaults(), **values[name])
+        except ValueError as err:  # torchtitan's own checks in __post_init__
+            raise ConfigError(f"{path}: [{name}] {err}") from None
+    for section, key in REQUIRED:
+        if not getattr(sections[section], key):
+            raise ConfigError(f"{path}: [{section}] {key} is required")
+    return sections
+
+
+def _split_overrides(path: Path, overrides: list[str]):
+    """`--section.key value` / `--section.key=value` pairs (`-` and `_` interchangeable in names)."""
+    i = 0
+    while i < len(overrides):
+        flag = overrides[i]
+        if not flag.startswith("--"):
+            raise ConfigError(f"unexpected argument {flag!r}: overrides of {path} are --section.key value")
+        name, has_value, text = flag[2:].partition("=")
+        if not has_value:
+            if i + 1 >= len(overrides):
+                raise ConfigError(f"{flag}: missing value (overriding {path})")
+            text = overrides[i + 1]
+            i += 1
+        i += 1
+        section, _, key = name.replace("-", "_").partition(".")
+        if section not in SECTIONS or key not in _fields(SECTIONS[section][0]):
+            raise ConfigError(f"--{name}: unknown key [{section}] {key} (overriding {path})")
+        annotation = _fields(SECTIONS[section][0])[key]
+        value = _parse_cli_value(text, annotation)
+        if value is None and not (text.lower() in ("none", "null") and _matches(None, annotation)):
+            raise ConfigError(f"--{name} {text!r}: wrong type for [{section}] {key} (overriding {path}), "
+                              f"expected {_type_name(annotation)}")
+        yield section, key, value
+
+
+_ACTIVATION_CHECKPOINTING = {"none": lambda: None, "selective": SelectiveAC.Config, "full": FullAC.Config}
+
+
+def to_trainer_config(sections: dict[str, Any]) -> Trainer.Config:
+    job, model, opt = sections["job"], sections["model"], sections["optimizer"]
+    float8 = sections["float8"]
+    return Trainer.Config(
+        model_spec=model_registry(
+            model.flavor, float8=Float8Settings(emulate=float8.emulate) if float8.enable else None),
+        hf_assets_path=model.hf_assets_path,
+        dump_folder=job.dump_folder,
+        loss=CrossEntropyLoss.Config(),
+        optimizer=OptimizersContainer.Config(
+            param_groups=[ParamGroupConfig(pattern=r".*", optimizer_name=opt.name, optimizer_kwargs={
+                "lr": opt.lr, "betas": (opt.beta1, opt.beta2), "eps": opt.eps, "weight_decay": opt.weight_decay})],
+            implementation=opt.implementation),
+        lr_scheduler=sections["lr_scheduler"],
+        training=sections["training"],
+        parallelism=sections["parallelism"],
+        checkpoint=sections["checkpoint"],
+        metrics=sections["metrics"],
+        compile=sections["compile"],
+        activation_checkpoint=_ACTIVATION_CHECKPOINTING[sections["activation_checkpoint"].mode](),
+        dataloader=PackedTextDataLoader.Config(dataset_path=sections["data"].dataset_path),
+        debug=DebugConfig(seed=job.seed, deterministic=job.deterministic, print_config=job.print_config),
+    )
