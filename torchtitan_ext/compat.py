@@ -8,6 +8,7 @@ See shared/reference/torchtitan-0.3.md sections 1 and 5 for the failures these s
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import resource
@@ -120,6 +121,56 @@ def default_spmd_backend() -> str:
     return "spmd_types" if fully_shard_understands_spmd_types() else "partial_dtensor"
 
 
+# ---------------------------------------------------------------------------------------------- init
+@contextlib.contextmanager
+def _unsharded_parameters(model: torch.nn.Module):
+    """Within the block, every CPU DTensor parameter of `model` is replaced by a plain full-size tensor; on exit
+    each rank copies its shard of the full tensor back into the DTensor and the DTensors are put back. A
+    parameter shared by several modules (tied embeddings) maps to one full tensor, so ties survive."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    swapped: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+    full_of: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if isinstance(param, DTensor) and param.device_mesh.device_type == "cpu":
+                if id(param) not in full_of:
+                    full_of[id(param)] = torch.nn.Parameter(
+                        torch.empty(param.shape, dtype=param.dtype, device="cpu"), requires_grad=param.requires_grad)
+                swapped.append((module, name, param))
+                module._parameters[name] = full_of[id(param)]
+    try:
+        yield
+    finally:
+        done: set[int] = set()
+        for module, name, param in swapped:
+            module._parameters[name] = param
+            if id(param) not in done:
+                done.add(id(param))
+                local = distribute_tensor(full_of[id(param)].detach(), param.device_mesh, param.placements,
+                                          src_data_rank=None).to_local()  # src_data_rank=None: no comms
+                param.to_local().copy_(local)
+
+
+def _install_cpu_sharded_init() -> None:
+    """Upstream: torchtitan initialises a parallelized model in place (`init_weights` after `to_empty`) and
+    relies on DTensor's RNG tracker to give each shard its own slice of the random stream. torch's
+    OffsetBasedRNGTracker supports no CPU mesh, so on CPU every rank draws the *same* numbers for its local
+    shard: FSDP/TP shards of a weight are copies of each other, and nothing matches a 1-process run with
+    the same seed. On CPU meshes, run the init on full-size plain parameters (every rank draws the whole
+    tensor from the same seeded stream, as one process would) and keep each rank's shard. Costs one full
+    copy of the parameters per rank during init; CPU runs are small."""
+    from torchtitan.protocols.model import BaseModel
+
+    original = BaseModel.init_weights
+
+    def init_weights(self, **kwargs) -> None:
+        with _unsharded_parameters(self):
+            original(self, **kwargs)
+
+    BaseModel.init_weights = init_weights
+
+
 # ---------------------------------------------------------------------------------------------- entry
 def apply() -> None:
     """Install the shims this torch build needs. Idempotent; must precede the first torchtitan import."""
@@ -134,6 +185,7 @@ def apply() -> None:
                 f"selected device type {imported.device_type!r}. Import torchtitan_ext first.")
         _install_cpu_device_module()
         _install_gloo_fsdp_reduce_op()  # CPU runs use gloo; NCCL supports PREMUL_SUM
+        _install_cpu_sharded_init()
     if not hasattr(dist, "set_timeout"):
         _install_set_timeout()
     _applied = True

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         model_section = read_sections(args.config, [])["model"]
     except ConfigError as err:
         sys.exit(f"error: {err}")
-    model = load_dcp_model(Qwen35Config.from_flavor(model_section.flavor), args.checkpoint)
+    model = load_dcp_model(model_section.architecture(), args.checkpoint)
     with torch.no_grad():
         qwen35.save_pretrained(model, args.output)
     for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):

@@ -2,11 +2,18 @@
 
 Inheriting (rather than wrapping) keeps the state-dict keys equal to HF's text-model keys and lets code written
 against qwen35 module types (parallelism/) see the model it expects.
+
+MoE auxiliary loss: in training mode an MoE model returns `MoETrainingOutput(logits, aux_loss)` instead of the
+logits, with `aux_loss = router_aux_loss_coef * load-balancing loss` of this forward's tokens (transformers'
+definition, computed by qwen35 from the router logits the decoder blocks return, i.e. outside the compiled and
+checkpointed blocks). torchtitan hands the model output straight to the loss, and `torchtitan_ext.loss.Qwen35Loss`
+adds the term. Dense models, and every model in eval mode (validation), return plain logits.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -14,6 +21,11 @@ from qwen35 import Qwen35Config, Qwen35ForCausalLM
 from torchtitan.protocols import BaseModel
 
 from .flops import flops_per_token
+
+
+class MoETrainingOutput(NamedTuple):
+    logits: torch.Tensor  # [B, T, vocab]
+    aux_loss: torch.Tensor  # scalar: router_aux_loss_coef * load-balancing loss (already scaled)
 
 
 class Qwen35TitanModel(BaseModel, Qwen35ForCausalLM):
@@ -34,6 +46,15 @@ class Qwen35TitanModel(BaseModel, Qwen35ForCausalLM):
 
     def __init__(self, config: Config):
         Qwen35ForCausalLM.__init__(self, config.architecture)
+
+    def forward(self, input_ids: torch.Tensor, **kwargs):
+        """Qwen35ForCausalLM.forward; in training mode, for an MoE config with a non-zero router_aux_loss_coef,
+        `MoETrainingOutput(logits, coef * load-balancing loss)`."""
+        config = self.config
+        if not (self.training and config.is_moe and config.router_aux_loss_coef) or "return_aux_loss" in kwargs:
+            return Qwen35ForCausalLM.forward(self, input_ids, **kwargs)
+        logits, balance = Qwen35ForCausalLM.forward(self, input_ids, return_aux_loss=True, **kwargs)
+        return MoETrainingOutput(logits, config.router_aux_loss_coef * balance)
 
     def verify_module_protocol(self) -> None:
         """No-op: the internals are plain nn.Modules by design (HF names and layout); torchtitan's own HF

@@ -12,6 +12,7 @@ from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC
 from torchtitan.distributed.fsdp import disable_fsdp_gradient_division
 from torchtitan.protocols.model_spec import ModelSpec
+from torchtitan.tools.logging import logger
 from torchtitan.tools.utils import device_type
 
 from .model import Qwen35TitanModel
@@ -48,6 +49,15 @@ def make_parallelize_fn(float8: Float8Settings | None):
                     compile=compile_config.enable and "model" in compile_config.components,
                     compile_backend=compile_config.backend, float8=float8 is not None,
                     float8_emulate=float8 is not None and float8.emulate, mp_policy=mp_policy)
+        applied = [f"{k}={v}" for k, v in (("dp_replicate", dims.dp_replicate), ("dp_shard", dims.dp_shard),
+                                              ("tp", dims.tp), ("ep", dims.ep)) if v > 1]
+        if ac_config:
+            applied.append(f"ac={_AC_MODES[type(ac_config)]}")
+        if compile_config.enable and "model" in compile_config.components:
+            applied.append(f"compile(backend={compile_config.backend})")
+        if float8 is not None:
+            applied.append(f"float8({'emulated' if float8.emulate else 'hardware'})")
+        logger.info(f"{MODEL_NAME}: applied {', '.join(applied) or 'no parallelism or transforms'}")
         # torchtitan divides the summed loss by the global token count, so gradients must be summed over
         # data-parallel ranks, not averaged (what fully_shard does by default): torchtitan's own FSDP does this.
         disable_fsdp_gradient_division(model)
@@ -56,13 +66,16 @@ def make_parallelize_fn(float8: Float8Settings | None):
     return parallelize_qwen35
 
 
-def model_registry(flavor: str, *, float8: Float8Settings | None = None) -> ModelSpec:
+def model_registry(flavor: str, *, float8: Float8Settings | None = None,
+                   architecture: Qwen35Config | None = None) -> ModelSpec:
+    """architecture: the flavor's config with overrides (TOML [model] keys such as tie_word_embeddings);
+    default the flavor's own."""
     if flavor not in FLAVORS:
         raise ValueError(f"unknown Qwen3.5 flavor {flavor!r}; known flavors: {', '.join(FLAVORS)}")
     return ModelSpec(
         name=MODEL_NAME,
         flavor=flavor,
-        model=Qwen35TitanModel.Config(flavor=flavor, architecture=Qwen35Config.from_flavor(flavor)),
+        model=Qwen35TitanModel.Config(flavor=flavor, architecture=architecture or Qwen35Config.from_flavor(flavor)),
         parallelize_fn=make_parallelize_fn(float8),
         pipelining_fn=None,
         post_optimizer_build_fn=None,

@@ -7,15 +7,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from qwen35 import Qwen35Config
-
 from .debug_assets import TOKENIZER_FILE, ensure_stdlib_assets
 from .toml_config import ConfigError
 
 
 def prepare_files(sections: dict[str, Any], config_path: Path) -> None:
     model, data, checkpoint = sections["model"], sections["data"], sections["checkpoint"]
-    architecture = Qwen35Config.from_flavor(model.flavor)
+    architecture = model.architecture()
     assets, corpus = Path(model.hf_assets_path), Path(data.dataset_path)
     if data.bootstrap == "stdlib_docs":
         ensure_stdlib_assets(corpus, assets, architecture.vocab_size)

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from torchtitan.components.checkpoint import CheckpointManager
-from torchtitan.components.loss import CrossEntropyLoss
 from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.components.optimizer import LRSchedulersContainer, OptimizersContainer
 from torchtitan.components.optimizer.optimizer import ParamGroupConfig
@@ -26,8 +25,11 @@ from torchtitan.config.configs import CompileConfig, DebugConfig, ParallelismCon
 from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC
 from torchtitan.trainer import Trainer
 
+from qwen35 import Qwen35Config
+
 from . import compat
 from .data import PackedTextDataLoader
+from .loss import Qwen35Loss
 from .model_spec import Float8Settings, model_registry
 
 
@@ -48,6 +50,14 @@ class JobSection:
 class ModelSection:
     flavor: str = ""
     hf_assets_path: str = ""  # tokenizer files; also config.json + safetensors for initial weights / export
+    # Architecture override: unset = the flavor's own value. The published 0.8B-4B sizes tie lm_head to
+    # embed_tokens and the debug flavors do not; `true` gives e.g. a tied debug model for tests.
+    tie_word_embeddings: bool | None = None
+
+    def architecture(self) -> Qwen35Config:
+        """The flavor's Qwen35Config with this section's overrides applied."""
+        overrides = {} if self.tie_word_embeddings is None else {"tie_word_embeddings": self.tie_word_embeddings}
+        return Qwen35Config.from_flavor(self.flavor, **overrides)
 
 
 @dataclass
@@ -236,10 +246,11 @@ def to_trainer_config(sections: dict[str, Any]) -> Trainer.Config:
     float8 = sections["float8"]
     return Trainer.Config(
         model_spec=model_registry(
-            model.flavor, float8=Float8Settings(emulate=float8.emulate) if float8.enable else None),
+            model.flavor, float8=Float8Settings(emulate=float8.emulate) if float8.enable else None,
+            architecture=model.architecture()),
         hf_assets_path=model.hf_assets_path,
         dump_folder=job.dump_folder,
-        loss=CrossEntropyLoss.Config(),
+        loss=Qwen35Loss.Config(),  # cross entropy (+ the MoE load-balancing term)
         optimizer=OptimizersContainer.Config(
             param_groups=[ParamGroupConfig(pattern=r".*", optimizer_name=opt.name, optimizer_kwargs={
                 "lr": opt.lr, "betas": (opt.beta1, opt.beta2), "eps": opt.eps, "weight_decay": opt.weight_decay})],
