@@ -78,6 +78,20 @@ def _final_state_or_empty(final_state: Optional[Tensor], q: Tensor) -> Tensor:
     return final_state.contiguous() if final_state is not None else q.new_empty(0, dtype=torch.float32)
 
 
+def _forward(triton_impl: tuple[str, str], reference_impl, q, k, v, g, beta, scale, initial_state,
+             output_final_state, cu_seqlens, use_qk_l2norm, backend) -> tuple[Tensor, Tensor]:
+    """Shared body of the forward ops: pick Triton (module, function) or the reference, run it."""
+    if _uses_triton(q.device, backend):
+        module_name, function_name = triton_impl
+        impl = getattr(_triton_module(module_name, q.device), function_name)
+    else:
+        impl = reference_impl
+    o, final_state = impl(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                          output_final_state=output_final_state, cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm)
+    # outputs must have the contiguous strides the fake kernels promise (the reference may return views)
+    return o.contiguous(), _final_state_or_empty(final_state, q)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Chunked forward / backward
 
@@ -87,14 +101,8 @@ def chunk_gated_delta_rule_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta:
                                initial_state: Optional[Tensor], output_final_state: bool,
                                cu_seqlens: Optional[Tensor], use_qk_l2norm: bool,
                                backend: str) -> tuple[Tensor, Tensor]:
-    if _uses_triton(q.device, backend):
-        impl = _triton_module("triton_chunk", q.device).chunk_gated_delta_rule_fwd
-    else:
-        impl = reference.chunk_gated_delta_rule
-    o, final_state = impl(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                          output_final_state=output_final_state, cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm)
-    # outputs must have the contiguous strides the fake kernels promise (the reference may return views)
-    return o.contiguous(), _final_state_or_empty(final_state, q)
+    return _forward(("triton_chunk", "chunk_gated_delta_rule_fwd"), reference.chunk_gated_delta_rule, q, k, v, g,
+                    beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm, backend)
 
 
 @chunk_gated_delta_rule_fwd.register_fake
@@ -191,13 +199,8 @@ def recurrent_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta:
                                initial_state: Optional[Tensor], output_final_state: bool,
                                cu_seqlens: Optional[Tensor], use_qk_l2norm: bool,
                                backend: str) -> tuple[Tensor, Tensor]:
-    if _uses_triton(q.device, backend):
-        impl = _triton_module("triton_recurrent", q.device).recurrent_gated_delta_rule_fwd
-    else:
-        impl = reference.recurrent_gated_delta_rule
-    o, final_state = impl(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                          output_final_state=output_final_state, cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm)
-    return o.contiguous(), _final_state_or_empty(final_state, q)
+    return _forward(("triton_recurrent", "recurrent_gated_delta_rule_fwd"), reference.recurrent_gated_delta_rule,
+                    q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm, backend)
 
 
 recurrent_gated_delta_rule.register_fake(_chunk_gated_delta_rule_fwd_fake)
