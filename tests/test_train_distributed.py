@@ -36,15 +36,13 @@ TIED = ("--model.tie_word_embeddings", "true")
 def _train_recording_ties(argv: list[str], record: Path | None = None) -> list[dict]:
     """Run the trainer on `argv`, noting after the build (= initialisation) and after each step whether
     lm_head.weight is embed_tokens.weight. Written to `record`.<rank>.json when given."""
-    import gc
-
     import torch
+    from test_train_helpers import run_instrumented
 
-    from torchtitan_ext.train import load_config, run
+    from torchtitan_ext.train import load_config
 
     config = load_config(argv)
     checks: list[dict] = []
-    original_build = type(config).build
 
     def note(model, when):
         weight = model.model.embed_tokens.weight
@@ -52,8 +50,7 @@ def _train_recording_ties(argv: list[str], record: Path | None = None) -> list[d
                        "placements": str(getattr(weight, "placements", None)),
                        "local_rows": (weight.to_local() if hasattr(weight, "to_local") else weight).shape[0]})
 
-    def build(cfg):
-        trainer = original_build(cfg)
+    def check_ties(trainer):
         model = trainer.model_parts[0]
         note(model, "init")
         train_step = trainer.train_step
@@ -63,14 +60,8 @@ def _train_recording_ties(argv: list[str], record: Path | None = None) -> list[d
             note(model, f"step {trainer.step}")
 
         trainer.train_step = train_step_and_check
-        return trainer
 
-    type(config).build = build
-    try:
-        run(config)
-    finally:
-        type(config).build = original_build
-        gc.enable()  # torchtitan disables automatic GC for the training process
+    run_instrumented(config, check_ties)
     if record is not None:
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else int(os.environ["RANK"])
         Path(f"{record}.{rank}.json").write_text(json.dumps(checks))
@@ -90,7 +81,7 @@ if __name__ == "__main__":  # torchrun entry: test_train_distributed.py <record 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from test_train_helpers import debug_args, debug_assets, scalars, train  # noqa: E402
+from test_train_helpers import debug_args, debug_assets, run_instrumented, scalars, train  # noqa: E402
 
 
 def _losses(dump_folder: Path) -> list[float]:
@@ -164,24 +155,12 @@ def test_tied_embeddings_stay_tied_under_fsdp_and_match_one_process(tmp_path, tm
 def test_float8_emulated_converts_linears_and_trains_near_fp32(tmp_path, tmp_path_factory):
     from torchao.float8.float8_linear import Float8Linear
 
-    from torchtitan_ext.train import load_config, run
+    from torchtitan_ext.train import load_config
 
     config = load_config(debug_args(tmp_path, *COMMON, *ONE, "--float8.enable", "true", "--float8.emulate", "true"))
     converted: list[str] = []
-    original_build = type(config).build
-
-    def build(cfg):
-        trainer = original_build(cfg)
-        converted.extend(n for n, m in trainer.model_parts[0].named_modules() if isinstance(m, Float8Linear))
-        return trainer
-
-    type(config).build = build
-    try:
-        run(config)
-    finally:
-        type(config).build = original_build
-        import gc
-        gc.enable()
+    run_instrumented(config, lambda trainer: converted.extend(
+        n for n, m in trainer.model_parts[0].named_modules() if isinstance(m, Float8Linear)))
     # debug: 3 GDN layers x (in_proj_qkv, in_proj_z, out_proj) + 1 attention layer x 4 + 4 MLPs x 3; lm_head and
     # the per-head in_proj_a / in_proj_b stay in high precision
     assert len(converted) == 3 * 3 + 4 + 4 * 3, converted

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from pathlib import Path
 
 import torchtitan_ext  # noqa: F401  (compat shims before torchtitan)
@@ -10,6 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from qwen35 import Qwen35Config
 from torchtitan_ext.debug_assets import ensure_stdlib_assets
+from torchtitan.trainer import Trainer
 from torchtitan_ext.train import load_config, run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,9 +33,25 @@ def debug_args(dump_folder: Path, *overrides: str) -> list[str]:
 
 
 def train(dump_folder: Path, *overrides: str) -> None:
+    run_instrumented(load_config(debug_args(dump_folder, *overrides)))
+
+
+def run_instrumented(config, on_build: Callable[[Trainer], None] | None = None) -> None:
+    """Run `config` end to end; `on_build(trainer)` runs right after torchtitan builds (and initialises) the
+    Trainer, where a test can record state or wrap its step functions."""
+    original_build = type(config).build
+
+    def build(cfg):
+        trainer = original_build(cfg)
+        if on_build is not None:
+            on_build(trainer)
+        return trainer
+
+    type(config).build = build
     try:
-        run(load_config(debug_args(dump_folder, *overrides)))
+        run(config)
     finally:
+        type(config).build = original_build
         gc.enable()  # torchtitan disables automatic GC for the training process
 
 

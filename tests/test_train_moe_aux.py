@@ -6,17 +6,15 @@ plain qwen35 model with the same weights and batch (cross entropy by torch, the 
 `return_aux_loss=True`, which is tested against transformers in test_model_parity.py).
 """
 
-import gc
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from qwen35 import Qwen35Config, Qwen35ForCausalLM
-from test_train_helpers import debug_args, debug_assets
+from test_train_helpers import debug_args, debug_assets, run_instrumented
 from torchtitan_ext.loss import Qwen35Loss
 from torchtitan_ext.model import MoETrainingOutput
-from torchtitan_ext.train import load_config, run
+from torchtitan_ext.train import load_config
 
 ROUTER = ".mlp.gate.weight"
 AC_WRAPPER = "_checkpoint_wrapped_module."  # in parameter names (not state-dict keys) under activation checkpointing
@@ -26,11 +24,9 @@ def _one_step(dump_folder, *overrides):
     """Run one step; return (weights before it, its input dict, labels, loss, {name: grad})."""
     debug_assets()
     config = load_config(debug_args(dump_folder, "--model.flavor", "debug-moe", "--training.steps", "1", *overrides))
-    original_build = type(config).build
     seen = {}
 
-    def build_and_intercept(cfg):
-        trainer = original_build(cfg)
+    def intercept(trainer):
         (model,) = trainer.model_parts
         forward_backward_step = trainer.forward_backward_step
 
@@ -46,14 +42,8 @@ def _one_step(dump_folder, *overrides):
             return loss
 
         trainer.forward_backward_step = intercepted
-        return trainer
 
-    type(config).build = build_and_intercept
-    try:
-        run(config)
-    finally:
-        type(config).build = original_build
-        gc.enable()
+    run_instrumented(config, intercept)
     return seen
 
 
