@@ -53,10 +53,13 @@ class ModelSection:
     # Architecture override: unset = the flavor's own value. The published 0.8B-4B sizes tie lm_head to
     # embed_tokens and the debug flavors do not; `true` gives e.g. a tied debug model for tests.
     tie_word_embeddings: bool | None = None
+    # MoE load-balancing loss weight; unset = the flavor's (0.001). 0 trains on cross entropy alone.
+    router_aux_loss_coef: float | None = None
 
     def architecture(self) -> Qwen35Config:
         """The flavor's Qwen35Config with this section's overrides applied."""
-        overrides = {} if self.tie_word_embeddings is None else {"tie_word_embeddings": self.tie_word_embeddings}
+        overrides = {key: getattr(self, key) for key in ("tie_word_embeddings", "router_aux_loss_coef")
+                     if getattr(self, key) is not None}
         return Qwen35Config.from_flavor(self.flavor, **overrides)
 
 
