@@ -49,19 +49,23 @@ class Qwen35Cache:
         ]
 
     def attention_mask(self, padding_mask: torch.Tensor | None, num_new: int) -> torch.Tensor:
-        """Record the validity of `num_new` incoming positions and return the bool mask [B, 1, num_new, keys]
-        for them: causal over the cache, never attending to padding. A padded query row attends to itself
-        only, which keeps SDPA finite; its output is never used."""
+        """Record the validity of `num_new` incoming positions and return their attention mask over the cache
+        (`padded_causal_mask`)."""
         start, end = self.length, self.length + num_new
         if end > self.max_length:
             raise ValueError(f"cache holds {self.max_length} positions; {end} requested")
         self.valid[:, start:end] = True if padding_mask is None else padding_mask.bool()
-        keys = torch.arange(end, device=self.valid.device)
-        queries = torch.arange(start, end, device=self.valid.device)
-        causal = keys[None, :] <= queries[:, None]
-        mask = causal[None] & self.valid[:, None, :end]
-        mask = mask | (keys[None, :] == queries[:, None])[None]
-        return mask[:, None]
+        return padded_causal_mask(self.valid[:, :end], start)
 
     def advance(self, num_new: int) -> None:
         self.length += num_new
+
+
+def padded_causal_mask(valid: torch.Tensor, first_query: int) -> torch.Tensor:
+    """Bool attention mask [B, 1, queries, keys] for keys 0..K-1 (valid [B, K], False at padding) and queries at
+    positions first_query..K-1: causal, never attending to padding. A padded query row attends to itself
+    only, which keeps SDPA finite; its output is never used."""
+    keys = torch.arange(valid.shape[1], device=valid.device)
+    queries = keys[first_query:]
+    mask = ((keys[None, :] <= queries[:, None])[None] & valid[:, None, :]) | (keys[None, :] == queries[:, None])
+    return mask[:, None]

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .attention import GatedAttention
-from .cache import Qwen35Cache
+from .cache import Qwen35Cache, padded_causal_mask
 from .config import LINEAR_ATTENTION, Qwen35Config
 from .gated_deltanet import GatedDeltaNet
 from .layers import GatedRMSNorm, RMSNorm, RotaryEmbedding, SwiGLU
@@ -113,10 +113,7 @@ class Qwen35ForCausalLM(nn.Module):
         elif cache is not None:
             attn_mask = cache.attention_mask(padding_mask, T)
         elif padding_mask is not None:
-            valid = padding_mask.bool()
-            idx = torch.arange(T, device=input_ids.device)
-            attn_mask = ((idx[None, :] <= idx[:, None])[None] & valid[:, None, :]) | (idx[None, :] == idx[:, None])
-            attn_mask = attn_mask[:, None]
+            attn_mask = padded_causal_mask(padding_mask.bool(), 0)
         if position_ids is None:
             if padding_mask is not None:
                 past = cache.valid[:, :cache.length].sum(-1, keepdim=True) if cache is not None else 0
