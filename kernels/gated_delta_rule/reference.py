@@ -23,19 +23,22 @@ def _compute_dtype(*tensors):
     return dtype
 
 
-def _prepare_qk(q, k, dtype, scale, use_qk_l2norm):
-    q, k = q.to(dtype), k.to(dtype)
+def _prepare_inputs(q, k, v, g, beta, scale, use_qk_l2norm):
+    """All inputs in the compute dtype (returned last); q, k L2-normalised if asked, q scaled."""
+    dtype = _compute_dtype(q, k, v)
+    q, k, v, g, beta = (x.to(dtype) for x in (q, k, v, g, beta))
     if use_qk_l2norm:
         q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6)
         k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
-    return q * (q.shape[-1] ** -0.5 if scale is None else scale), k
+    return q * (q.shape[-1] ** -0.5 if scale is None else scale), k, v, g, beta, dtype
 
 
 def _sequence_bounds(cu_seqlens, total):
+    """Host copies of the boundaries and the per-sequence lengths, checked."""
     bounds = [int(x) for x in cu_seqlens.tolist()]
     if bounds[0] != 0 or bounds[-1] != total or any(b > e for b, e in zip(bounds[:-1], bounds[1:])):
         raise ValueError(f"cu_seqlens must be non-decreasing from 0 to T={total}, got {bounds}")
-    return bounds
+    return bounds, [e - s for s, e in zip(bounds[:-1], bounds[1:])]
 
 
 def _scatter_rows(x, index, rows):
@@ -202,9 +205,7 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
     HV, V = v.shape[2:]
     G = HV // H
     out_dtype = v.dtype
-    dtype = _compute_dtype(q, k, v)
-    q, k = _prepare_qk(q, k, dtype, scale, use_qk_l2norm)
-    v, g, beta = v.to(dtype), g.to(dtype), beta.to(dtype)
+    q, k, v, g, beta, dtype = _prepare_inputs(q, k, v, g, beta, scale, use_qk_l2norm)
 
     if cu_seqlens is None:
         N = B
@@ -215,9 +216,8 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
         # Each sequence is zero-padded to whole chunks and the chunks are laid end to end (one batch row):
         # every chunk belongs to one sequence, so only the scan needs to know the boundaries, and the padding
         # costs at most one chunk per sequence (a [N, T_max] layout would cost N * T_max).
-        bounds = _sequence_bounds(cu_seqlens, T)
-        N = len(bounds) - 1
-        lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+        bounds, lengths = _sequence_bounds(cu_seqlens, T)
+        N = len(lengths)
         n_chunks = [math.ceil(n / CHUNK_SIZE) for n in lengths]
         first = [sum(n_chunks[:i]) for i in range(N)]
         seq_chunks = [(f, f + n) for f, n in zip(first, n_chunks)]
@@ -244,14 +244,11 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
     HV, V = v.shape[2:]
     G = HV // H
     out_dtype = v.dtype
-    dtype = _compute_dtype(q, k, v)
-    q, k = _prepare_qk(q, k, dtype, scale, use_qk_l2norm)
-    v, g, beta = v.to(dtype), g.to(dtype), beta.to(dtype)
+    q, k, v, g, beta, dtype = _prepare_inputs(q, k, v, g, beta, scale, use_qk_l2norm)
     if cu_seqlens is not None:
         # Sequences side by side in a zero-padded [N, T_max] batch: the scan is as long as the longest sequence,
         # and the end padding (k = v = g = beta = 0) leaves each final state unchanged.
-        bounds = _sequence_bounds(cu_seqlens, T)
-        lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+        bounds, lengths = _sequence_bounds(cu_seqlens, T)
         B, T = len(lengths), max(lengths)
         shift = torch.tensor([n * T - s for n, s in enumerate(bounds[:-1])], device=q.device)
         index = torch.arange(bounds[-1], device=q.device) + shift.repeat_interleave(
