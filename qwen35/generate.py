@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import types
@@ -15,34 +14,10 @@ from pathlib import Path
 import torch
 
 from .decoding import eos_set, generate
-
-
-def load_chat_template(model_dir: Path) -> str:
-    jinja = model_dir / "chat_template.jinja"
-    if jinja.exists():
-        return jinja.read_text()
-    config = model_dir / "tokenizer_config.json"
-    if config.exists():
-        template = json.loads(config.read_text()).get("chat_template")
-        if isinstance(template, str):
-            return template
-    raise FileNotFoundError(f"--chat needs a chat template: no {jinja} and no 'chat_template' in {config}")
-
-
-def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
-    import jinja2
-
-    def raise_exception(message):
-        raise jinja2.TemplateError(message)
-
-    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **extra)
+from .tokenizer import Qwen35Tokenizer
 
 
 def main(argv: list[str] | None = None) -> None:
-    from tokenizers import Tokenizer
-
     from .hf_io import load_pretrained
 
     parser = argparse.ArgumentParser(prog="python -m qwen35.generate", description=__doc__.splitlines()[0])
@@ -59,20 +34,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiles once)")
     args = parser.parse_args(argv)
 
-    tokenizer_file = args.model / "tokenizer.json"
-    if not tokenizer_file.exists():
-        parser.error(f"no tokenizer at {tokenizer_file}")
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    try:
+        tokenizer = Qwen35Tokenizer.from_dir(args.model)
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
     model = load_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device).eval()
+    try:
+        tokenizer.check_fits(model.config.vocab_size)
+        prompt = args.prompt
+        if args.chat:
+            prompt = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
+                                                   add_generation_prompt=True)
+    except ValueError as err:
+        parser.error(f"{err}{' (--chat)' if args.chat else ''}")
 
     eos = eos_set(model.config.eos_token_id)
-    prompt = args.prompt
     if args.chat:
-        prompt = render_chat(load_chat_template(args.model), [{"role": "user", "content": args.prompt}])
-        im_end = tokenizer.token_to_id("<|im_end|>")
-        if im_end is not None:
-            eos.add(im_end)
-    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+        eos.add(tokenizer.im_end_id)
+    ids = tokenizer.encode(prompt)
     if not ids:
         parser.error("the prompt encodes to zero tokens")
     input_ids = torch.tensor([ids], device=args.device)

@@ -9,7 +9,7 @@ import torch
 from tokenizers import Tokenizer
 
 import qwen35
-from qwen35.generate import render_chat
+from qwen35.tokenizer import Qwen35Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT_TEMPLATE = (
@@ -44,7 +44,8 @@ def test_cli_streams_greedy_tokens_and_reports_speed(checkpoint, chat):
     tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
     eos = [0]  # <|endoftext|> in the debug checkpoint
     if chat:
-        text = render_chat(CHAT_TEMPLATE, [{"role": "user", "content": prompt}])
+        text = Qwen35Tokenizer.from_dir(checkpoint).apply_chat_template([{"role": "user", "content": prompt}],
+                                                                        add_generation_prompt=True)
         assert text.endswith("<|im_start|>assistant\n")
         eos = sorted({0, tokenizer.token_to_id("<|im_end|>")})
         expected = _expected_text(checkpoint, text, 12, eos)
@@ -57,7 +58,7 @@ def test_cli_streams_greedy_tokens_and_reports_speed(checkpoint, chat):
 def test_cli_errors_name_the_missing_file(tmp_path, checkpoint):
     result = subprocess.run([sys.executable, "-m", "qwen35.generate", "--model", str(tmp_path), "--prompt", "x"],
                             capture_output=True, text=True)
-    assert result.returncode != 0 and f"no tokenizer at {tmp_path}/tokenizer.json" in result.stderr
+    assert result.returncode != 0 and f"no tokenizer.json in {tmp_path}" in result.stderr
     no_template = tmp_path / "ckpt"
     no_template.mkdir()
     for f in checkpoint.iterdir():
@@ -65,4 +66,4 @@ def test_cli_errors_name_the_missing_file(tmp_path, checkpoint):
             (no_template / f.name).write_bytes(f.read_bytes())
     result = subprocess.run([sys.executable, "-m", "qwen35.generate", "--model", str(no_template), "--prompt", "x",
                              "--chat"], capture_output=True, text=True)
-    assert result.returncode != 0 and "needs a chat template" in result.stderr
+    assert result.returncode != 0 and "no chat template (expected chat_template.jinja" in result.stderr

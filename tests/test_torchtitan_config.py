@@ -1,11 +1,13 @@
 """TOML front end: errors name the key and the file; overrides win; every train_configs/*.toml validates."""
 
+import shutil
 from pathlib import Path
 
 import pytest
 
 import torchtitan_ext  # noqa: F401  (compat shims before torchtitan)
 from qwen35 import Qwen35Config
+from test_train_helpers import debug_assets
 from torchtitan_ext import compat
 from torchtitan_ext.preflight import prepare_files
 from torchtitan_ext.toml_config import ConfigError, read_sections, to_trainer_config
@@ -26,7 +28,7 @@ dataset_path = "{corpus}"
 def files(tmp_path):
     assets = tmp_path / "assets"
     assets.mkdir()
-    (assets / "tokenizer.json").write_text('{"model": {"vocab": {"a": 0}}}')
+    shutil.copyfile(debug_assets() / "tokenizer.json", assets / "tokenizer.json")
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text('{"text": "hello"}\n')
     return assets, corpus
@@ -108,7 +110,7 @@ def test_initial_load_path_must_exist_and_becomes_absolute(tmp_path, files, monk
 @pytest.mark.parametrize("path", PRETRAIN_CONFIGS, ids=lambda p: p.stem)
 def test_pretraining_configs_validate(path):
     sections = read_sections(path, [])
-    config = to_trainer_config(sections)
+    config = to_trainer_config(sections, path)
     flavor = sections["model"].flavor
     arch = Qwen35Config.from_flavor(flavor)
     p = sections["parallelism"]

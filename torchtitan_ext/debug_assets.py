@@ -1,117 +1,120 @@
-"""A small training corpus and tokenizer that exist without any download, for the CPU debug runs.
+"""The embedded default corpus and tokenizer: real text that exists on every machine without a download.
 
-Corpus: the docstrings of a fixed list of Python standard-library modules (and of their public classes,
-functions and methods), as written by the running interpreter, one JSON-lines record `{"text": ...}` per
-docstring. Tokenizer: a byte-level BPE trained on that corpus with the `tokenizers` library, with Qwen's
-document and chat specials. Both are generated on first use; a later issue replaces this with the real data
-pipeline.
+Corpus: the documentation of the running Python's standard library — every module, class and function docstring
+of its source files (read with `ast`, nothing is imported) and the language-reference topics `pydoc` ships
+(`pydoc_data.topics`) — about 2 MB as JSON lines `{"text": ...}`, one document per docstring / topic, written
+in a fixed shuffled order (the pipeline reads sources in file order). Tokenizer: a byte-level BPE trained on it
+with Qwen's special tokens and a ChatML chat template, saved as an HF tokenizer directory.
+
+Both are created on first use (`ensure_stdlib_assets`, ~20 s on 2 cores) and reused while the stamp file says
+they were made by this version of the script. Also a script:
+
+    python -m torchtitan_ext.debug_assets OUT_DIR [--vocab-size 2048]
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
+import argparse
+import ast
 import json
+import random
+import sysconfig
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-END_OF_TEXT = "<|endoftext|>"
-SPECIAL_TOKENS = (END_OF_TEXT, "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2
-TOKENIZER_FILE = "tokenizer.json"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+from qwen35.tokenizer import CHAT_TEMPLATE_FILE, END_OF_TEXT, IM_END, IM_START, TOKENIZER_CONFIG_FILE, \
+    TOKENIZER_FILE
 
-# Pure-Python modules with long, stable docstrings; importing them has no side effects.
-STDLIB_MODULES = (
-    "argparse", "ast", "asyncio.events", "asyncio.tasks", "base64", "bisect", "calendar", "collections",
-    "configparser", "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "doctest",
-    "email.message", "enum", "fractions", "ftplib", "functools", "gettext", "heapq", "hmac", "http.client",
-    "http.server", "imaplib", "inspect", "ipaddress", "json", "locale", "logging", "mailbox", "pathlib",
-    "pickle", "pickletools", "pprint", "pydoc", "queue", "random", "re", "sched", "secrets", "selectors",
-    "shlex", "shutil", "smtplib", "socket", "statistics", "string", "subprocess", "tarfile", "tempfile",
-    "textwrap", "threading", "tokenize", "traceback", "turtle", "typing", "unittest.case", "urllib.parse",
-    "urllib.request", "uuid", "warnings", "wave", "weakref", "xml.dom.minidom", "zipfile",
+CORPUS_FILE = "stdlib_docs.jsonl"
+STAMP_FILE = "debug_assets.json"
+VERSION = 2  # bump when the corpus or tokenizer recipe changes: cached assets are then rebuilt
+SPECIAL_TOKENS = (END_OF_TEXT, IM_START, IM_END)  # ids 0, 1, 2
+# ChatML, the frame of every Qwen chat template (no system prompt by default, no thinking block).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+# Source trees that are tests, GUI demos or vendored code rather than library documentation.
+_SKIPPED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "tkinter", "turtledemo", "lib2to3"}
 _MIN_DOC_CHARS = 40
+_ORDER_SEED = 0
 
 
-def _docstrings(module_name: str) -> list[str]:
-    """The module's docstring, then those of its own public classes and functions (sorted by name) and of
-    the classes' own methods."""
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:  # e.g. a platform without the module's C dependency
-        return []
-    docs = [inspect.getdoc(module)]
-    for name, obj in sorted(vars(module).items()):
-        if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+def stdlib_documents() -> list[str]:
+    """Docstrings of the standard library's source files (sorted by path, in source order), then the pydoc
+    topics (sorted by name); deduplicated, each at least 40 characters."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs: list[str] = []
+    for path in sorted(root.rglob("*.py")):
+        if _SKIPPED_DIRS.intersection(path.relative_to(root).parts):
             continue
-        if inspect.isclass(obj) or inspect.isfunction(obj):
-            docs.append(obj.__doc__ and inspect.cleandoc(obj.__doc__))
-        if inspect.isclass(obj):
-            docs.extend(inspect.cleandoc(member.__doc__) for member_name, member in sorted(vars(obj).items())
-                        if inspect.isfunction(member) and not member_name.startswith("_") and member.__doc__)
-    return [d for d in docs if d and len(d) >= _MIN_DOC_CHARS]
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):  # a few files are deliberately invalid
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                docs.append(ast.get_docstring(node) or "")
+    try:
+        from pydoc_data.topics import topics
+        docs.extend(topics[name] for name in sorted(topics))
+    except ImportError:  # distributions may split pydoc_data out
+        pass
+    return [d for d in dict.fromkeys(docs) if len(d) >= _MIN_DOC_CHARS]
 
 
 def write_stdlib_corpus(path: Path) -> int:
-    """Write the corpus (deduplicated, in a fixed order); returns the number of documents."""
-    seen: set[str] = set()
-    records = []
-    for module_name in STDLIB_MODULES:
-        for doc in _docstrings(module_name):
-            if doc not in seen:
-                seen.add(doc)
-                records.append(json.dumps({"text": doc}))
+    """Write the corpus in a fixed shuffled order (atomically); returns the number of documents."""
+    docs = stdlib_documents()
+    random.Random(_ORDER_SEED).shuffle(docs)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("\n".join(records) + "\n")
+    tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     tmp.replace(path)
-    return len(records)
+    return len(docs)
 
 
-def read_texts(path: Path) -> list[str]:
-    """The "text" field of every JSON-lines record; a malformed line raises naming file and line."""
-    texts = []
-    with path.open() as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                texts.append(json.loads(line)["text"])
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}:{line_number}: expected a JSON object with a \"text\" field ({err})") \
-                    from None
-    if not texts:
-        raise ValueError(f"{path}: no documents")
-    return texts
-
-
-def train_byte_level_bpe(corpus: Path, out_dir: Path, vocab_size: int) -> None:
-    """Byte-level BPE (GPT-2 / Qwen style pre-tokenisation), saved as an HF tokenizer directory."""
+def train_byte_level_bpe(texts: list[str], out_dir: Path, vocab_size: int) -> None:
+    """Byte-level BPE (GPT-2 / Qwen style pre-tokenisation) with Qwen's specials as ids 0-2, saved with its
+    tokenizer_config.json and a ChatML chat_template.jinja."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(read_texts(corpus), trainer=trainer)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(out_dir / TOKENIZER_FILE))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": None,
-        "eos_token": END_OF_TEXT,
-        "pad_token": END_OF_TEXT,
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "model_max_length": 1 << 20,
-    }
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": END_OF_TEXT,
+              "pad_token": END_OF_TEXT, "add_bos_token": False, "add_eos_token": False, "model_max_length": 1 << 20}
     (out_dir / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    (out_dir / CHAT_TEMPLATE_FILE).write_text(CHAT_TEMPLATE)
 
 
 def ensure_stdlib_assets(corpus: Path, tokenizer_dir: Path, vocab_size: int) -> None:
-    """Create whichever of the corpus and the tokenizer is missing (the tokenizer from the corpus)."""
-    if not corpus.exists():
-        write_stdlib_corpus(corpus)
-    if not (tokenizer_dir / TOKENIZER_FILE).exists():
-        train_byte_level_bpe(corpus, tokenizer_dir, vocab_size)
+    """Create the corpus and the tokenizer unless this version already made them with this vocab size."""
+    stamp = {"version": VERSION, "corpus": str(corpus.resolve()), "vocab_size": vocab_size}
+    stamp_file = tokenizer_dir / STAMP_FILE
+    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp and corpus.is_file() \
+            and (tokenizer_dir / TOKENIZER_FILE).is_file():
+        return
+    write_stdlib_corpus(corpus)
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    train_byte_level_bpe(texts, tokenizer_dir, vocab_size)
+    stamp_file.write_text(json.dumps(stamp) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m torchtitan_ext.debug_assets", description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path, help=f"written: {CORPUS_FILE} and the tokenizer files")
+    parser.add_argument("--vocab-size", type=int, default=2048)
+    args = parser.parse_args(argv)
+    ensure_stdlib_assets(args.out_dir / CORPUS_FILE, args.out_dir, args.vocab_size)
+    print(f"wrote {args.out_dir / CORPUS_FILE} and a {args.vocab_size}-token BPE tokenizer to {args.out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,6 @@
 """`python -m torchtitan_ext.export_hf --config <toml> --checkpoint <dcp step dir> --output <hf dir>`:
 a torchtitan DCP checkpoint (full or model-only) -> an HF directory transformers loads (config.json,
-safetensors, and the tokenizer files of [model] hf_assets_path)."""
+safetensors, and the tokenizer files and chat template of [model] hf_assets_path)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import torch.distributed.checkpoint as dcp
 
 import qwen35
 from qwen35 import Qwen35Config, Qwen35ForCausalLM
+from qwen35.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 
-from .debug_assets import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 from .toml_config import ConfigError, read_sections
 
 TIED_LM_HEAD = "lm_head.weight"
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     model = load_dcp_model(model_section.architecture(), args.checkpoint)
     with torch.no_grad():
         qwen35.save_pretrained(model, args.output)
-    for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):
+    for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, CHAT_TEMPLATE_FILE):
         source = Path(model_section.hf_assets_path) / name
         if source.is_file():
             shutil.copyfile(source, args.output / name)

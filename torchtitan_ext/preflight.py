@@ -3,32 +3,44 @@ unusable file fails with the config key that names it instead of after minutes o
 
 from __future__ import annotations
 
-import json
+import glob
 from pathlib import Path
 from typing import Any
 
-from .debug_assets import TOKENIZER_FILE, ensure_stdlib_assets
+from qwen35.tokenizer import Qwen35Tokenizer
+
+from .data import DataError
+from .debug_assets import ensure_stdlib_assets
 from .toml_config import ConfigError
 
 
 def prepare_files(sections: dict[str, Any], config_path: Path) -> None:
     model, data, checkpoint = sections["model"], sections["data"], sections["checkpoint"]
     architecture = model.architecture()
-    assets, corpus = Path(model.hf_assets_path), Path(data.dataset_path)
     if data.bootstrap == "stdlib_docs":
-        ensure_stdlib_assets(corpus, assets, architecture.vocab_size)
+        if not data.dataset_path:
+            raise ConfigError(f"{config_path}: [data] bootstrap = \"stdlib_docs\" writes the corpus to "
+                              "[data] dataset_path, which is not set")
+        ensure_stdlib_assets(Path(data.dataset_path), Path(model.hf_assets_path), architecture.vocab_size)
 
-    tokenizer_file = assets / TOKENIZER_FILE
-    if not tokenizer_file.is_file():
-        raise ConfigError(f"{config_path}: [model] hf_assets_path = {model.hf_assets_path!r}: no {TOKENIZER_FILE} "
-                          f"there ({tokenizer_file.resolve()})")
-    vocab = len(json.loads(tokenizer_file.read_text())["model"]["vocab"])
-    if vocab > architecture.vocab_size:
-        raise ConfigError(f"{config_path}: the tokenizer {tokenizer_file} has {vocab} tokens, more than the "
-                          f"{model.flavor} model's vocab_size {architecture.vocab_size}")
-    if not corpus.is_file():
-        raise ConfigError(f"{config_path}: [data] dataset_path = {data.dataset_path!r}: file not found "
-                          f"({corpus.resolve()})")
+    try:
+        tokenizer = Qwen35Tokenizer.from_dir(model.hf_assets_path)
+        tokenizer.check_fits(architecture.vocab_size)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"{config_path}: [model] hf_assets_path = {model.hf_assets_path!r}: {err}") from None
+    if data.kind == "sft" and tokenizer.chat_template is None:
+        raise ConfigError(f"{config_path}: [data] kind = \"sft\" needs a chat template: no chat_template.jinja "
+                          f"(or tokenizer_config.json 'chat_template') in [model] hf_assets_path = "
+                          f"{model.hf_assets_path!r}")
+    for i, spec in enumerate(data.source_specs(config_path)):
+        key = "dataset_path" if data.dataset_path else f"sources[{i}] path"
+        try:
+            if not Path(spec.path).exists() and not glob.glob(spec.path, recursive=True):
+                raise DataError("not found")
+            spec.resolved_format()
+        except DataError as err:
+            raise ConfigError(f"{config_path}: [data] {key} = {spec.path!r}: {err} ({Path(spec.path).absolute()})") \
+                from None
     if checkpoint.initial_load_path and not Path(checkpoint.initial_load_path).is_dir():
         raise ConfigError(f"{config_path}: [checkpoint] initial_load_path = {checkpoint.initial_load_path!r}: "
                           "directory not found")

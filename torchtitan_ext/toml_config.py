@@ -10,6 +10,7 @@ same types and win over the file.
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 import types
 import typing
@@ -28,7 +29,7 @@ from torchtitan.trainer import Trainer
 from qwen35 import Qwen35Config
 
 from . import compat
-from .data import PackedTextDataLoader
+from .data import Qwen35DataLoader, SourceSpec, TitanTokenizer
 from .loss import Qwen35Loss
 from .model_spec import Float8Settings, model_registry
 
@@ -87,9 +88,51 @@ class Float8Section:
 
 @dataclass
 class DataSection:
-    dataset_path: str = ""  # JSON-lines, one {"text": ...} per document
+    kind: Literal["pretrain", "sft"] = "pretrain"
+    # One source: dataset_path (+ format, text_field, split). Several: [[data.sources]] tables with the keys
+    # path, format, weight, text_field, split (see torchtitan_ext/data/sources.py). Exactly one of the two.
+    dataset_path: str = ""
+    format: Literal["auto", "jsonl", "parquet", "text", "hf_dataset"] = "auto"
+    text_field: str = "text"  # pretraining: the field holding a document
+    split: str = "train"  # hf_dataset sources
+    sources: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    packing: bool = True  # several documents / SFT samples per window (with boundaries)
+    # SFT
+    sft_format: Literal["auto", "chat", "gsm8k"] = "auto"  # auto: by the first record's fields
+    too_long: Literal["truncate", "drop"] = "truncate"  # conversations longer than seq_len + 1 tokens
+    shuffle_seed: int = 0  # order of SFT samples, reshuffled every epoch
+    chat_template_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {enable_thinking = false}
+    num_workers: int = 0  # dataloader worker processes
     # "stdlib_docs": create dataset_path and the tokenizer in model.hf_assets_path when missing (debug runs).
     bootstrap: Literal["none", "stdlib_docs"] = "none"
+
+    def source_specs(self, config_path: Path) -> list[SourceSpec]:
+        """The sources as SourceSpecs; a missing or doubled source, an unknown key or a wrong type is an error."""
+        if bool(self.dataset_path) == bool(self.sources):
+            raise ConfigError(f"{config_path}: [data] needs exactly one of dataset_path (one source) and "
+                              "[[data.sources]] (a mixture)")
+        if self.dataset_path:
+            return [SourceSpec(path=self.dataset_path, format=self.format, text_field=self.text_field,
+                               split=self.split)]
+        known = _fields(SourceSpec)
+        specs = []
+        for i, table in enumerate(self.sources):
+            for key, value in table.items():
+                if key not in known:
+                    raise ConfigError(f"{config_path}: unknown key [data] sources[{i}] {key}; known keys: "
+                                      f"{', '.join(known)}")
+                if not _matches(value, known[key]):
+                    raise ConfigError(f"{config_path}: [data] sources[{i}] {key} = {value!r} has the wrong type, "
+                                      f"expected {_type_name(known[key])}")
+            if "path" not in table:
+                raise ConfigError(f"{config_path}: [data] sources[{i}] has no path")
+            if table.get("weight", 1.0) <= 0:
+                raise ConfigError(f"{config_path}: [data] sources[{i}] weight = {table['weight']} must be > 0")
+            specs.append(SourceSpec(**table))
+        if self.kind == "sft" and any(spec.weight != 1.0 for spec in specs):
+            raise ConfigError(f"{config_path}: [data] sources weights mix pretraining sources; SFT uses every "
+                              "sample of every source once per epoch (remove weight)")
+        return specs
 
 
 def _spmd_parallelism() -> ParallelismConfig:
@@ -111,7 +154,7 @@ SECTIONS: dict[str, tuple[type, typing.Callable[[], Any]]] = {
     "float8": (Float8Section, Float8Section),
     "data": (DataSection, DataSection),
 }
-REQUIRED = (("model", "flavor"), ("model", "hf_assets_path"), ("data", "dataset_path"))
+REQUIRED = (("model", "flavor"), ("model", "hf_assets_path"))
 # Paths are relative to the working directory; torchtitan insists on an absolute one for these.
 ABSOLUTE_PATHS = (("checkpoint", "initial_load_path"),)
 
@@ -157,6 +200,12 @@ def _parse_cli_value(text: str, annotation):
             if arg is not type(None) and (parsed := _parse_cli_value(text, arg)) is not None:
                 return parsed
         return None
+    if origin is dict or (origin is list and typing.get_origin(args[0]) is dict):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            return None
+        return value if _matches(value, annotation) else None
     if origin is list:
         items = [_parse_cli_value(t.strip(), args[0]) for t in text.split(",") if t.strip()]
         return None if any(i is None for i in items) else items
@@ -244,8 +293,8 @@ def _split_overrides(path: Path, overrides: list[str]):
 _ACTIVATION_CHECKPOINTING = {"none": lambda: None, "selective": SelectiveAC.Config, "full": FullAC.Config}
 
 
-def to_trainer_config(sections: dict[str, Any]) -> Trainer.Config:
-    job, model, opt = sections["job"], sections["model"], sections["optimizer"]
+def to_trainer_config(sections: dict[str, Any], config_path: Path) -> Trainer.Config:
+    job, model, opt, data = sections["job"], sections["model"], sections["optimizer"], sections["data"]
     float8 = sections["float8"]
     return Trainer.Config(
         model_spec=model_registry(
@@ -265,6 +314,10 @@ def to_trainer_config(sections: dict[str, Any]) -> Trainer.Config:
         metrics=sections["metrics"],
         compile=sections["compile"],
         activation_checkpoint=_ACTIVATION_CHECKPOINTING[sections["activation_checkpoint"].mode](),
-        dataloader=PackedTextDataLoader.Config(dataset_path=sections["data"].dataset_path),
+        tokenizer=TitanTokenizer.Config(),
+        dataloader=Qwen35DataLoader.Config(
+            kind=data.kind, sources=data.source_specs(config_path), packing=data.packing, too_long=data.too_long,
+            sft_format=data.sft_format, seed=data.shuffle_seed, chat_template_kwargs=data.chat_template_kwargs,
+            num_workers=data.num_workers),
         debug=DebugConfig(seed=job.seed, deterministic=job.deterministic, print_config=job.print_config),
     )

@@ -14,6 +14,7 @@ import torch
 from torchtitan.tools.logging import init_logger, logger
 from torchtitan.trainer import Trainer
 
+from .data import DataError
 from .preflight import prepare_files
 from .toml_config import ConfigError, read_sections, to_trainer_config
 
@@ -24,7 +25,7 @@ def load_config(argv: list[str]) -> Trainer.Config:
     args, overrides = parser.parse_known_args(argv)
     sections = read_sections(args.config, overrides)
     prepare_files(sections, args.config)
-    return to_trainer_config(sections)
+    return to_trainer_config(sections, args.config)
 
 
 def _default_single_process_env() -> None:
@@ -59,7 +60,11 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as err:
         logger.error(str(err))
         sys.exit(2)
-    run(config)
+    try:
+        run(config)
+    except DataError as err:  # found while building the dataloader (before the first step) or reading data
+        logger.error(f"data error: {err}")
+        sys.exit(2)
 
 
 if __name__ == "__main__":
