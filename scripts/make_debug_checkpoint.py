@@ -10,21 +10,9 @@ import argparse
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 import qwen35
-
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-
-
-def byte_level_tokenizer() -> Tokenizer:
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + sorted(alphabet))}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(SPECIAL_TOKENS)
-    return tokenizer
+from torchtitan_ext.debug_assets import byte_level_tokenizer
 
 
 def main() -> None:
@@ -34,7 +22,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    config = qwen35.Qwen35Config.from_flavor(args.flavor, eos_token_id=SPECIAL_TOKENS.index("<|endoftext|>"))
+    config = qwen35.Qwen35Config.from_flavor(args.flavor, eos_token_id=0)  # <|endoftext|>
     model = qwen35.Qwen35ForCausalLM(config)
     qwen35.save_pretrained(model, args.out_dir)
     byte_level_tokenizer().save(str(args.out_dir / "tokenizer.json"))

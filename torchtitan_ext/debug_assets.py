@@ -94,6 +94,17 @@ def train_byte_level_bpe(texts: list[str], out_dir: Path, vocab_size: int) -> No
     (out_dir / CHAT_TEMPLATE_FILE).write_text(CHAT_TEMPLATE)
 
 
+def byte_level_tokenizer() -> Tokenizer:
+    """One token per byte (no merges) after Qwen's specials (ids 0-2): any text round-trips, and a text's token
+    count is its UTF-8 length, which makes token counts in tests checkable by hand."""
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + tuple(sorted(pre_tokenizers.ByteLevel.alphabet())))}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    return tokenizer
+
+
 def ensure_stdlib_assets(corpus: Path, tokenizer_dir: Path, vocab_size: int) -> None:
     """Create the corpus and the tokenizer unless this version already made them with this vocab size."""
     stamp = {"version": VERSION, "corpus": str(corpus.resolve()), "vocab_size": vocab_size}

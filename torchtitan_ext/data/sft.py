@@ -83,16 +83,16 @@ class SFTSamples:
             reader = open_reader(spec, SFT_FORMATS[fmt])
             for record, where, *_ in reader.records(reader.start, 0, 0, 1):
                 ids, trained = tokenizer.encode_chat(to_messages(record, fmt, where), **(template_kwargs or {}))
-                if len(ids) > seq_len + 1:
-                    if too_long == "drop":
-                        self.dropped_too_long += 1
-                        continue
-                    ids, trained = ids[:seq_len + 1], trained[:seq_len + 1]
-                    self.truncated += 1
+                too_long_sample = len(ids) > seq_len + 1
+                if too_long_sample and too_long == "drop":
+                    self.dropped_too_long += 1
+                    continue
+                ids, trained = ids[:seq_len + 1], trained[:seq_len + 1]
                 sample_labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids[1:], trained[1:])]
-                if all(t == IGNORE_INDEX for t in sample_labels):
+                if all(t == IGNORE_INDEX for t in sample_labels):  # e.g. truncated before the reply
                     self.dropped_untrained += 1
                     continue
+                self.truncated += too_long_sample
                 inputs.append(torch.tensor(ids[:-1], dtype=torch.int64))
                 labels.append(torch.tensor(sample_labels, dtype=torch.int64))
                 if len(inputs) % PROGRESS_LOG_SAMPLES == 0:
