@@ -135,3 +135,53 @@ def test_pretraining_configs_validate(path):
 def test_every_flavor_has_a_pretraining_config():
     flavors = {read_sections(p, [])["model"].flavor for p in PRETRAIN_CONFIGS}
     assert flavors == {"0.8B", "2B", "4B", "9B", "27B", "35B-A3B", "122B-A10B", "397B-A17B"}
+
+
+def _data_toml(tmp_path, files, data):
+    assets, _ = files
+    path = tmp_path / "mix.toml"
+    path.write_text(f'[model]\nflavor = "debug"\nhf_assets_path = "{assets}"\n{data}')
+    return path
+
+
+def test_data_sources_mixture_becomes_the_dataloader_sources(tmp_path, files):
+    _, corpus = files
+    path = _data_toml(tmp_path, files, f'[[data.sources]]\npath = "{corpus}"\nweight = 3\n'
+                                       f'[[data.sources]]\npath = "{tmp_path}"\nformat = "jsonl"\ntext_field = "body"\n')
+    sections = read_sections(path, [])
+    prepare_files(sections, path)
+    sources = to_trainer_config(sections, path).dataloader.sources
+    assert [(s.path, s.format, s.weight, s.text_field) for s in sources] == [
+        (str(corpus), "auto", 3, "text"), (str(tmp_path), "jsonl", 1.0, "body")]
+
+
+@pytest.mark.parametrize("data, message", [
+    ("", r"\[data\] needs exactly one of dataset_path .* and \[\[data.sources\]\]"),
+    ('[data]\ndataset_path = "a.jsonl"\n[[data.sources]]\npath = "b.jsonl"\n', r"needs exactly one of dataset_path"),
+    ('[[data.sources]]\npath = "a.jsonl"\nwieght = 2\n', r"unknown key \[data\] sources\[0\] wieght"),
+    ('[[data.sources]]\npath = "a.jsonl"\nweight = "2"\n', r"\[data\] sources\[0\] weight = '2' has the wrong type"),
+    ('[[data.sources]]\nweight = 2.0\n', r"\[data\] sources\[0\] has no path"),
+    ('[[data.sources]]\npath = "a.jsonl"\nweight = 0\n', r"\[data\] sources\[0\] weight = 0 must be > 0"),
+    ('[data]\nkind = "sft"\n[[data.sources]]\npath = "a.jsonl"\nweight = 2.0\n', r"SFT uses every sample"),
+])
+def test_bad_data_sources_name_the_key(tmp_path, files, data, message):
+    path = _data_toml(tmp_path, files, data)
+    with pytest.raises(ConfigError, match=rf"mix\.toml: .*{message}"):
+        to_trainer_config(read_sections(path, []), path)
+
+
+def test_sft_without_chat_template_and_unknown_format_fail_before_training(tmp_path, files):
+    path = _toml(tmp_path, files, '[training]\nsteps = 1\n')
+    with pytest.raises(ConfigError, match=r"\[data\] kind = \"sft\" needs a chat template"):
+        prepare_files(read_sections(path, ["--data.kind", "sft"]), path)
+    (tmp_path / "corpus.csv").write_text("text\nhello\n")
+    with pytest.raises(ConfigError, match=r"\[data\] dataset_path = .*corpus\.csv.*cannot tell the format"):
+        prepare_files(read_sections(path, ["--data.dataset_path", str(tmp_path / "corpus.csv")]), path)
+
+
+def test_dict_options_take_json_on_the_command_line(tmp_path, files):
+    path = _toml(tmp_path, files)
+    sections = read_sections(path, ["--data.chat_template_kwargs", '{"enable_thinking": false}'])
+    assert sections["data"].chat_template_kwargs == {"enable_thinking": False}
+    with pytest.raises(ConfigError, match=r"--data\.chat_template_kwargs 'x': wrong type"):
+        read_sections(path, ["--data.chat_template_kwargs", "x"])
