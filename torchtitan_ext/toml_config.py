@@ -102,7 +102,6 @@ class DataSection:
     too_long: Literal["truncate", "drop"] = "truncate"  # conversations longer than seq_len + 1 tokens
     shuffle_seed: int = 0  # order of SFT samples, reshuffled every epoch
     chat_template_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {enable_thinking = false}
-    num_workers: int = 0  # dataloader worker processes
     # "stdlib_docs": create dataset_path and the tokenizer in model.hf_assets_path when missing (debug runs).
     bootstrap: Literal["none", "stdlib_docs"] = "none"
 
@@ -317,7 +316,6 @@ def to_trainer_config(sections: dict[str, Any], config_path: Path) -> Trainer.Co
         tokenizer=TitanTokenizer.Config(),
         dataloader=Qwen35DataLoader.Config(
             kind=data.kind, sources=data.source_specs(config_path), packing=data.packing, too_long=data.too_long,
-            sft_format=data.sft_format, seed=data.shuffle_seed, chat_template_kwargs=data.chat_template_kwargs,
-            num_workers=data.num_workers),
+            sft_format=data.sft_format, seed=data.shuffle_seed, chat_template_kwargs=data.chat_template_kwargs),
         debug=DebugConfig(seed=job.seed, deterministic=job.deterministic, print_config=job.print_config),
     )

@@ -8,9 +8,9 @@ document starts travel with the window, so no attention, conv window or delta-ru
 first token) is ignored: nothing before it can predict it. Without packing a window holds tokens of one document
 only (a long document spans several windows) and the rest of the window is padding with ignored labels.
 
-Mixing is by tokens and deterministic: the next document comes from the source furthest below its share
-(weight / sum of weights) of the tokens read so far, so shares hold exactly over any stretch of training and
-resuming needs no random state. The state (sources' cursors, tokens per source, tokens read but not yet in a
+Mixing is by tokens and deterministic: the next read (64 documents, tokenized as one batch) comes from the source
+furthest below its share (weight / sum of weights) of the tokens read so far, so shares hold to within one read
+over any stretch of training and resuming needs no random state. The state (sources' cursors, tokens per source, tokens read but not yet in a
 window) is part of the checkpoint: a resumed run sees exactly the windows an uninterrupted one would.
 """
 
@@ -36,45 +36,57 @@ class PretrainWindows(IterableDataset, Stateful):
     """Endless (input [T], labels [T], document starts [n]) windows of one data-parallel rank."""
 
     def __init__(self, sources: list[ShardedRecords], tokenizer: Qwen35Tokenizer, seq_len: int,
-                 packing: bool = True):
+                 packing: bool = True, documents_per_read: int = 64):
         self.sources, self.tokenizer, self.seq_len, self.packing = sources, tokenizer, seq_len, packing
+        self.documents_per_read = documents_per_read
         weights = [s.reader.spec.weight for s in sources]
         if any(w <= 0 for w in weights):
             raise DataError(f"source weights must be positive, got {weights}")
         self.shares = [w / sum(weights) for w in weights]
         self.tokens_read = [0] * len(sources)
         self.documents_read = 0
-        self.pending: list[int] = []  # tokens read but not yet emitted (the head of the next window)
+        # read but not yet emitted: tokens (packing) or documents' tokens (no packing)
+        self.pending: list = []
         self._last_log = time.monotonic()
 
-    def _next_document(self) -> list[int]:
+    def _read_documents(self) -> list[list[int]]:
+        """The next `documents_per_read` documents of the source furthest below its share, tokenized together
+        (the tokenizers library encodes a batch on all cores) and each followed by <|endoftext|>."""
         total = sum(self.tokens_read)
         i = max(range(len(self.sources)), key=lambda s: self.shares[s] * total - self.tokens_read[s])
-        record, where = next(self.sources[i])
-        text = record[self.sources[i].reader.spec.text_field]
-        if not isinstance(text, str):
-            raise DataError(f"{where}: field {self.sources[i].reader.spec.text_field!r} is "
-                            f"{type(text).__name__}, not a string")
-        ids = self.tokenizer.encode(text) + [self.tokenizer.end_of_text_id]
-        self.tokens_read[i] += len(ids)
-        self.documents_read += 1
+        field = self.sources[i].reader.spec.text_field
+        texts = []
+        for _ in range(self.documents_per_read):
+            record, where = next(self.sources[i])
+            if not isinstance(record[field], str):
+                raise DataError(f"{where}: field {field!r} is {type(record[field]).__name__}, not a string")
+            texts.append(record[field])
+        documents = [ids + [self.tokenizer.end_of_text_id] for ids in self.tokenizer.encode_batch(texts)]
+        self.tokens_read[i] += sum(map(len, documents))
+        self.documents_read += len(documents)
         if time.monotonic() - self._last_log > PROGRESS_LOG_SECONDS:
             self._last_log = time.monotonic()
             per_source = ", ".join(f"{s.reader.spec.path}: {n:,}" for s, n in zip(self.sources, self.tokens_read))
             logger.info(f"data (dp rank {self.sources[0].rank}): {self.documents_read:,} documents, "
                         f"{sum(self.tokens_read):,} tokens read ({per_source})")
-        return ids
+        return documents
 
     def _next_window(self) -> list[int]:
         """The next seq_len + 1 tokens (fewer, padding to come, only without packing at a document's end)."""
         if self.packing:
             while len(self.pending) < self.seq_len + 1:
-                self.pending += self._next_document()
-        elif not self.pending:
-            self.pending = self._next_document()
-        window = self.pending[:self.seq_len + 1]
-        # keep the window's last token as the next window's first input, unless nothing would follow it
-        self.pending = self.pending[self.seq_len:] if len(self.pending) > self.seq_len + 1 else []
+                self.pending += [token for document in self._read_documents() for token in document]
+            window = self.pending[:self.seq_len + 1]
+            self.pending = self.pending[self.seq_len:]  # the last token is the next window's first input
+            return window
+        if not self.pending:
+            self.pending = self._read_documents()
+        document = self.pending[0]
+        window = document[:self.seq_len + 1]
+        if len(document) > self.seq_len + 1:
+            self.pending[0] = document[self.seq_len:]
+        else:
+            self.pending.pop(0)
         return window
 
     def __iter__(self):
