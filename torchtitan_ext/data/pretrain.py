@@ -97,7 +97,8 @@ class PretrainWindows(IterableDataset, Stateful):
             labels[inputs == eos] = IGNORE_INDEX
             starts = [0] + (torch.nonzero(inputs[:-1] == eos).flatten() + 1).tolist()
             if inputs.numel() < T:  # padding (packing off): its own segment, labels ignored
-                starts.append(inputs.numel())
+                if inputs.numel():  # (an empty document leaves a window of padding only)
+                    starts.append(inputs.numel())
                 pad = T - inputs.numel()
                 inputs = torch.cat([inputs, inputs.new_full((pad,), eos)])
                 labels = torch.cat([labels, labels.new_full((pad,), IGNORE_INDEX)])

@@ -54,9 +54,13 @@ class SourceSpec:
         if path.is_dir():
             if any((path / marker).is_file() for marker in _HF_MARKERS):
                 return "hf_dataset"
-            for fmt, suffixes in _SUFFIXES.items():  # a directory of files of one kind
-                if any(p.suffix in suffixes for p in path.rglob("*") if p.is_file()):
-                    return fmt
+            suffixes = {p.suffix for p in path.rglob("*") if p.is_file()}
+            kinds = [fmt for fmt, fmt_suffixes in _SUFFIXES.items() if suffixes.intersection(fmt_suffixes)]
+            if len(kinds) == 1:  # a directory of files of one kind
+                return kinds[0]
+            if kinds:
+                raise DataError(f"source {self.path}: the directory holds files of several formats "
+                                f"({', '.join(kinds)}); set format (its files of that kind are read) or use a glob")
             raise DataError(f"source {self.path}: a directory with no .jsonl, .parquet, .txt or datasets files")
         for fmt, suffixes in _SUFFIXES.items():
             if self.path.endswith(suffixes):
@@ -206,8 +210,9 @@ class HFDatasetReader(RecordReader):
                 dataset = datasets.load_from_disk(str(path))
             else:
                 dataset = datasets.load_dataset(str(path), split=spec.split)
-        except (FileNotFoundError, ValueError) as err:
-            raise DataError(f"source {spec.path}: cannot load it as a datasets directory ({err})") from None
+        except Exception as err:  # datasets raises many types (IndexError, StopIteration, ...) for bad directories
+            raise DataError(f"source {spec.path}: cannot load it as a datasets directory "
+                            f"({type(err).__name__}: {err})") from None
         if isinstance(dataset, datasets.DatasetDict):
             if spec.split not in dataset:
                 raise DataError(f"source {spec.path}: no split {spec.split!r} (splits: {', '.join(dataset)})")
