@@ -19,12 +19,24 @@ Parameter storage (all DTensors on the TP mesh, global shapes and layouts identi
   router / shared expert weights (experts are split by expert parallelism instead).
 - embed_tokens: vocab-sharded (RowwiseParallel, output sequence-sharded); lm_head: ColwiseParallel with the
   logits all-gathered (Replicate), so any loss function works unchanged.
+
+The embedding's reduce-scatter is completed before the blocks run (`_complete_async_local`): RowwiseParallel
+issues it with `async_op=True`, which leaves the output DTensor holding an AsyncCollectiveTensor as its local
+tensor. A compiled block must never receive such an input. torch 2.13's AOTAutograd cache keys a DTensor input
+by its placements and shape only, not by the type of its local tensor, so a block compiled for the first layer's
+(async) input and one compiled for the other layers' (plain) inputs share a cache entry; whichever is stored
+first is replayed for the other. With a recompile whose backward is compiled at once (dynamic shapes, e.g.
+when the packed batch's `cu_seqlens` changes length) the plain input is unwrapped as if it were async and the
+step fails with `'Tensor' object has no attribute 'elem'`. Inductor also does not wait on an async tensor
+nested in a DTensor (pytorch/pytorch#180614). With every block input a plain-local DTensor there is one input
+structure, one compiled graph per block type instead of two, and nothing to wait for inside compiled code.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel, SequenceParallel,
@@ -49,6 +61,7 @@ def apply_tensor_parallel(model: Qwen35ForCausalLM, tp_mesh: DeviceMesh, *, expe
         "model.norm": SequenceParallel(),
         "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
     })
+    model.model.embed_tokens.register_forward_hook(lambda module, args, output: _complete_async_local(output))
     if model.config.tie_word_embeddings:  # both are vocab-sharded Shard(0): share the one DTensor again
         model.lm_head.weight = model.model.embed_tokens.weight
     for layer in model.model.layers:
@@ -125,6 +138,27 @@ def _run_head_sharded(module: nn.Module, mesh: DeviceMesh,
     run_on_local_tensors(module, {name: view for name, (_, view) in layout.items()},
                          map_args=lambda args: (_gather_sequence(args[0]), *args[1:]),
                          map_output=lambda partial_sum: _reduce_scatter_sequence(partial_sum, mesh))
+
+
+class _CompleteAsyncLocal(torch.autograd.Function):
+    """Identity on a DTensor whose local tensor is an AsyncCollectiveTensor: the same DTensor (mesh, placements,
+    global shape) over the waited, plain local tensor. The gradient passes through unchanged."""
+
+    @staticmethod
+    def forward(ctx, x: DTensor) -> DTensor:
+        return DTensor.from_local(x.to_local().wait(), x.device_mesh, x.placements, run_check=False,
+                                  shape=x.shape, stride=x.stride())
+
+    @staticmethod
+    def backward(ctx, grad: DTensor) -> DTensor:
+        return grad
+
+
+def _complete_async_local(x: DTensor) -> DTensor:
+    """Wait for the pending collective behind `x` (see the module docstring: compiled blocks get plain locals)."""
+    if isinstance(x.to_local(), AsyncCollectiveTensor):
+        return _CompleteAsyncLocal.apply(x)
+    return x
 
 
 def _gather_sequence(x: DTensor) -> torch.Tensor:

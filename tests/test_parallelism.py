@@ -1,6 +1,10 @@
 """Distributed training on CPU (gloo, 2 processes): FSDP, TP/SP, EP and TP + compile reproduce the 1-process
 losses of the first 3 AdamW steps; float8 conversion (torchao emulation) trains; impossible degrees are
-rejected with the offending key."""
+rejected with the offending key.
+
+TP + compile runs inductor (the GPU default) on a packed batch whose `cu_seqlens` changes length every step,
+as the trainer's packed data does: the second step recompiles the blocks with a dynamic document count (the
+case that used to fail, see parallelism/tensor_parallel.py)."""
 
 import re
 
@@ -15,6 +19,8 @@ from parallelism import ParallelDims, parallelize
 from parallelism.float8 import float8_module_filter
 
 STEPS, GLOBAL_BATCH, SEQ_LEN = 3, 2, 64
+# Document boundaries of the packed row [1, GLOBAL_BATCH * SEQ_LEN], one per step: 2, 3 then 4 documents.
+PACKED_CU_SEQLENS = ([0, 50, 128], [0, 20, 70, 128], [0, 30, 60, 100, 128])
 
 
 def _batch(config) -> torch.Tensor:
@@ -26,43 +32,62 @@ def _model(flavor: str, **overrides) -> qwen35.Qwen35ForCausalLM:
     return qwen35.Qwen35ForCausalLM(qwen35.Qwen35Config.from_flavor(flavor, **overrides))
 
 
-def _train(model, ids: torch.Tensor, dp_group_size: int = 1) -> list[float]:
-    """Mean next-token loss of each step; with data parallelism, averaged over the data-parallel ranks."""
+def _train(model, ids: torch.Tensor, dp_mesh=None, packed: bool = False) -> list[float]:
+    """Mean next-token loss of each step; with data parallelism (`dp_mesh`), averaged over the data-parallel ranks
+    (not over all ranks: tensor-parallel ranks share their data).
+    packed: `ids` is one packed row and step i passes PACKED_CU_SEQLENS[i]."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
-    for _ in range(STEPS):
-        logits = model(ids)
+    for step in range(STEPS):
+        if packed:
+            logits = model(ids, cu_seqlens=torch.tensor(PACKED_CU_SEQLENS[step], dtype=torch.int32))
+        else:
+            logits = model(ids)
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         reported = loss.detach().clone()
-        if dp_group_size > 1:
-            dist.all_reduce(reported)
-            reported /= dp_group_size
+        if dp_mesh is not None and dp_mesh.size() > 1:
+            dist.all_reduce(reported, group=dp_mesh.get_group())
+            reported /= dp_mesh.size()
         losses.append(reported.item())
     return losses
 
 
-def _train_distributed(flavor: str, overrides: dict, degrees: dict, options: dict) -> list[float]:
+def _packed_batch(config) -> torch.Tensor:
+    ids = _batch(config).reshape(1, -1)
+    assert ids.shape[1] == PACKED_CU_SEQLENS[0][-1]
+    return ids
+
+
+def _train_distributed(flavor: str, overrides: dict, degrees: dict, options: dict,
+                       packed: bool = False) -> list[float]:
     dims = ParallelDims(world_size=dist.get_world_size(), **degrees)
     meshes = dims.build_meshes("cpu")
     model = parallelize(_model(flavor, **overrides), dims, meshes, **options)
     if model.config.tie_word_embeddings:
         assert model.lm_head.weight is model.model.embed_tokens.weight
+    if packed:  # one row: every rank holds all of it (tensor parallelism only)
+        assert dims.dp == 1, degrees
+        return _train(model, _packed_batch(model.config), packed=True)
     dp_rank, per_rank = meshes.dp.get_local_rank(), GLOBAL_BATCH // dims.dp
     ids = _batch(model.config)[dp_rank * per_rank:(dp_rank + 1) * per_rank]
-    return _train(model, ids, dims.dp)
+    return _train(model, ids, meshes.dp)
 
 
 _REFERENCE: dict[tuple, list[float]] = {}
 
 
-def _reference_losses(flavor: str, **overrides) -> list[float]:
-    key = (flavor, *sorted(overrides.items()))
+def _reference_losses(flavor: str, packed: bool = False, **overrides) -> list[float]:
+    """1 process, eager."""
+    key = (flavor, packed, *sorted(overrides.items()))
     if key not in _REFERENCE:
         model = _model(flavor, **overrides)
-        _REFERENCE[key] = _train(model, _batch(model.config))
+        if packed:
+            _REFERENCE[key] = _train(model, _packed_batch(model.config), packed=True)
+        else:
+            _REFERENCE[key] = _train(model, _batch(model.config))
     return _REFERENCE[key]
 
 
@@ -75,11 +100,19 @@ TIED = dict(tie_word_embeddings=True)
     pytest.param("debug", TIED, dict(tp=2), {}, id="tp2-tied_embeddings"),
     pytest.param("debug-moe", {}, dict(dp_shard=2, ep=2), {}, id="ep2-moe"),
     pytest.param("debug-moe", {}, dict(tp=2), {}, id="tp2-moe"),
-    pytest.param("debug", {}, dict(tp=2), dict(compile=True, compile_backend="aot_eager"), id="tp2-compile"),
 ])
 def test_two_process_losses_match_one_process(flavor, overrides, degrees, options):
     losses = run_distributed(_train_distributed, flavor, overrides, degrees, options)
     torch.testing.assert_close(losses, _reference_losses(flavor, **overrides), rtol=1e-5, atol=0)
+
+
+def test_two_process_tensor_parallel_inductor_packed_batches_match_one_process():
+    """TP=2 + per-block inductor compile, cu_seqlens of a different length at every step."""
+    losses = run_distributed(_train_distributed, "debug", {}, dict(tp=2),
+                             dict(compile=True, compile_backend="inductor"), True)
+    expected = _reference_losses("debug", packed=True)
+    torch.testing.assert_close(losses, expected, rtol=1e-5, atol=0)
+    assert len(set(losses)) == STEPS
 
 
 def test_two_process_tensor_parallel_float8_trains():

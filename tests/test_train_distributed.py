@@ -1,11 +1,14 @@
-"""The torchtitan trainer on 2 CPU processes (torchrun, gloo): FSDP, TP/SP, EP (debug-moe), TP + compile and
-FSDP with tied embeddings give the 1-process losses of the first 3 steps with the same global batch (fp32,
-deterministic data); float8 (torchao emulation) converts the linears and trains close to the fp32 run.
+"""The torchtitan trainer on 2 and 4 CPU processes (torchrun, gloo): FSDP, TP/SP, EP (debug-moe), TP + compile
+(inductor), FSDP with tied embeddings, and the 4-rank compositions FSDP + TP, HSDP (2 x 2) and EP + TP give the
+1-process losses of the first 3 steps with the same global batch (fp32, deterministic data); float8 (torchao
+emulation) converts the linears and trains close to the fp32 run.
 
-Same global batch: torchtitan gives each data-parallel rank `local_batch_size` windows (window k goes to
-dp rank k % dp), while TP ranks share their data. So FSDP/EP runs use local batch 2 on 2 ranks, TP runs local
-batch 4, and the 1-process references local batch 4. `mixed_precision_param = float32` because torchtitan's
-FSDP otherwise computes in bf16 (its default), which a 1-process run never does.
+Same global batch: TP ranks share their data, so TP-only runs use local batch 4 like the 1-process references.
+Data-parallel ranks read different data. The pretraining loader splits *documents* by rank (record i -> dp rank
+i % dp) and each rank packs its own stream, so no 1-process run sees their global batch; data-parallel runs
+therefore train on SFT windows, which are dealt whole (window j -> dp rank j % dp): dp ranks x local batch 4 / dp
+see the 1-process batch of 4 windows. `mixed_precision_param = float32` because torchtitan's FSDP otherwise
+computes in bf16 (its default), which a 1-process run never does.
 
 This file is also the torchrun entry of the tied-embeddings run (`__main__` below): it trains through
 `torchtitan_ext.train` and records, on each rank, whether lm_head.weight is embed_tokens.weight after
@@ -26,12 +29,11 @@ STEPS = 3
 COMMON = ("--training.steps", str(STEPS), "--training.seq_len", "64", "--lr_scheduler.warmup_steps", "1",
           "--training.mixed_precision_param", "float32")
 DP2 = ("--training.local_batch_size", "2")  # 2 data-parallel ranks x 2 = global batch 4
+DP4 = ("--training.local_batch_size", "1")  # 4 data-parallel ranks x 1
 TP2 = ("--training.local_batch_size", "4", "--parallelism.data_parallel_shard_degree", "1",
        "--parallelism.tensor_parallel_degree", "2")
 ONE = ("--training.local_batch_size", "4")
-# The aux loss of a multi-rank run is the token-weighted mean of each rank's load-balancing loss, not the
-# statistic of the global batch a 1-process run computes (torchtitan_ext/loss.py), so the EP numerics are
-# compared without it; tests/test_train_moe_aux.py checks the aux term itself.
+# The MoE runs compare cross entropy alone (no load-balancing term); the aux term has its own tests.
 MOE = ("--model.flavor", "debug-moe", "--model.router_aux_loss_coef", "0")
 TIED = ("--model.tie_word_embeddings", "true")
 
@@ -93,13 +95,14 @@ def _losses(dump_folder: Path) -> list[float]:
     return [loss[s] for s in range(1, STEPS + 1)]
 
 
-def _torchrun(dump_folder: Path, *overrides: str, entry: tuple[str, ...] = ("-m", "torchtitan_ext.train")) -> str:
-    """2 processes through torchrun; returns the combined log."""
-    debug_assets()  # create the corpus and tokenizer once, not in two racing ranks
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # two processes share two cores
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend", "c10d",
+def _torchrun(dump_folder: Path, *overrides: str, entry: tuple[str, ...] = ("-m", "torchtitan_ext.train"),
+              nproc: int = 2, timeout: int = 300) -> str:
+    """`nproc` processes through torchrun; returns the combined log."""
+    debug_assets()  # create the corpus and tokenizer once, not in racing ranks
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # the processes share two cores
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv_backend", "c10d",
                "--rdzv_endpoint=localhost:0", *entry, *debug_args(dump_folder, *COMMON, *overrides)]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-6000:]
     return log
@@ -124,27 +127,64 @@ def _one_process(tmp_path_factory, *overrides: str) -> list[float]:
     return _REFERENCES[overrides]
 
 
-@pytest.mark.parametrize("overrides, reference, applied", [
-    pytest.param(DP2, (), "dp_shard=2", id="fsdp2"),
-    pytest.param(TP2, (), "tp=2", id="tp2"),
-    pytest.param((*DP2, *MOE, "--parallelism.expert_parallel_degree", "2"), MOE, "dp_shard=2, ep=2", id="ep2-moe"),
-    # aot_eager: traces and partitions like inductor but runs the graphs eagerly; inductor's C++ codegen makes
-    # the run minutes long on 2 cores.
-    pytest.param((*TP2, "--compile.enable", "true", "--compile.backend", "aot_eager"), (),
-                 "tp=2, compile(backend=aot_eager)", id="tp2-compile"),
-])
-def test_two_processes_match_one_process(tmp_path, tmp_path_factory, overrides, reference, applied):
-    log = _torchrun(tmp_path, *overrides)
+@pytest.fixture(scope="module")
+def dealt_data(tmp_path_factory) -> tuple[str, ...]:
+    """Overrides that train on SFT windows dealt to the data-parallel ranks (see the module docstring)."""
+    path = tmp_path_factory.mktemp("sft") / "arithmetic.jsonl"
+    with path.open("w") as f:
+        for i in range(64):
+            a, b = 3 * i + 1, 7 * i + 2
+            f.write(json.dumps({"question": f"What is {a} plus {b}?",
+                                "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}) + "\n")
+    return ("--data.bootstrap", "none", "--data.kind", "sft", "--data.sft_format", "gsm8k",
+            "--data.dataset_path", str(path))
+
+
+def _assert_matches_one_process(tmp_path, tmp_path_factory, log: str, applied: str, reference: tuple[str, ...]):
     assert f"qwen35: applied {applied}" in log
     losses = _losses(tmp_path)
-    expected = _one_process(tmp_path_factory, *reference)
-    torch.testing.assert_close(losses, expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(losses, _one_process(tmp_path_factory, *reference), rtol=1e-5, atol=0)
     assert len(set(losses)) == STEPS  # it trains: the comparison is not vacuous
 
 
-def test_tied_embeddings_stay_tied_under_fsdp_and_match_one_process(tmp_path, tmp_path_factory):
+EP2 = ("--parallelism.expert_parallel_degree", "2")
+
+
+@pytest.mark.parametrize("overrides, reference, applied, dealt", [
+    pytest.param(DP2, (), "dp_shard=2", True, id="fsdp2"),
+    pytest.param(TP2, (), "tp=2", False, id="tp2"),
+    pytest.param((*DP2, *MOE, *EP2), MOE, "dp_shard=2, ep=2", True, id="ep2-moe"),
+    # inductor (the GPU default); the packed windows' cu_seqlens change length between steps, so the blocks are
+    # recompiled with a dynamic document count at step 2 (parallelism/tensor_parallel.py).
+    pytest.param((*TP2, "--compile.enable", "true", "--compile.backend", "inductor"), (),
+                 "tp=2, compile(backend=inductor)", False, id="tp2-compile"),
+])
+def test_two_processes_match_one_process(tmp_path, tmp_path_factory, dealt_data, overrides, reference, applied,
+                                         dealt):
+    data = dealt_data if dealt else ()
+    log = _torchrun(tmp_path, *data, *overrides)
+    _assert_matches_one_process(tmp_path, tmp_path_factory, log, applied, (*data, *reference))
+
+
+# 4 processes on 2 cores: about a minute each. The 1-process references are those of the 2-process tests.
+FSDP2_TP2 = (*DP2, "--parallelism.data_parallel_shard_degree", "2", "--parallelism.tensor_parallel_degree", "2")
+HSDP = (*DP4, "--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "2")
+
+
+@pytest.mark.parametrize("overrides, reference, applied", [
+    pytest.param(FSDP2_TP2, (), "dp_shard=2, tp=2", id="fsdp2-tp2"),
+    pytest.param(HSDP, (), "dp_replicate=2, dp_shard=2", id="hsdp2x2"),
+    # EP borrows the data-parallel ranks (dp_shard = 2 = ep); MoE blocks are not split by TP
+    pytest.param((*FSDP2_TP2, *MOE, *EP2), MOE, "dp_shard=2, tp=2, ep=2", id="ep2-tp2-moe"),
+])
+def test_four_processes_match_one_process(tmp_path, tmp_path_factory, dealt_data, overrides, reference, applied):
+    log = _torchrun(tmp_path, *dealt_data, *overrides, nproc=4, timeout=600)
+    _assert_matches_one_process(tmp_path, tmp_path_factory, log, applied, (*dealt_data, *reference))
+
+
+def test_tied_embeddings_stay_tied_under_fsdp_and_match_one_process(tmp_path, tmp_path_factory, dealt_data):
     record = tmp_path / "ties"
-    _torchrun(tmp_path, *DP2, *TIED, entry=(str(Path(__file__).resolve()), str(record)))
+    _torchrun(tmp_path, *dealt_data, *DP2, *TIED, entry=(str(Path(__file__).resolve()), str(record)))
     for rank in (0, 1):
         checks = json.loads(Path(f"{record}.{rank}.json").read_text())
         assert [c["when"] for c in checks] == ["init", "step 1", "step 2", "step 3"]
@@ -152,7 +192,8 @@ def test_tied_embeddings_stay_tied_under_fsdp_and_match_one_process(tmp_path, tm
             # one parameter, FSDP-sharded by rows over the 2 ranks (debug vocab 2048)
             assert check["tied"] and check["type"] == "DTensor", check
             assert check["placements"] == "(Shard(dim=0),)" and check["local_rows"] == 1024, check
-    torch.testing.assert_close(_losses(tmp_path), _one_process(tmp_path_factory, *TIED), rtol=1e-5, atol=0)
+    torch.testing.assert_close(_losses(tmp_path), _one_process(tmp_path_factory, *dealt_data, *TIED), rtol=1e-5,
+                               atol=0)
 
 
 def test_float8_emulated_converts_linears_and_trains_near_fp32(tmp_path, tmp_path_factory):
