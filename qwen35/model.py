@@ -11,7 +11,7 @@ from .cache import Qwen35Cache, padded_causal_mask
 from .config import LINEAR_ATTENTION, Qwen35Config
 from .gated_deltanet import GatedDeltaNet
 from .layers import GatedRMSNorm, RMSNorm, RotaryEmbedding, SwiGLU
-from .moe import GroupedExperts, SparseMoE, TopKRouter, load_balancing_loss
+from .moe import GroupedExperts, SparseMoE, TopKRouter, balancing_loss_share, router_statistics
 
 
 class DecoderLayer(nn.Module):
@@ -96,12 +96,15 @@ class Qwen35ForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None,
-                cache: Qwen35Cache | None = None, num_logits_to_keep: int = 0, return_aux_loss: bool = False):
+                cache: Qwen35Cache | None = None, num_logits_to_keep: int = 0, return_aux_loss: bool = False,
+                return_router_stats: bool = False):
         """input_ids [B, T] -> logits [B, T, vocab] (the last `num_logits_to_keep` positions when > 0).
 
         cu_seqlens (int32 [N+1], B == 1): documents packed in one row; positions restart per document and no
         state, conv window or attention crosses a boundary. padding_mask [B, T] (1 = token, 0 = left padding).
         cache: decode state, advanced by T. return_aux_loss: also return the MoE load-balancing loss (unscaled).
+        return_router_stats: also return its summable statistics (`qwen35.moe.RouterStatistics`), from which a
+        data-parallel trainer forms the loss of the global batch.
         """
         B, T = input_ids.shape
         attn_mask = None
@@ -136,11 +139,16 @@ class Qwen35ForCausalLM(nn.Module):
         if num_logits_to_keep:
             x = x[:, -num_logits_to_keep:]
         logits = self.lm_head(x)
-        if not return_aux_loss:
+        if not (return_aux_loss or return_router_stats):
             return logits
+        if return_aux_loss and return_router_stats:
+            raise ValueError("return_aux_loss and return_router_stats are exclusive")
         if not router_logits:
-            raise ValueError("return_aux_loss=True needs an MoE config")
-        return logits, load_balancing_loss(router_logits, self.config.num_experts, self.config.num_experts_per_tok)
+            raise ValueError("return_aux_loss / return_router_stats need an MoE config")
+        stats = router_statistics(router_logits, self.config.num_experts, self.config.num_experts_per_tok)
+        if return_router_stats:
+            return logits, stats
+        return logits, balancing_loss_share(stats.prob_sum, stats.assignments, stats.rows)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         params = {id(p): p for p in self.parameters()}  # a tied lm_head counts once

@@ -3,6 +3,8 @@ tokens sorted by expert, plus a shared SwiGLU expert behind a sigmoid gate."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -81,16 +83,38 @@ class SparseMoE(nn.Module):
         return (routed + shared).view_as(x), logits
 
 
-def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top_k: int) -> torch.Tensor:
-    """Switch-style auxiliary loss over all MoE layers' tokens jointly (transformers' definition, unscaled):
-    E * sum_e f_e * P_e with f_e the fraction of top-k assignments and P_e the mean router probability."""
-    assignments = torch.zeros(num_experts, dtype=torch.float32, device=router_logits[0].device)
-    prob_sum = torch.zeros_like(assignments)
+class RouterStatistics(NamedTuple):
+    """What the load-balancing loss needs from the router logits of one forward, as sums over all MoE layers'
+    (layer, token) rows, so that the statistics of several forwards (data-parallel ranks) combine by addition."""
+
+    assignments: torch.Tensor  # [E] int64: top-k assignments to each expert (no gradient)
+    prob_sum: torch.Tensor  # [E] float32: router probability of each expert summed over the rows (differentiable)
+    rows: int  # number of (layer, token) rows
+
+
+def router_statistics(router_logits: list[torch.Tensor], num_experts: int, top_k: int) -> RouterStatistics:
+    """The sums behind `load_balancing_loss` for router logits [N_l, E] of each MoE layer."""
+    assignments = torch.zeros(num_experts, dtype=torch.int64, device=router_logits[0].device)
+    prob_sum = torch.zeros(num_experts, dtype=torch.float32, device=router_logits[0].device)
     rows = 0
     for logits in router_logits:
         probs = torch.softmax(logits.float(), dim=-1)
-        experts = torch.topk(probs, top_k, dim=-1).indices
-        assignments = assignments + F.one_hot(experts.reshape(-1), num_experts).sum(0).float()
+        experts = torch.topk(probs, top_k, dim=-1).indices.reshape(-1)
+        assignments = assignments.scatter_add(0, experts, torch.ones_like(experts))
         prob_sum = prob_sum + probs.sum(0)
         rows += logits.shape[0]
-    return num_experts * torch.sum((assignments / rows) * (prob_sum / rows))
+    return RouterStatistics(assignments, prob_sum, rows)
+
+
+def balancing_loss_share(prob_sum: torch.Tensor, assignments: torch.Tensor, rows: torch.Tensor | int) -> torch.Tensor:
+    """E * sum_e (assignments_e / rows) * (prob_sum_e / rows). With the statistics of all rows this is the
+    load-balancing loss; with `assignments` and `rows` of all rows but `prob_sum` of a subset, it is that subset's
+    additive share of it (the shares of disjoint subsets sum to the loss, and so do their gradients)."""
+    return assignments.shape[0] * torch.sum((assignments / rows) * (prob_sum / rows))
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top_k: int) -> torch.Tensor:
+    """Switch-style auxiliary loss over all MoE layers' tokens jointly (transformers' definition, unscaled):
+    E * sum_e f_e * P_e with f_e the fraction of top-k assignments and P_e the mean router probability."""
+    stats = router_statistics(router_logits, num_experts, top_k)
+    return balancing_loss_share(stats.prob_sum, stats.assignments, stats.rows)

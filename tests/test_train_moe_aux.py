@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from qwen35 import Qwen35Config, Qwen35ForCausalLM
+from qwen35.moe import RouterStatistics
 from test_train_helpers import debug_args, debug_assets, run_instrumented
-from torchtitan_ext.loss import Qwen35Loss
+from torchtitan_ext.loss import Qwen35Loss, global_balancing_share
 from torchtitan_ext.model import MoETrainingOutput
 from torchtitan_ext.train import load_config
 
@@ -77,19 +78,40 @@ def test_moe_training_loss_adds_scaled_load_balancing_loss(tmp_path, ac_mode):
 
 
 def test_loss_weights_aux_by_share_of_global_tokens():
-    """Microbatches / ranks: each adds aux * (its valid tokens / global valid tokens); without a token count the
-    summed-loss convention scales it by the valid tokens."""
+    """Microbatches / ranks: each adds coef * balancing loss * (its valid tokens / global valid tokens); without a
+    token count the summed-loss convention scales it by the valid tokens. In one process the balancing loss is
+    that of the statistics the model returned."""
     loss_fn = Qwen35Loss.Config().build()
     logits = torch.randn(1, 6, 10)
     labels = torch.tensor([[1, 2, -100, 3, 4, 5]])
-    aux = torch.tensor(0.25)
+    # 4 experts, top-2, 3 (layer, token) rows: 6 assignments
+    stats = RouterStatistics(assignments=torch.tensor([3, 1, 0, 2]), prob_sum=torch.tensor([1.5, 0.5, 0.25, 0.75]),
+                             rows=3)
+    balance = 4 * (3 * 1.5 + 1 * 0.5 + 0 * 0.25 + 2 * 0.75) / 9  # E * sum_e (A_e / N) * (S_e / N)
+    coef = 0.25
     ce_sum = F.cross_entropy(logits[0], labels[0], ignore_index=-100, reduction="sum")
-    loss, _ = loss_fn(MoETrainingOutput(logits, aux), labels, torch.tensor(20))
-    torch.testing.assert_close(loss, ce_sum / 20 + 0.25 * 5 / 20)
-    loss, _ = loss_fn(MoETrainingOutput(logits, aux), labels)
-    torch.testing.assert_close(loss, ce_sum + 0.25 * 5)
+    loss, _ = loss_fn(MoETrainingOutput(logits, stats, coef), labels, torch.tensor(20))
+    torch.testing.assert_close(loss, ce_sum / 20 + coef * balance * 5 / 20)
+    loss, _ = loss_fn(MoETrainingOutput(logits, stats, coef), labels)
+    torch.testing.assert_close(loss, ce_sum + coef * balance * 5)
     dense, _ = loss_fn(logits, labels, torch.tensor(20))  # dense models: plain cross entropy
     torch.testing.assert_close(dense, ce_sum / 20)
+
+
+def test_router_statistics_give_the_load_balancing_loss():
+    """The statistics the training model returns are those of its router logits: one process adds exactly
+    load_balancing_loss (value and router gradients bit for bit)."""
+    model = Qwen35ForCausalLM(Qwen35Config.from_flavor("debug-moe"))
+    ids = torch.randint(0, 2048, (2, 16))
+    logits, balance = model(ids, return_aux_loss=True)
+    (balance_grad,) = torch.autograd.grad(balance, model.model.layers[0].mlp.gate.weight)
+    logits, stats = model(ids, return_router_stats=True)
+    assert stats.rows == 4 * 2 * 16 and stats.assignments.sum().item() == stats.rows * 2
+    assert not stats.assignments.requires_grad and stats.prob_sum.requires_grad
+    share, valid = global_balancing_share(stats, torch.tensor(32))
+    assert torch.equal(share, balance) and valid.item() == 32
+    (share_grad,) = torch.autograd.grad(share, model.model.layers[0].mlp.gate.weight)
+    assert torch.equal(share_grad, balance_grad)
 
 
 def test_dense_model_and_eval_mode_return_logits():

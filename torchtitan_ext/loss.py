@@ -1,15 +1,35 @@
 """The training loss: torchtitan's cross entropy (summed, divided by the global count of valid tokens) plus, for MoE
-models, the router load-balancing term the model returns in training mode (`model.MoETrainingOutput`).
+models, `router_aux_loss_coef` times the router load-balancing loss of the global batch, made from the statistics
+the model returns in training mode (`model.MoETrainingOutput`).
 
-Scaling. torchtitan calls the loss once per microbatch and sums the results over microbatches and (through
-gradients summed, not averaged, over data-parallel ranks) over ranks, so the summed cross entropy / global tokens
-is the global mean. The aux term of a microbatch is weighted by its share of the global valid tokens,
-`n_valid / global_valid_tokens`, so the total is
+How torchtitan combines losses. The loss is called once per microbatch on every rank; the trainer backpropagates
+each call, sums gradients over microbatches and (FSDP with gradient division disabled) over the data-parallel ranks,
+and logs the sum over microbatches and data-parallel ranks of the returned values. So the cross entropy, summed and
+divided by the global valid-token count G, adds up to the global mean.
 
-    mean cross entropy + router_aux_loss_coef * (token-weighted mean of the per-microbatch load-balancing losses)
+The load-balancing loss L = E * sum_e f_e * P_e (f_e: fraction of top-k assignments to expert e, P_e: mean router
+probability of e, both over all MoE layers' (layer, token) rows) is not a sum over tokens, so per-rank losses do
+not add up to it. Each microbatch instead all-reduces its integer statistics over the process group (no gradient):
+the per-expert assignment counts A_e, the row count N and the valid-token count n. Every rank then returns
 
-which for one rank and one microbatch is exactly transformers' `loss + router_aux_loss_coef * aux_loss`.
-Without `global_valid_tokens` (a summed loss) the weight is `n_valid`, keeping the sum convention.
+    coef * E * sum_e (A_e / N) * (S_e / N) * (n / G)          (S_e: this rank's router-probability sums)
+
+whose sum over the ranks holding different tokens is coef * L(microbatch of the global batch) * (n / G): the same
+value and, since A and N carry no gradient, the same gradients as one process computing L on all their rows.
+With gradient accumulation each microbatch's global loss is weighted by its share n / G of the step's global valid
+tokens (one microbatch: weight 1, so the step adds exactly coef * L of the global batch; for one rank and one
+microbatch this is transformers' `loss + router_aux_loss_coef * aux_loss`). Without G (a summed loss) the weight is
+n, keeping the sum convention.
+
+The group is the default (world) one, so the loss needs no mesh: ranks that replicate the same tokens (tensor
+parallelism, whose ranks share the batch and run the whole MoE block on the gathered sequence, so their router
+statistics are identical) multiply A, N and n by the same replica count r, which cancels: A / N is unchanged
+(bit for bit) and (S / N) * n up to rounding, while G, which torchtitan sums over the data-parallel ranks only, has
+no such factor. Each replica then returns the value of its data-parallel rank (it back-propagates into replicated
+router weights, whose gradients are not summed over replicas), and torchtitan logs the sum over the data-parallel
+ranks only. This needs every rank of the world to call the loss for every microbatch, which holds without pipeline
+parallelism (rejected by the Qwen3.5 parallelize function). The counts travel as one int64 tensor of E + 2 values
+(exact at any scale) on the logits' device: one small all-reduce per microbatch, no host synchronisation.
 """
 
 from __future__ import annotations
@@ -19,9 +39,28 @@ from typing import Any
 
 import spmd_types as spmd
 import torch
+import torch.distributed as dist
 from torchtitan.components.loss import IGNORE_INDEX, CrossEntropyLoss
 
+from qwen35.moe import RouterStatistics, balancing_loss_share
+
 from .model import MoETrainingOutput
+
+
+def global_balancing_share(stats: RouterStatistics, valid_tokens: torch.Tensor,
+                           group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(this rank's share of the load-balancing loss of the rows of all ranks, valid tokens of all ranks).
+
+    The assignment counts, row counts and `valid_tokens` are summed over `group` (default: the world; nothing is
+    communicated in a single process) by one all-reduce that carries no gradient; the share is differentiable
+    through this rank's probability sums. Over ranks holding different rows the shares add up to
+    `qwen35.moe.load_balancing_loss` of all the rows, and so do their gradients."""
+    counts = torch.cat([stats.assignments, stats.assignments.new_full((1,), stats.rows),
+                        valid_tokens.detach().reshape(1).to(stats.assignments.dtype)])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+    assignments, rows, global_valid = counts[:-2], counts[-2], counts[-1]
+    return balancing_loss_share(stats.prob_sum, assignments, rows), global_valid
 
 
 class Qwen35Loss(CrossEntropyLoss):
@@ -35,9 +74,9 @@ class Qwen35Loss(CrossEntropyLoss):
         if not isinstance(pred, MoETrainingOutput):
             return super().__call__(pred, labels, global_valid_tokens, **kwargs)
         loss, metrics = super().__call__(pred.logits, labels, global_valid_tokens, **kwargs)
-        weight = (labels != IGNORE_INDEX).sum()
         with spmd.no_typecheck():
+            share, weight = global_balancing_share(pred.router_stats, (labels != IGNORE_INDEX).sum())
             if global_valid_tokens is not None:
                 weight = weight / global_valid_tokens
-            loss = loss + pred.aux_loss * weight
+            loss = loss + pred.aux_loss_coef * share * weight
         return loss, metrics

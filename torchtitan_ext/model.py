@@ -3,11 +3,14 @@
 Inheriting (rather than wrapping) keeps the state-dict keys equal to HF's text-model keys and lets code written
 against qwen35 module types (parallelism/) see the model it expects.
 
-MoE auxiliary loss: in training mode an MoE model returns `MoETrainingOutput(logits, aux_loss)` instead of the
-logits, with `aux_loss = router_aux_loss_coef * load-balancing loss` of this forward's tokens (transformers'
-definition, computed by qwen35 from the router logits the decoder blocks return, i.e. outside the compiled and
-checkpointed blocks). torchtitan hands the model output straight to the loss, and `torchtitan_ext.loss.Qwen35Loss`
-adds the term. Dense models, and every model in eval mode (validation), return plain logits.
+MoE auxiliary loss: in training mode an MoE model returns `MoETrainingOutput(logits, router_stats, aux_loss_coef)`
+instead of the logits. `router_stats` are the sums over this forward's (layer, token) rows that the load-balancing
+loss (transformers' definition) is made of (`qwen35.moe.RouterStatistics`: per-expert top-k assignment counts,
+per-expert router-probability sums, row count), computed by qwen35 from the router logits the decoder blocks return,
+i.e. outside the compiled and checkpointed blocks. They are not reduced to a loss here because under data
+parallelism the loss is a statistic of the global batch: torchtitan hands the model output straight to the loss,
+and `torchtitan_ext.loss.Qwen35Loss` sums the counts over the ranks and adds the term. Dense models, and every model
+in eval mode (validation), return plain logits.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import NamedTuple
 import torch
 
 from qwen35 import Qwen35Config, Qwen35ForCausalLM
+from qwen35.moe import RouterStatistics
 from torchtitan.protocols import BaseModel
 
 from .flops import flops_per_token
@@ -25,7 +29,8 @@ from .flops import flops_per_token
 
 class MoETrainingOutput(NamedTuple):
     logits: torch.Tensor  # [B, T, vocab]
-    aux_loss: torch.Tensor  # scalar: router_aux_loss_coef * load-balancing loss (already scaled)
+    router_stats: RouterStatistics  # of this forward's tokens, not reduced over ranks
+    aux_loss_coef: float  # router_aux_loss_coef: weight of the load-balancing loss
 
 
 class Qwen35TitanModel(BaseModel, Qwen35ForCausalLM):
@@ -49,12 +54,13 @@ class Qwen35TitanModel(BaseModel, Qwen35ForCausalLM):
 
     def forward(self, input_ids: torch.Tensor, **kwargs):
         """Qwen35ForCausalLM.forward; in training mode, for an MoE config with a non-zero router_aux_loss_coef,
-        `MoETrainingOutput(logits, coef * load-balancing loss)`."""
+        `MoETrainingOutput(logits, router statistics, router_aux_loss_coef)`."""
         config = self.config
-        if not (self.training and config.is_moe and config.router_aux_loss_coef) or "return_aux_loss" in kwargs:
+        if (not (self.training and config.is_moe and config.router_aux_loss_coef)
+                or "return_aux_loss" in kwargs or "return_router_stats" in kwargs):
             return Qwen35ForCausalLM.forward(self, input_ids, **kwargs)
-        logits, balance = Qwen35ForCausalLM.forward(self, input_ids, return_aux_loss=True, **kwargs)
-        return MoETrainingOutput(logits, config.router_aux_loss_coef * balance)
+        logits, stats = Qwen35ForCausalLM.forward(self, input_ids, return_router_stats=True, **kwargs)
+        return MoETrainingOutput(logits, stats, config.router_aux_loss_coef)
 
     def verify_module_protocol(self) -> None:
         """No-op: the internals are plain nn.Modules by design (HF names and layout); torchtitan's own HF
