@@ -316,6 +316,6 @@ def to_trainer_config(sections: dict[str, Any], config_path: Path) -> Trainer.Co
         tokenizer=TitanTokenizer.Config(),
         dataloader=Qwen35DataLoader.Config(
             kind=data.kind, sources=data.source_specs(config_path), packing=data.packing, too_long=data.too_long,
-            sft_format=data.sft_format, seed=data.shuffle_seed, chat_template_kwargs=data.chat_template_kwargs),
+            sft_format=data.sft_format, shuffle_seed=data.shuffle_seed, chat_template_kwargs=data.chat_template_kwargs),
         debug=DebugConfig(seed=job.seed, deterministic=job.deterministic, print_config=job.print_config),
     )

@@ -63,7 +63,7 @@ class Qwen35DataLoader(ParallelAwareDataloader):
         packing: bool = True
         too_long: Literal["truncate", "drop"] = "truncate"  # SFT samples longer than seq_len + 1 tokens
         sft_format: Literal["auto", "chat", "gsm8k"] = "auto"
-        seed: int = 0  # SFT: per-epoch sample order
+        shuffle_seed: int = 0  # SFT: per-epoch sample order
         chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {"enable_thinking": False}
 
     def __init__(self, config: Config, *, dp_world_size: int, dp_rank: int, tokenizer: TitanTokenizer, seq_len: int,
@@ -71,7 +71,8 @@ class Qwen35DataLoader(ParallelAwareDataloader):
         if config.kind == "sft":
             samples = SFTSamples(config.sources, tokenizer.qwen, seq_len, too_long=config.too_long,
                                  sft_format=config.sft_format, template_kwargs=config.chat_template_kwargs)
-            dataset = SFTWindows(samples, seq_len, dp_rank, dp_world_size, packing=config.packing, seed=config.seed)
+            dataset = SFTWindows(samples, seq_len, dp_rank, dp_world_size, packing=config.packing,
+                                 seed=config.shuffle_seed)
         else:
             sources = [ShardedRecords(open_reader(spec, (spec.text_field,)), dp_rank, dp_world_size)
                        for spec in config.sources]
