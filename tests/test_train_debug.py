@@ -1,11 +1,14 @@
 """train_configs/debug.toml end to end on CPU: loss falls, TensorBoard scalars, exact resume."""
 
 import gc
+import json
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
-from test_train_helpers import debug_args, scalars, train
+from test_train_helpers import debug_args, debug_assets, scalars, train
 from torchtitan_ext.train import load_config, run
 
 LOSS = "loss_metrics/global_avg_loss"
@@ -56,9 +59,29 @@ def _crashing_run(dump_folder, crash_at_step, *overrides):
         gc.enable()
 
 
-def test_resume_from_checkpoint_reproduces_losses_exactly(tmp_path):
+def _mixture(tmp_path):
+    """A jsonl source and a parquet source (a different slice of the corpus), mixed 3:1, without packing."""
+    texts = [json.loads(line)["text"] for line in (debug_assets() / "stdlib_docs.jsonl").open()]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in texts[:300]))
+    pq.write_table(pa.table({"text": texts[300:600]}), tmp_path / "b.parquet", row_group_size=50)
+    sources = [{"path": str(tmp_path / "a.jsonl"), "weight": 3, "text_field": "body"},
+               {"path": str(tmp_path / "b.parquet"), "weight": 1}]
+    return ("--data.bootstrap", "none", "--data.dataset_path=", "--data.sources", json.dumps(sources),
+            "--data.packing", "false")
+
+
+def _sft(tmp_path):
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Count to {n}."},
+                                                     {"role": "assistant", "content": " ".join(map(str, range(n)))}]})
+                            + "\n" for n in range(1, 80)))
+    return ("--data.dataset_path", str(path), "--data.kind", "sft")
+
+
+@pytest.mark.parametrize("data", [lambda tmp_path: (), _mixture, _sft], ids=["pretrain", "mixture-unpacked", "sft"])
+def test_resume_from_checkpoint_reproduces_losses_exactly(tmp_path, data):
     common = ("--training.steps", "6", "--checkpoint.enable", "true", "--checkpoint.interval", "3",
-              "--lr_scheduler.warmup_steps", "2")
+              "--lr_scheduler.warmup_steps", "2", *data(tmp_path))
     train(tmp_path / "straight", *common)
     _crashing_run(tmp_path / "resumed", 4, *common)
     train(tmp_path / "resumed", *common, "--metrics.save_tb_folder", "tb_resumed")

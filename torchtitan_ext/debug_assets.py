@@ -6,8 +6,9 @@ of its source files (read with `ast`, nothing is imported) and the language-refe
 in a fixed shuffled order (the pipeline reads sources in file order). Tokenizer: a byte-level BPE trained on it
 with Qwen's special tokens and a ChatML chat template, saved as an HF tokenizer directory.
 
-Both are created on first use (`ensure_stdlib_assets`, ~20 s on 2 cores) and reused while the stamp file says
-they were made by this version of the script. Also a script:
+Both are created on first use (`ensure_stdlib_assets`, ~20 s on 2 cores) where missing, and rebuilt when the stamp
+file beside the tokenizer says this script made them with another version; files it did not make are never
+overwritten. Also a script:
 
     python -m torchtitan_ext.debug_assets OUT_DIR [--vocab-size 2048]
 """
@@ -66,15 +67,18 @@ def stdlib_documents() -> list[str]:
     return [d for d in dict.fromkeys(docs) if len(d) >= _MIN_DOC_CHARS]
 
 
-def write_stdlib_corpus(path: Path) -> int:
-    """Write the corpus in a fixed shuffled order (atomically); returns the number of documents."""
+def shuffled_stdlib_documents() -> list[str]:
     docs = stdlib_documents()
     random.Random(_ORDER_SEED).shuffle(docs)
+    return docs
+
+
+def write_corpus(path: Path, docs: list[str]) -> None:
+    """JSON lines {"text": ...}, written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     tmp.replace(path)
-    return len(docs)
 
 
 def train_byte_level_bpe(texts: list[str], out_dir: Path, vocab_size: int) -> None:
@@ -106,16 +110,22 @@ def byte_level_tokenizer() -> Tokenizer:
 
 
 def ensure_stdlib_assets(corpus: Path, tokenizer_dir: Path, vocab_size: int) -> None:
-    """Create the corpus and the tokenizer unless this version already made them with this vocab size."""
-    stamp = {"version": VERSION, "corpus": str(corpus.resolve()), "vocab_size": vocab_size}
+    """Create the corpus and the tokenizer where they are missing, and rebuild those this script made with another
+    version (or vocab size). A file it did not make (a user's data or tokenizer) is never overwritten."""
     stamp_file = tokenizer_dir / STAMP_FILE
-    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp and corpus.is_file() \
-            and (tokenizer_dir / TOKENIZER_FILE).is_file():
-        return
-    write_stdlib_corpus(corpus)
-    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
-    train_byte_level_bpe(texts, tokenizer_dir, vocab_size)
-    stamp_file.write_text(json.dumps(stamp) + "\n")
+    stamp = json.loads(stamp_file.read_text()) if stamp_file.is_file() else None  # None: nothing made here
+    stale = stamp is None or stamp["version"] != VERSION
+    made, docs = {}, None
+    if not corpus.exists() or (stale and stamp is not None and stamp.get("corpus") == str(corpus.resolve())):
+        write_corpus(corpus, docs := shuffled_stdlib_documents())
+        made["corpus"] = str(corpus.resolve())
+    if not (tokenizer_dir / TOKENIZER_FILE).exists() or \
+            (stamp is not None and "vocab_size" in stamp and (stale or stamp["vocab_size"] != vocab_size)):
+        train_byte_level_bpe(docs or shuffled_stdlib_documents(), tokenizer_dir, vocab_size)
+        made["vocab_size"] = vocab_size
+    if made:
+        stamp_file.parent.mkdir(parents=True, exist_ok=True)
+        stamp_file.write_text(json.dumps({**(stamp or {}), **made, "version": VERSION}) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
