@@ -160,7 +160,7 @@ def test_bad_records_name_file_line_and_field(tmp_path, tokenizer, record, messa
 def test_malformed_line_and_empty_file(tmp_path, tokenizer):
     path = tmp_path / "broken.jsonl"
     path.write_text(json.dumps(GSM8K[0]) + "\n{\"question\": \n")
-    with pytest.raises(DataError, match=r"broken\.jsonl:2: malformed JSON line"):
+    with pytest.raises(DataError, match=r"broken\.jsonl:2: malformed JSON line \(Expecting value at column 15\)"):
         SFTSamples([SourceSpec(str(path))], tokenizer, seq_len=256)
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(DataError, match=r"empty\.jsonl: no records \(empty dataset\)"):

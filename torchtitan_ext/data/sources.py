@@ -133,7 +133,9 @@ class JsonLinesReader(RecordReader):
                     where = f"{path}:{line_number}"
                     try:
                         record = json.loads(raw)
-                    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                    except json.JSONDecodeError as err:  # the position within the line, not json's "line 2"
+                        raise DataError(f"{where}: malformed JSON line ({err.msg} at column {err.pos + 1})") from None
+                    except UnicodeDecodeError as err:
                         raise DataError(f"{where}: malformed JSON line ({err})") from None
                     if not isinstance(record, dict):
                         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
