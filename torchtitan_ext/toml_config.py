@@ -113,16 +113,9 @@ class DataSection:
         if self.dataset_path:
             return [SourceSpec(path=self.dataset_path, format=self.format, text_field=self.text_field,
                                split=self.split)]
-        known = _fields(SourceSpec)
         specs = []
         for i, table in enumerate(self.sources):
-            for key, value in table.items():
-                if key not in known:
-                    raise ConfigError(f"{config_path}: unknown key [data] sources[{i}] {key}; known keys: "
-                                      f"{', '.join(known)}")
-                if not _matches(value, known[key]):
-                    raise ConfigError(f"{config_path}: [data] sources[{i}] {key} = {value!r} has the wrong type, "
-                                      f"expected {_type_name(known[key])}")
+            _check_table(config_path, f"[data] sources[{i}]", table, _fields(SourceSpec))
             if "path" not in table:
                 raise ConfigError(f"{config_path}: [data] sources[{i}] has no path")
             if table.get("weight", 1.0) <= 0:
@@ -221,6 +214,16 @@ def _parse_cli_value(text: str, annotation):
     return text if annotation is str else None
 
 
+def _check_table(path: Path, label: str, table: dict[str, Any], known: dict[str, Any]) -> None:
+    """Every key of a TOML table (`label`: "[training]", "[data] sources[0]") is a known field of the right type."""
+    for key, value in table.items():
+        if key not in known:
+            raise ConfigError(f"{path}: unknown key {label} {key}; known keys: {', '.join(known)}")
+        if not _matches(value, known[key]):
+            raise ConfigError(f"{path}: {label} {key} = {value!r} has the wrong type, expected "
+                              f"{_type_name(known[key])}")
+
+
 # ---------------------------------------------------------------------------------------------- loading
 def read_sections(path: Path, overrides: list[str]) -> dict[str, Any]:
     """The TOML file with the overrides applied, as one checked dataclass instance per section."""
@@ -237,14 +240,8 @@ def read_sections(path: Path, overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(f"{path}: unknown section [{section}]; known sections: {', '.join(SECTIONS)}")
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: '{section}' must be a [section] table, got {table!r}")
-        known = _fields(SECTIONS[section][0])
-        for key, value in table.items():
-            if key not in known:
-                raise ConfigError(f"{path}: unknown key [{section}] {key}; known keys: {', '.join(known)}")
-            if not _matches(value, known[key]):
-                raise ConfigError(f"{path}: [{section}] {key} = {value!r} has the wrong type, expected "
-                                  f"{_type_name(known[key])}")
-            values[section][key] = value
+        _check_table(path, f"[{section}]", table, _fields(SECTIONS[section][0]))
+        values[section].update(table)
 
     for section, key, value in _split_overrides(path, overrides):
         values[section][key] = value
