@@ -112,7 +112,7 @@ def read_questions(data: str, tokenizer: Qwen35Tokenizer, limit: int | None, spl
 
     reader = open_reader(SourceSpec(data, split=split), fields=FIELDS)
     questions = []
-    for record, where, *_ in reader.records(reader.start, 0, 0, 1):
+    for record, where in reader.read():
         question = record["question"]
         if not isinstance(question, str) or not question.strip():
             raise DataError(f"{where}: field 'question' must be a non-empty string, got {question!r}")

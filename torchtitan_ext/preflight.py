@@ -3,7 +3,6 @@ unusable file fails with the config key that names it instead of after minutes o
 
 from __future__ import annotations
 
-import glob
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ def prepare_files(sections: dict[str, Any], config_path: Path) -> None:
     for i, spec in enumerate(data.source_specs(config_path)):
         key = "dataset_path" if data.dataset_path else f"sources[{i}] path"
         try:
-            if not Path(spec.path).exists() and not glob.glob(spec.path, recursive=True):
+            if not spec.exists():
                 raise DataError("not found")
             spec.resolved_format()
         except DataError as err:

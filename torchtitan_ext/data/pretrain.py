@@ -27,7 +27,7 @@ from qwen35.tokenizer import Qwen35Tokenizer
 from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan.tools.logging import logger
 
-from .sources import DataError, ShardedRecords
+from .sources import DataError, ShardedRecords, string_field
 
 PROGRESS_LOG_SECONDS = 60.0
 
@@ -58,9 +58,7 @@ class PretrainWindows(IterableDataset, Stateful):
         texts = []
         for _ in range(self.documents_per_read):
             record, where = next(self.sources[i])
-            if not isinstance(record[field], str):
-                raise DataError(f"{where}: field {field!r} is {type(record[field]).__name__}, not a string")
-            texts.append(record[field])
+            texts.append(string_field(record, field, where))
         documents = [ids + [self.tokenizer.end_of_text_id] for ids in self.tokenizer.encode_batch(texts)]
         self.tokens_read[i] += sum(map(len, documents))
         self.documents_read += len(documents)

@@ -28,7 +28,7 @@ from qwen35.tokenizer import Qwen35Tokenizer
 from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan.tools.logging import logger
 
-from .sources import DataError, SourceSpec, open_reader
+from .sources import DataError, SourceSpec, open_reader, string_field
 
 SFT_FORMATS = {"chat": ("messages",), "gsm8k": ("question", "answer")}
 ROLES = ("system", "user", "assistant", "tool")
@@ -43,18 +43,11 @@ def detect_format(record: dict, source: str) -> str:
                     "'messages' (chat) or 'question' + 'answer' (gsm8k)")
 
 
-def _string(record: dict, field: str, where: str) -> str:
-    value = record[field]
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field {field!r} is {type(value).__name__}, not a string")
-    return value
-
-
 def to_messages(record: dict, fmt: str, where: str) -> list[dict[str, str]]:
     """A record as chat messages (checked: roles known, contents strings, at least one assistant turn)."""
     if fmt == "gsm8k":
-        return [{"role": "user", "content": _string(record, "question", where)},
-                {"role": "assistant", "content": _string(record, "answer", where)}]
+        return [{"role": "user", "content": string_field(record, "question", where)},
+                {"role": "assistant", "content": string_field(record, "answer", where)}]
     messages = record["messages"]
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
@@ -63,7 +56,7 @@ def to_messages(record: dict, fmt: str, where: str) -> list[dict[str, str]]:
             raise DataError(f"{where}: messages[{i}] needs the fields 'role' and 'content'")
         if message["role"] not in ROLES:
             raise DataError(f"{where}: messages[{i}] has role {message['role']!r}; known roles: {', '.join(ROLES)}")
-        _string(message, "content", f"{where}: messages[{i}]")
+        string_field(message, "content", f"{where}: messages[{i}]")
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: no assistant message, nothing to train on")
     return messages
@@ -81,7 +74,7 @@ class SFTSamples:
         for spec in specs:
             fmt = detect_format(open_reader(spec).first_record(), spec.path) if sft_format == "auto" else sft_format
             reader = open_reader(spec, SFT_FORMATS[fmt])
-            for record, where, *_ in reader.records(reader.start, 0, 0, 1):
+            for record, where in reader.read():
                 ids, trained = tokenizer.encode_chat(to_messages(record, fmt, where), **(template_kwargs or {}))
                 too_long_sample = len(ids) > seq_len + 1
                 if too_long_sample and too_long == "drop":

@@ -45,6 +45,10 @@ class SourceSpec:
     text_field: str = "text"  # pretraining: the field holding a document
     split: str = "train"  # hf_dataset: which split
 
+    def exists(self) -> bool:
+        """The path is a file or directory, or a glob with matches."""
+        return Path(self.path).exists() or bool(glob.glob(self.path, recursive=True))
+
     def resolved_format(self) -> str:
         if self.format != "auto":
             if self.format not in FORMATS:
@@ -97,8 +101,13 @@ class RecordReader(ABC):
 
     start: Any = 0
 
+    def read(self, rank: int = 0, world: int = 1) -> Iterator[tuple[dict, str]]:
+        """(record, where) for this rank's records, from the first."""
+        for record, where, *_ in self.records(self.start, 0, rank, world):
+            yield record, where
+
     def first_record(self) -> dict:
-        for record, *_ in self.records(self.start, 0, 0, 1):
+        for record, _ in self.read():
             return record
         raise DataError(f"source {self.spec.path}: no records (empty dataset)")
 
@@ -234,13 +243,21 @@ class HFDatasetReader(RecordReader):
                 yield record, f"{self.spec.path} row {row}", row + 1, row + 1
 
 
+def string_field(record: dict, field: str, where: str) -> str:
+    """record[field], which must be a string (DataError naming `where` and the field otherwise)."""
+    value = record[field]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {field!r} is {type(value).__name__}, not a string")
+    return value
+
+
 _READERS = {"jsonl": JsonLinesReader, "parquet": ParquetReader, "text": TextFilesReader,
             "hf_dataset": HFDatasetReader}
 
 
 def open_reader(spec: SourceSpec, fields: tuple[str, ...] = ()) -> RecordReader:
     """A reader of `spec` that checks every record has `fields`."""
-    if not Path(spec.path).exists() and not glob.glob(spec.path, recursive=True):
+    if not spec.exists():
         raise DataError(f"source {spec.path}: no such file or directory")
     return _READERS[spec.resolved_format()](spec, fields)
 
@@ -252,7 +269,7 @@ class ShardedRecords:
         self.reader, self.rank, self.world = reader, dp_rank, dp_world_size
         self.epoch, self.index, self.position = 0, 0, reader.start
         self._records: Iterator | None = None
-        if next(reader.records(reader.start, 0, dp_rank, dp_world_size), None) is None:
+        if next(reader.read(dp_rank, dp_world_size), None) is None:
             raise DataError(f"source {reader.spec.path}: no records for data-parallel rank {dp_rank} of "
                             f"{dp_world_size} (empty dataset, or fewer records than ranks)")
 
