@@ -63,15 +63,21 @@ def _numbers(text: str) -> list[str]:
     return [n for n in (normalize_number(m.group()) for m in _NUMBER.finditer(text)) if n is not None]
 
 
+def _marked_number(text: str) -> str | None:
+    """The first number after the last `####` of `text` (None without a mark or a number after it)."""
+    if _ANSWER_MARK not in text:
+        return None
+    numbers = _numbers(text.rsplit(_ANSWER_MARK, 1)[1])
+    return numbers[0] if numbers else None
+
+
 def extract_answer(text: str) -> str | None:
     """The normalised final number of `text`: the first number after its last `####`, else its last number;
     None if it has none. A text with a closing </think> (a thinking model's reply) is read after the last one."""
     if _THINK_END in text:
         text = text.rsplit(_THINK_END, 1)[1]
-    if _ANSWER_MARK in text:
-        after = _numbers(text.rsplit(_ANSWER_MARK, 1)[1])
-        if after:
-            return after[0]
+    if (marked := _marked_number(text)) is not None:
+        return marked
     numbers = _numbers(text)
     return numbers[-1] if numbers else None
 
@@ -83,9 +89,8 @@ def gold_answer(answer: Any, where: str) -> str:
     if not isinstance(answer, str):
         raise DataError(f"{where}: field 'answer' must be a string, got {type(answer).__name__}")
     if _ANSWER_MARK in answer:
-        numbers = _numbers(answer.rsplit(_ANSWER_MARK, 1)[1])
-        if numbers:
-            return numbers[0]
+        if (marked := _marked_number(answer)) is not None:
+            return marked
     elif (bare := normalize_number(answer)) is not None:
         return bare
     raise DataError(f"{where}: field 'answer' has no final number after '{_ANSWER_MARK}' (GSM8K answers end "
