@@ -2,20 +2,29 @@
 # Every GPU check and benchmark in one run, for a session lent the device machine (15 minutes in all):
 #   bash scripts/gpu_wheels.sh                                  # here, once: wheels the device image lacks
 #   device run: carry [".wheels"], timeout_s 600, command "bash bench/gpu_session.sh"
-# Results land in $OUT (env.txt, gdn.json + gdn.log, train_step.log); a step that fails or runs out of time is
-# logged and the next one still runs. Record the numbers in BENCHMARKS.md with the device named.
+# Steps, each with a time limit, each logged to $OUT/<step>.log; a step that fails or runs out of time is noted in
+# $OUT/steps.txt and the next one still runs:
+#   tests       pytest tests/test_cuda.py: compiled Triton kernels and the model on CUDA vs the CPU oracles
+#   train_step  bench/train_step.py --skip-cpu: 0.8B bf16 seq 4096, eager vs compiled vs transformers + fla, MFU
+#   gdn         bench/kernel_gdn.py: our Triton delta rule vs fla vs the torch reference (also $OUT/gdn.json)
+#   titan       the torchtitan trainer on debug.toml with compile, on the GPU (does 0.3.0 run on this torch?)
+# Record the numbers in BENCHMARKS.md with the device named.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-deps --no-index .wheels/*.whl > "$OUT/pip.log" 2>&1 || echo "pip install failed" >> "$OUT/pip.log"
-export PYTHONPATH=$PWD
+export PYTHONUNBUFFERED=1
 {
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    # Into a separate target, first on the path: the image's own packages (transformers 5.17) stay untouched.
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .wheels/*.whl || echo "pip install failed"
+    export PYTHONPATH=/tmp/site:$PWD
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
     python3 -c "import sys, torch, triton; print(sys.version); print('torch', torch.__version__, 'triton', triton.__version__)"
-    python3 -c "import fla; print('fla', fla.__version__)" || echo "fla not importable"
-    python3 -c "import torchtitan_ext, torchtitan; print('torchtitan imports')" || echo "torchtitan_ext not importable"
+    python3 -c "import fla, transformers; print('fla', fla.__version__, 'transformers', transformers.__version__)"
+    python3 -c "import torchtitan_ext, torchtitan; print('torchtitan imports')"
 } > "$OUT/env.txt" 2>&1
+export PYTHONPATH=/tmp/site:$PWD
 
 step() {  # step NAME SECONDS COMMAND...: run, log to $OUT/NAME.log, note the exit status
     local name=$1 seconds=$2
@@ -25,6 +34,8 @@ step() {  # step NAME SECONDS COMMAND...: run, log to $OUT/NAME.log, note the ex
     echo "$name: exit $? after $((SECONDS - start)) s" | tee -a "$OUT/steps.txt"
 }
 
-step gdn 300 python3 bench/kernel_gdn.py --out "$OUT/gdn.json"
+step tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
 step train_step 200 python3 bench/train_step.py --skip-cpu
-cat "$OUT/steps.txt"
+step gdn 170 python3 bench/kernel_gdn.py --out "$OUT/gdn.json"
+step titan 80 python3 -m torchtitan_ext.train --config train_configs/debug.toml --training.steps 40 \
+    --compile.enable true --metrics.log_freq 10 --job.dump_folder /tmp/titan_debug

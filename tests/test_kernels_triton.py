@@ -62,13 +62,17 @@ def _run_with_grads(fn, tensors, h0, output_final_state, seed=1):
     return o.detach(), (final.detach() if output_final_state else None), grads
 
 
-def _compare(case, backend, dtype, atol_out, atol_grad):
+def _compare(case, backend, dtype, atol_out, atol_grad, device="cpu"):
+    """Our op on `device` against the float64 oracle on the CPU, from the same inputs."""
     _, B, lengths, T, H, HV, K, V, with_h0, with_final, l2norm = case
     tensors, h0, cu_seqlens = _inputs(B, lengths, T, H, HV, K, V, with_h0, l2norm, dtype)
+    device_cu = cu_seqlens.to(device) if cu_seqlens is not None else None
 
     def ours(q, k, v, g, beta, h0):
-        return ops.chunk_gated_delta_rule_op(q, k, v, g, beta, initial_state=h0, output_final_state=with_final,
-                                             cu_seqlens=cu_seqlens, use_qk_l2norm=l2norm, backend=backend)
+        o, final = ops.chunk_gated_delta_rule_op(
+            *(x.to(device) for x in (q, k, v, g, beta)), initial_state=h0.to(device) if h0 is not None else None,
+            output_final_state=with_final, cu_seqlens=device_cu, use_qk_l2norm=l2norm, backend=backend)
+        return o.cpu(), final.cpu() if final is not None else None
 
     def oracle(q, k, v, g, beta, h0):
         return naive_gated_delta_rule_f64(q, k, v, g, beta, initial_state=h0, cu_seqlens=cu_seqlens,
