@@ -27,10 +27,12 @@ from kernels.gated_delta_rule import ops, reference  # noqa: E402
 try:
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk_gated_delta_rule
     import fla
+    from fla_peer import lift_fla_backward_refusal
     FLA_VERSION = getattr(fla, "__version__", "unknown")
+    FLA_NOTE = lift_fla_backward_refusal()
 except ImportError:
     fla_chunk_gated_delta_rule = None
-    FLA_VERSION = None
+    FLA_VERSION = FLA_NOTE = None
 
 H, K, V = 16, 128, 128
 # Per token per value head at d = 128, chunk 64 (kernel FLOPs as a chunked WY implementation computes them:
@@ -103,6 +105,10 @@ def compare(ours, peer):
     return out
 
 
+def diff_line(diffs):
+    return ", ".join(f"{name} {d['rel_l2']:.1e}" for name, d in diffs.items()) + " (relative L2)"
+
+
 def compile_check(device):
     """torch._dynamo.explain of a small function calling the op: the op must be one opaque node."""
     (q, k, v, g, beta), cu_seqlens = make_inputs(256, 32, 128, device)
@@ -134,11 +140,11 @@ def main():
     device = torch.device("cuda")
 
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-               "fla": FLA_VERSION or "not installed", "dtype": "bfloat16", "H": H, "K": K, "V": V,
+               "fla": FLA_VERSION or "not installed", "fla_note": FLA_NOTE, "dtype": "bfloat16", "H": H, "K": K, "V": V,
                "doc_len": args.doc_len, "flops_per_token_per_value_head": {"fwd": FWD_FLOPS, "bwd": BWD_FLOPS},
                "runs": []}
     print(f"device {results['device']}  torch {torch.__version__}  triton {triton.__version__}  "
-          f"fla {results['fla']}")
+          f"fla {results['fla']}" + (f"\n{FLA_NOTE}" if FLA_NOTE else ""))
     try:
         results["compile_check"] = compile_check(device)
     except Exception as err:  # noqa: BLE001  (report it; the timings below do not depend on it)
@@ -166,19 +172,25 @@ def main():
                 run["impls"][name] = entry
                 print(f"{T:>6} {HV:>3} {name:>16} {fwd_ms:>9.3f} {entry['fwd_tflops']:>9.1f} "
                       f"{fwd_bwd_ms:>9.3f} {entry['fwd_bwd_tflops']:>9.1f}")
+            o, grads = forward_and_grads(run_ours, inputs, cu_seqlens, do)
+            ours_out = [o, *grads]
+            if "torch_reference" in run["impls"]:
+                ref_o, ref_grads = forward_and_grads(run_reference, inputs, cu_seqlens, do)
+                run["diff_vs_reference"] = compare(ours_out, [ref_o, *ref_grads])
+                print(f"{'':>27} ours vs torch reference: {diff_line(run['diff_vs_reference'])}")
             if "fla" in run["impls"]:
                 ours, fla_ = run["impls"]["ours"], run["impls"]["fla"]
                 run["speedup_vs_fla"] = {"fwd": fla_["fwd_ms"] / ours["fwd_ms"],
                                          "fwd_bwd": fla_["fwd_bwd_ms"] / ours["fwd_bwd_ms"]}
-                o, grads = forward_and_grads(run_ours, inputs, cu_seqlens, do)
                 fla_o, fla_grads = forward_and_grads(run_fla, inputs, cu_seqlens, do)
-                run["diff_vs_fla"] = compare([o, *grads], [fla_o, *fla_grads])
-                worst = max(d["rel_l2"] for d in run["diff_vs_fla"].values())
+                run["diff_vs_fla"] = compare(ours_out, [fla_o, *fla_grads])
+                # Gradients count only where fla's backward is trusted on this Triton (bench/fla_peer.py).
+                checked = ["o"] if FLA_NOTE else list(run["diff_vs_fla"])
+                worst = max(run["diff_vs_fla"][name]["rel_l2"] for name in checked)
                 # bf16 storage of q/k/v and of the intermediates: both sides round at ~4e-3 relative.
-                run["matches_fla"] = math.isfinite(worst) and worst < 2e-2
+                run["matches_fla"] = {"checked": checked, "ok": math.isfinite(worst) and worst < 2e-2}
                 print(f"{'':>27} speedup vs fla: fwd {run['speedup_vs_fla']['fwd']:.2f}x, "
-                      f"fwd+bwd {run['speedup_vs_fla']['fwd_bwd']:.2f}x; worst rel L2 diff vs fla {worst:.1e} "
-                      f"({'ok' if run['matches_fla'] else 'MISMATCH'})")
+                      f"fwd+bwd {run['speedup_vs_fla']['fwd_bwd']:.2f}x; vs fla: {diff_line(run['diff_vs_fla'])}")
             else:
                 print(f"{'':>27} fla: not installed")
             results["runs"].append(run)

@@ -152,6 +152,7 @@ def gpu_part(args, device: torch.device = torch.device("cuda")) -> None:
     if importlib.util.find_spec("fla") is not None:
         try:
             import fla  # noqa: F401
+            from fla_peer import lift_fla_backward_refusal
             from hf_oracle import hf_text_config
             from transformers import Qwen3_5ForCausalLM
 
@@ -165,6 +166,8 @@ def gpu_part(args, device: torch.device = torch.device("cuda")) -> None:
             steps["transformers + fla"] = make_step(hf, ids, labels, None, logits_of=lambda out: out.logits)
             conv = "causal_conv1d" if importlib.util.find_spec("causal_conv1d") else "its torch causal conv"
             fla_note = f"transformers uses fla {getattr(fla, '__version__', '?')} (chunk_gated_delta_rule) and {conv}"
+            lifted = lift_fla_backward_refusal()
+            fla_note += f"; {lifted}" if lifted else ""
         except Exception as err:  # report, do not hide, why the peer is missing
             fla_note = f"fla importable but transformers + fla failed: {type(err).__name__}: {err}"
 

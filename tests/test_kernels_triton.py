@@ -207,3 +207,14 @@ def test_kernels_compile_for_sm90():
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                                   options={"num_warps": 4, "enable_fp_fusion": True})
         assert compiled.asm["cubin"], kernel.__name__
+
+
+def test_triton_chunk_support_rule():
+    # 16-bit CUDA inputs need head sizes >= 32 (smaller ones fault on Hopper; tests/test_cuda.py); fp32 and the
+    # CPU interpreter take every size.
+    assert ops.triton_chunk_supported("cuda", torch.bfloat16, 128, 128)
+    assert ops.triton_chunk_supported("cuda", torch.float16, 32, 64)
+    assert not ops.triton_chunk_supported("cuda", torch.bfloat16, 16, 128)
+    assert not ops.triton_chunk_supported("cuda", torch.float16, 64, 16)
+    assert ops.triton_chunk_supported("cuda", torch.float32, 16, 16)
+    assert ops.triton_chunk_supported("cpu", torch.bfloat16, 16, 16)

@@ -13,7 +13,8 @@ Optional outputs that were not asked for (final_state, dh0 without an initial st
 an op's outputs must be tensors.
 
 `backend` is an op argument so that a compiled graph keeps the choice: "auto" runs Triton on CUDA tensors and
-the torch reference elsewhere; "torch" / "triton" force one. Triton on CPU tensors runs under the Triton
+the torch reference elsewhere; "torch" / "triton" force one. One exception, `triton_chunk_supported`: 16-bit
+CUDA inputs with a head size under 32 take the torch path under "auto" and are refused by "triton". Triton on CPU tensors runs under the Triton
 interpreter (tests): the Triton modules are loaded a second time with TRITON_INTERPRET=1 for CPU tensors, so
 that it works whatever the environment was when the modules were first imported (Triton decides between
 compiling and interpreting when a kernel is decorated, not when it is launched).
@@ -65,6 +66,31 @@ def _uses_triton(device: torch.device, backend: str) -> bool:
     return backend == "triton" or (backend == "auto" and device.type == "cuda")
 
 
+# The chunked Triton backward faults (illegal memory access in `_wy_bwd_kernel`) for 16-bit inputs with head size
+# 16 on an H100 with Triton 3.6, where tl.dot takes the tensor-core path; fp32 and 16-bit head sizes 32-128 ran
+# clean (BENCHMARKS.md, GPU). Until that is understood, "auto" sends such shapes to the torch path and "triton"
+# refuses them. Qwen3.5's delta-rule heads are 128 wide.
+MIN_16BIT_HEAD_DIM_CUDA = 32
+
+
+def triton_chunk_supported(device_type: str, dtype: torch.dtype, head_k_dim: int, head_v_dim: int) -> bool:
+    return not (device_type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+                and min(head_k_dim, head_v_dim) < MIN_16BIT_HEAD_DIM_CUDA)
+
+
+def _chunk_uses_triton(q: Tensor, k: Tensor, v: Tensor, backend: str) -> bool:
+    if not _uses_triton(q.device, backend):
+        return False
+    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    if triton_chunk_supported(q.device.type, dtype, q.shape[-1], v.shape[-1]):
+        return True
+    if backend == "triton":
+        raise ValueError(f"the Triton chunked gated delta rule does not take {dtype} inputs with head sizes "
+                         f"K={q.shape[-1]}, V={v.shape[-1]} on CUDA (both must be >= {MIN_16BIT_HEAD_DIM_CUDA}: "
+                         f"smaller ones fault on Hopper); use backend='auto' or 'torch', or fp32 inputs")
+    return False
+
+
 def _num_states(q: Tensor, cu_seqlens: Optional[Tensor]) -> int:
     return q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
 
@@ -78,10 +104,10 @@ def _final_state_or_empty(final_state: Optional[Tensor], q: Tensor) -> Tensor:
     return final_state.contiguous() if final_state is not None else q.new_empty(0, dtype=torch.float32)
 
 
-def _forward(triton_impl: tuple[str, str], reference_impl, q, k, v, g, beta, scale, initial_state,
-             output_final_state, cu_seqlens, use_qk_l2norm, backend) -> tuple[Tensor, Tensor]:
-    """Shared body of the forward ops: pick Triton (module, function) or the reference, run it."""
-    if _uses_triton(q.device, backend):
+def _forward(use_triton: bool, triton_impl: tuple[str, str], reference_impl, q, k, v, g, beta, scale,
+             initial_state, output_final_state, cu_seqlens, use_qk_l2norm) -> tuple[Tensor, Tensor]:
+    """Shared body of the forward ops: run Triton (module, function) or the reference."""
+    if use_triton:
         module_name, function_name = triton_impl
         impl = getattr(_triton_module(module_name, q.device), function_name)
     else:
@@ -101,8 +127,9 @@ def chunk_gated_delta_rule_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta:
                                initial_state: Optional[Tensor], output_final_state: bool,
                                cu_seqlens: Optional[Tensor], use_qk_l2norm: bool,
                                backend: str) -> tuple[Tensor, Tensor]:
-    return _forward(("triton_chunk", "chunk_gated_delta_rule_fwd"), reference.chunk_gated_delta_rule, q, k, v, g,
-                    beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm, backend)
+    return _forward(_chunk_uses_triton(q, k, v, backend), ("triton_chunk", "chunk_gated_delta_rule_fwd"),
+                    reference.chunk_gated_delta_rule, q, k, v, g, beta, scale, initial_state, output_final_state,
+                    cu_seqlens, use_qk_l2norm)
 
 
 @chunk_gated_delta_rule_fwd.register_fake
@@ -119,7 +146,7 @@ def chunk_gated_delta_rule_bwd(do: Tensor, dht: Optional[Tensor], q: Tensor, k: 
                                beta: Tensor, scale: float, initial_state: Optional[Tensor],
                                cu_seqlens: Optional[Tensor], use_qk_l2norm: bool,
                                backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    if _uses_triton(q.device, backend):
+    if _chunk_uses_triton(q, k, v, backend):
         grads = _triton_module("triton_chunk", q.device).chunk_gated_delta_rule_bwd(
             do, dht, q, k, v, g, beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
             use_qk_l2norm=use_qk_l2norm)
@@ -199,8 +226,9 @@ def recurrent_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta:
                                initial_state: Optional[Tensor], output_final_state: bool,
                                cu_seqlens: Optional[Tensor], use_qk_l2norm: bool,
                                backend: str) -> tuple[Tensor, Tensor]:
-    return _forward(("triton_recurrent", "recurrent_gated_delta_rule_fwd"), reference.recurrent_gated_delta_rule,
-                    q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm, backend)
+    return _forward(_uses_triton(q.device, backend), ("triton_recurrent", "recurrent_gated_delta_rule_fwd"),
+                    reference.recurrent_gated_delta_rule, q, k, v, g, beta, scale, initial_state, output_final_state,
+                    cu_seqlens, use_qk_l2norm)
 
 
 recurrent_gated_delta_rule.register_fake(_chunk_gated_delta_rule_fwd_fake)
