@@ -30,6 +30,15 @@ _SAVED_OPS = {
 }
 
 
+# FSDP2's hooks on separately sharded modules (the experts under EP) open profiler ranges a different number of
+# times in the forward and in its recompute, and selective checkpointing counts every op: the recompute then asks
+# for a `_record_function_enter_new` the forward never cached and fails ("invocation index 2 encountered during
+# backward but not found in storage"). Profiler ranges produce nothing to cache; have SAC run them as they come,
+# as it already does for detach.
+torch.utils.checkpoint.SAC_IGNORED_OPS.update({torch.ops.profiler._record_function_enter_new.default,
+                                              torch.ops.profiler._record_function_exit._RecordFunction})
+
+
 def _save_expensive_ops(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 

@@ -34,7 +34,7 @@ def parallelize(model: Qwen35ForCausalLM, dims: ParallelDims, meshes: ParallelMe
         apply_float8(model, emulate=float8_emulate)
     apply_activation_checkpointing(model, ac)
     if compile:
-        apply_compile(model, compile_backend)
+        apply_compile(model, compile_backend, expert_parallel=dims.ep > 1)
     if dims.fsdp_enabled:
         apply_fsdp(model, meshes.fsdp, expert_dp_mesh=meshes.expert_fsdp if dims.ep > 1 else None,
                    expert_grad_divide_factor=dims.dp, mp_policy=mp_policy)
