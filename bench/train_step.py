@@ -80,6 +80,8 @@ def time_alternately(steps: dict, device: torch.device, warmup: int, repeats: in
             del steps[name]
             continue
         warmup_s[name] = time.perf_counter() - start
+        print(f"{name}: first loss {first_loss[name]:.5f}, {warmup} warm-up steps (incl. compile/autotune) in "
+              f"{warmup_s[name]:.1f} s", flush=True)
     wall, cpu = {name: [] for name in steps}, {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
