@@ -12,7 +12,7 @@ import qwen35
 from delta_rule_oracle import naive_gated_delta_rule_f64
 from kernels.gated_delta_rule import ops
 from parallelism import ParallelDims, parallelize
-from test_kernels_triton import CASES, _compare, _inputs, _run_with_grads
+from test_kernels_triton import CASES, _compare, _inputs, _ours_and_oracle
 from tiny_configs import TINY_CONFIGS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_session.sh)")
@@ -97,25 +97,9 @@ BF16_CASES = [("varlen_d128_gva_h0_l2norm", 1, [130, 64, 93], None, 2, 4, 128, 1
 def test_triton_chunk_bf16_cuda_matches_oracle(case, backend="triton"):
     """bf16 q/k/v (the training dtype) on tensor cores: relative L2 error of output and every gradient against
     float64, bounded by a few bf16 roundings (2^-8 = 3.9e-3 each)."""
-    _, B, lengths, T, H, HV, K, V, with_h0, with_final, l2norm = case
-    tensors, h0, cu_seqlens = _inputs(B, lengths, T, H, HV, K, V, with_h0, l2norm, torch.bfloat16)
-
-    def ours(q, k, v, g, beta, h0):
-        o, final = ops.chunk_gated_delta_rule_op(
-            *(x.to(CUDA) for x in (q, k, v, g, beta)), initial_state=h0.to(CUDA) if h0 is not None else None,
-            output_final_state=with_final, cu_seqlens=cu_seqlens.to(CUDA) if cu_seqlens is not None else None,
-            use_qk_l2norm=l2norm, backend=backend)
-        return o.cpu(), final.cpu() if final is not None else None
-
-    def oracle(q, k, v, g, beta, h0):
-        return naive_gated_delta_rule_f64(q, k, v, g, beta, initial_state=h0, cu_seqlens=cu_seqlens,
-                                          use_qk_l2norm=l2norm)
-
-    o, final, grads = _run_with_grads(ours, tensors, h0, with_final)
-    ref_o, ref_final, ref_grads = _run_with_grads(oracle, [x.double() for x in tensors],
-                                                  h0.double() if h0 is not None else None, with_final)
+    (o, final, grads), (ref_o, ref_final, ref_grads) = _ours_and_oracle(case, backend, torch.bfloat16, CUDA)
     pairs = [("o", o, ref_o)] + list(zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], grads, ref_grads))
-    if with_final:
+    if final is not None:
         pairs.append(("final", final, ref_final))
     for name, ours_x, ref in pairs:
         rel = ((ours_x.double() - ref).norm() / ref.norm()).item()

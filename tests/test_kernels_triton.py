@@ -62,8 +62,8 @@ def _run_with_grads(fn, tensors, h0, output_final_state, seed=1):
     return o.detach(), (final.detach() if output_final_state else None), grads
 
 
-def _compare(case, backend, dtype, atol_out, atol_grad, device="cpu"):
-    """Our op on `device` against the float64 oracle on the CPU, from the same inputs."""
+def _ours_and_oracle(case, backend, dtype, device="cpu"):
+    """Our op on `device` and the float64 oracle on the CPU, from the same inputs: two (o, final, gradients)."""
     _, B, lengths, T, H, HV, K, V, with_h0, with_final, l2norm = case
     tensors, h0, cu_seqlens = _inputs(B, lengths, T, H, HV, K, V, with_h0, l2norm, dtype)
     device_cu = cu_seqlens.to(device) if cu_seqlens is not None else None
@@ -78,9 +78,14 @@ def _compare(case, backend, dtype, atol_out, atol_grad, device="cpu"):
         return naive_gated_delta_rule_f64(q, k, v, g, beta, initial_state=h0, cu_seqlens=cu_seqlens,
                                           use_qk_l2norm=l2norm)
 
-    o, final, grads = _run_with_grads(ours, tensors, h0, with_final)
-    ref_o, ref_final, ref_grads = _run_with_grads(oracle, [x.double() for x in tensors],
-                                                  h0.double() if h0 is not None else None, with_final)
+    return (_run_with_grads(ours, tensors, h0, with_final),
+            _run_with_grads(oracle, [x.double() for x in tensors], h0.double() if h0 is not None else None,
+                            with_final))
+
+
+def _compare(case, backend, dtype, atol_out, atol_grad, device="cpu"):
+    with_final = case[9]
+    (o, final, grads), (ref_o, ref_final, ref_grads) = _ours_and_oracle(case, backend, dtype, device)
     assert o.dtype == dtype and o.shape == ref_o.shape
     torch.testing.assert_close(o.double(), ref_o, rtol=0, atol=atol_out)
     if with_final:
