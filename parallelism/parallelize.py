@@ -18,16 +18,18 @@ from .tensor_parallel import apply_tensor_parallel
 
 def parallelize(model: Qwen35ForCausalLM, dims: ParallelDims, meshes: ParallelMeshes | None, *, ac: str = "none",
                 compile: bool = False, compile_backend: str = "inductor", float8: bool = False,
-                float8_emulate: bool = False, mp_policy: MixedPrecisionPolicy | None = None) -> Qwen35ForCausalLM:
+                float8_emulate: bool = False, mp_policy: MixedPrecisionPolicy | None = None,
+                loss_parallel: bool = False) -> Qwen35ForCausalLM:
     """Transform `model` in place (and return it). `meshes` comes from `dims.build_meshes(device_type)`
-    (None for a single process).
+    (None for a single process). loss_parallel (TP only): the model returns vocab-sharded DTensor logits for a
+    vocab-parallel loss instead of gathering them.
     Raises ValueError naming the offending setting before touching the model."""
     dims.validate_for(model.config)
     if ac not in AC_MODES:
         raise ValueError(f"activation_checkpoint.mode must be one of {AC_MODES}, got {ac!r}")
 
     if dims.tp > 1:
-        apply_tensor_parallel(model, meshes.tp, experts_on_ep=dims.ep > 1)
+        apply_tensor_parallel(model, meshes.tp, experts_on_ep=dims.ep > 1, loss_parallel=loss_parallel)
     if dims.ep > 1:
         apply_expert_parallel(model, meshes.ep)
     if float8:

@@ -17,8 +17,10 @@ Parameter storage (all DTensors on the TP mesh, global shapes and layouts identi
   layer, like an FSDP unshard, and keeps checkpoints in HF's layout for any TP degree.
 - MoE blocks are not split by TP: every TP rank runs the whole block on the gathered sequence with replicated
   router / shared expert weights (experts are split by expert parallelism instead).
-- embed_tokens: vocab-sharded (RowwiseParallel, output sequence-sharded); lm_head: ColwiseParallel with the
-  logits all-gathered (Replicate), so any loss function works unchanged.
+- embed_tokens: vocab-sharded (RowwiseParallel, output sequence-sharded); lm_head: ColwiseParallel. Its logits
+  are all-gathered (Replicate, plain tensors: any loss function works unchanged) or, with `loss_parallel`, left
+  vocab-sharded as a DTensor [B, T, V] Shard(2) for a vocab-parallel cross entropy (torchtitan's loss takes it):
+  no rank then holds the full [B, T, 248320] logits or their gradient.
 
 The embedding's reduce-scatter is completed before the blocks run (`_complete_async_local`): RowwiseParallel
 issues it with `async_op=True`, which leaves the output DTensor holding an AsyncCollectiveTensor as its local
@@ -52,14 +54,17 @@ from .local_execution import (LocalView, distribute_parameters, local_replica, l
                               local_shard, run_on_local_tensors)
 
 
-def apply_tensor_parallel(model: Qwen35ForCausalLM, tp_mesh: DeviceMesh, *, experts_on_ep: bool = False) -> None:
+def apply_tensor_parallel(model: Qwen35ForCausalLM, tp_mesh: DeviceMesh, *, experts_on_ep: bool = False,
+                          loss_parallel: bool = False) -> None:
     """Split `model` over `tp_mesh` in place. experts_on_ep: MoE expert tensors are left for expert
-    parallelism instead of being replicated over TP."""
+    parallelism instead of being replicated over TP. loss_parallel: the logits stay vocab-sharded DTensors."""
+    lm_head = (ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(2), use_local_output=False)
+               if loss_parallel else ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()))
     parallelize_module(model, tp_mesh, {
         "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1),
                                               use_local_output=False),
         "model.norm": SequenceParallel(),
-        "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
+        "lm_head": lm_head,
     })
     model.model.embed_tokens.register_forward_hook(lambda module, args, output: _complete_async_local(output))
     if model.config.tie_word_embeddings:  # both are vocab-sharded Shard(0): share the one DTensor again

@@ -6,12 +6,15 @@ TP + compile runs inductor (the GPU default) on a packed batch whose `cu_seqlens
 as the trainer's packed data does: the second step recompiles the blocks with a dynamic document count (the
 case that used to fail, see parallelism/tensor_parallel.py)."""
 
+import contextlib
 import re
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor.parallel import loss_parallel
 
 import qwen35
 from distributed_utils import run_distributed
@@ -43,11 +46,15 @@ def _train(model, ids: torch.Tensor, dp_mesh=None, packed: bool = False) -> list
             logits = model(ids, cu_seqlens=torch.tensor(PACKED_CU_SEQLENS[step], dtype=torch.int32))
         else:
             logits = model(ids)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-        loss.backward()
+        vocab_sharded = isinstance(logits, DTensor)  # loss_parallel: torch's vocab-parallel cross entropy
+        if vocab_sharded:
+            assert logits.placements == (Shard(2),) and logits.to_local().shape[-1] * 2 == logits.shape[-1]
+        with loss_parallel() if vocab_sharded else contextlib.nullcontext():
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        reported = loss.detach().clone()
+        reported = (loss.full_tensor() if vocab_sharded else loss).detach().clone()
         if dp_mesh is not None and dp_mesh.size() > 1:
             dist.all_reduce(reported, group=dp_mesh.get_group())
             reported /= dp_mesh.size()
@@ -97,7 +104,7 @@ TIED = dict(tie_word_embeddings=True)
 @pytest.mark.parametrize("flavor, overrides, degrees, options", [
     pytest.param("debug", {}, dict(dp_shard=2), dict(ac="full"), id="fsdp2-full_ac"),
     pytest.param("debug", {}, dict(tp=2), dict(ac="selective"), id="tp2-selective_ac"),
-    pytest.param("debug", TIED, dict(tp=2), {}, id="tp2-tied_embeddings"),
+    pytest.param("debug", TIED, dict(tp=2), dict(loss_parallel=True), id="tp2-tied_embeddings-loss_parallel"),
     pytest.param("debug-moe", {}, dict(dp_shard=2, ep=2), {}, id="ep2-moe"),
     # Selective AC around FSDP-sharded experts (parallelism/activation_checkpoint.py), and compile around the
     # experts, whose token exchange has data-dependent split sizes (parallelism/compile.py).

@@ -152,12 +152,12 @@ EP2 = ("--parallelism.expert_parallel_degree", "2")
 
 @pytest.mark.parametrize("overrides, reference, applied, dealt", [
     pytest.param(DP2, (), "dp_shard=2", True, id="fsdp2"),
-    pytest.param(TP2, (), "tp=2", False, id="tp2"),
+    pytest.param(TP2, (), "tp=2, loss_parallel", False, id="tp2"),
     pytest.param((*DP2, *MOE, *EP2), MOE, "dp_shard=2, ep=2", True, id="ep2-moe"),
     # inductor (the GPU default); the packed windows' cu_seqlens change length between steps, so the blocks are
     # recompiled with a dynamic document count at step 2 (parallelism/tensor_parallel.py).
     pytest.param((*TP2, "--compile.enable", "true", "--compile.backend", "inductor"), (),
-                 "tp=2, compile(backend=inductor)", False, id="tp2-compile"),
+                 "tp=2, compile(backend=inductor), loss_parallel", False, id="tp2-compile"),
 ])
 def test_two_processes_match_one_process(tmp_path, tmp_path_factory, dealt_data, overrides, reference, applied,
                                          dealt):
@@ -172,10 +172,10 @@ HSDP = (*DP4, "--parallelism.data_parallel_replicate_degree", "2", "--parallelis
 
 
 @pytest.mark.parametrize("overrides, reference, applied", [
-    pytest.param(FSDP2_TP2, (), "dp_shard=2, tp=2", id="fsdp2-tp2"),
+    pytest.param(FSDP2_TP2, (), "dp_shard=2, tp=2, loss_parallel", id="fsdp2-tp2"),
     pytest.param(HSDP, (), "dp_replicate=2, dp_shard=2", id="hsdp2x2"),
     # EP borrows the data-parallel ranks (dp_shard = 2 = ep); MoE blocks are not split by TP
-    pytest.param((*FSDP2_TP2, *MOE, *EP2), MOE, "dp_shard=2, tp=2, ep=2", id="ep2-tp2-moe"),
+    pytest.param((*FSDP2_TP2, *MOE, *EP2), MOE, "dp_shard=2, tp=2, ep=2, loss_parallel", id="ep2-tp2-moe"),
 ])
 def test_four_processes_match_one_process(tmp_path, tmp_path_factory, dealt_data, overrides, reference, applied):
     log = _torchrun(tmp_path, *dealt_data, *overrides, nproc=4, timeout=600)

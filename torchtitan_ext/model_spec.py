@@ -48,7 +48,8 @@ def make_parallelize_fn(float8: Float8Settings | None):
         parallelize(model, dims, meshes, ac=_AC_MODES[type(ac_config) if ac_config else None],
                     compile=compile_config.enable and "model" in compile_config.components,
                     compile_backend=compile_config.backend, float8=float8 is not None,
-                    float8_emulate=float8 is not None and float8.emulate, mp_policy=mp_policy)
+                    float8_emulate=float8 is not None and float8.emulate, mp_policy=mp_policy,
+                    loss_parallel=dims.tp > 1)  # as torchtitan's models: its cross entropy takes vocab shards
         applied = [f"{k}={v}" for k, v in (("dp_replicate", dims.dp_replicate), ("dp_shard", dims.dp_shard),
                                               ("tp", dims.tp), ("ep", dims.ep)) if v > 1]
         if ac_config:
@@ -57,6 +58,8 @@ def make_parallelize_fn(float8: Float8Settings | None):
             applied.append(f"compile(backend={compile_config.backend})")
         if float8 is not None:
             applied.append(f"float8({'emulated' if float8.emulate else 'hardware'})")
+        if dims.tp > 1:
+            applied.append("loss_parallel")
         logger.info(f"{MODEL_NAME}: applied {', '.join(applied) or 'no parallelism or transforms'}")
         # torchtitan divides the summed loss by the global token count, so gradients must be summed over
         # data-parallel ranks, not averaged (what fully_shard does by default): torchtitan's own FSDP does this.
