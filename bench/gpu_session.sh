@@ -37,7 +37,9 @@ step() {  # step NAME SECONDS COMMAND...: run, log to $OUT/NAME.log, note the ex
 
 for name in ${@:-tests train_step gdn titan}; do
     case $name in
-        tests) step tests 150 python3 -m pytest -v -p no:cacheprovider --tb=short tests/test_cuda.py ;;
+        # pytest-timeout (in the device image) fails a test that hangs instead of letting it eat the step's limit
+        tests) per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout=60")
+               step tests 150 python3 -m pytest -v -p no:cacheprovider --tb=short $per_test tests/test_cuda.py ;;
         train_step) step train_step 260 python3 bench/train_step.py --skip-cpu ;;
         gdn) step gdn 150 python3 bench/kernel_gdn.py --out "$OUT/gdn.json" ;;
         titan) step titan 40 python3 -m torchtitan_ext.train --config train_configs/debug.toml --training.steps 40 \
