@@ -12,7 +12,7 @@ import qwen35
 from delta_rule_oracle import naive_gated_delta_rule_f64
 from kernels.gated_delta_rule import ops
 from parallelism import ParallelDims, parallelize
-from test_kernels_triton import CASES, _compare, _inputs, _ours_and_oracle
+from test_kernels_triton import CASES, FAST_DECAY_CASE, _compare, _inputs, _ours_and_oracle
 from tiny_configs import TINY_CONFIGS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_session.sh)")
@@ -23,6 +23,10 @@ CUDA = "cuda"
 def test_triton_chunk_fp32_cuda_matches_oracle(case):
     # fp32 inputs take IEEE fp32 matmuls in the kernels, so the CPU interpreter's tolerances hold.
     _compare(case, "triton", torch.float32, atol_out=1e-5, atol_grad=1e-4, device=CUDA)
+
+
+def test_triton_chunk_fast_decay_cuda_matches_oracle():
+    _compare(FAST_DECAY_CASE, "triton", torch.float32, atol_out=1e-5, atol_grad=1e-4, device=CUDA, decay_scale=30.0)
 
 
 def test_triton_recurrent_cuda_matches_oracle():

@@ -11,8 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels
+import qwen35
 from delta_rule_oracle import naive_gated_delta_rule_f64
 from kernels.gated_delta_rule import ops
+from tiny_configs import TINY_CONFIGS
 
 # (name, B, lengths (None = fixed length T of each batch row), T, H, HV, K, V, initial state, final state, l2norm)
 CASES = [
@@ -27,7 +30,7 @@ CASES = [
 ]
 
 
-def _inputs(B, lengths, T, H, HV, K, V, with_h0, l2norm, dtype=torch.float32, seed=0):
+def _inputs(B, lengths, T, H, HV, K, V, with_h0, l2norm, dtype=torch.float32, seed=0, decay_scale=1.0):
     gen = torch.Generator().manual_seed(seed)
     cu_seqlens = None
     if lengths is not None:
@@ -40,7 +43,7 @@ def _inputs(B, lengths, T, H, HV, K, V, with_h0, l2norm, dtype=torch.float32, se
         # Unit keys keep the delta rule contractive (I - beta k k^T) when the kernel does not normalise them.
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     v = torch.randn(B, T, HV, V, generator=gen)
-    g = F.logsigmoid(torch.randn(B, T, HV, generator=gen) + 2)
+    g = F.logsigmoid(torch.randn(B, T, HV, generator=gen) + 2) * decay_scale
     beta = torch.rand(B, T, HV, generator=gen)
     h0 = torch.randn(N, HV, K, V, generator=gen) if with_h0 else None
     return (q.to(dtype), k.to(dtype), v.to(dtype), g, beta), h0, cu_seqlens
@@ -62,10 +65,10 @@ def _run_with_grads(fn, tensors, h0, output_final_state, seed=1):
     return o.detach(), (final.detach() if output_final_state else None), grads
 
 
-def _ours_and_oracle(case, backend, dtype, device="cpu"):
+def _ours_and_oracle(case, backend, dtype, device="cpu", decay_scale=1.0):
     """Our op on `device` and the float64 oracle on the CPU, from the same inputs: two (o, final, gradients)."""
     _, B, lengths, T, H, HV, K, V, with_h0, with_final, l2norm = case
-    tensors, h0, cu_seqlens = _inputs(B, lengths, T, H, HV, K, V, with_h0, l2norm, dtype)
+    tensors, h0, cu_seqlens = _inputs(B, lengths, T, H, HV, K, V, with_h0, l2norm, dtype, decay_scale=decay_scale)
     device_cu = cu_seqlens.to(device) if cu_seqlens is not None else None
 
     def ours(q, k, v, g, beta, h0):
@@ -83,9 +86,9 @@ def _ours_and_oracle(case, backend, dtype, device="cpu"):
                             with_final))
 
 
-def _compare(case, backend, dtype, atol_out, atol_grad, device="cpu"):
+def _compare(case, backend, dtype, atol_out, atol_grad, device="cpu", decay_scale=1.0):
     with_final = case[9]
-    (o, final, grads), (ref_o, ref_final, ref_grads) = _ours_and_oracle(case, backend, dtype, device)
+    (o, final, grads), (ref_o, ref_final, ref_grads) = _ours_and_oracle(case, backend, dtype, device, decay_scale)
     assert o.dtype == dtype and o.shape == ref_o.shape
     torch.testing.assert_close(o.double(), ref_o, rtol=0, atol=atol_out)
     if with_final:
@@ -101,6 +104,16 @@ def _compare(case, backend, dtype, atol_out, atol_grad, device="cpu"):
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_triton_chunk_fp32_matches_oracle(case):
     _compare(case, "triton", torch.float32, atol_out=1e-5, atol_grad=1e-4)
+
+
+# Sequences ending inside a chunk, no final state, and a decay ~30x the other cases' (log decay about -4 per
+# token, as fast heads of trained models and of the model's A_log init have): gamma within a chunk passes -88,
+# where exp(-gamma) overflows fp32. The backward once turned the rows past a sequence's end into 0 * inf = NaN.
+FAST_DECAY_CASE = ("varlen_fast_decay", 1, [70, 1, 57], None, 1, 2, 16, 16, False, False, True)
+
+
+def test_triton_chunk_fast_decay_matches_oracle():
+    _compare(FAST_DECAY_CASE, "triton", torch.float32, atol_out=1e-5, atol_grad=1e-4, decay_scale=30.0)
 
 
 def test_triton_chunk_fp16_matches_oracle():
@@ -223,3 +236,30 @@ def test_triton_chunk_support_rule():
     assert not ops.triton_chunk_supported("cuda", torch.float16, 64, 16)
     assert ops.triton_chunk_supported("cuda", torch.float32, 16, 16)
     assert ops.triton_chunk_supported("cpu", torch.bfloat16, 16, 16)
+
+
+def test_model_through_triton_kernels_matches_reference(monkeypatch):
+    """A packed fp32 forward + backward of a tiny model with its delta rule forced onto the (interpreted) Triton
+    kernels equals the model on the torch reference: model-initialised decays (fast heads included) and
+    sequences ending inside chunks, as `tests/test_cuda.py` checks for the compiled kernels on a GPU."""
+    config = TINY_CONFIGS["dense_untied_gqa2_hv2x"]
+    torch.manual_seed(0)
+    reference_model = qwen35.Qwen35ForCausalLM(config)
+    triton_model = qwen35.Qwen35ForCausalLM(config)
+    triton_model.load_state_dict(reference_model.state_dict())
+    ids = torch.randint(0, config.vocab_size, (1, 130), generator=torch.Generator().manual_seed(0))
+    cu_seqlens = torch.tensor([0, 70, 71, 130], dtype=torch.int32)
+
+    def loss_and_grads(model):
+        logits = model(ids, cu_seqlens=cu_seqlens)
+        F.cross_entropy(logits[0, :-1], ids[0, 1:]).backward()
+        return logits.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+    ref_logits, ref_grads = loss_and_grads(reference_model)
+    chunk_rule = kernels.chunk_gated_delta_rule
+    monkeypatch.setattr(kernels, "chunk_gated_delta_rule",
+                        lambda *args, **kwargs: chunk_rule(*args, **kwargs, backend="triton"))
+    logits, grads = loss_and_grads(triton_model)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-5)
+    for name, ref in ref_grads.items():
+        torch.testing.assert_close(grads[name], ref, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")

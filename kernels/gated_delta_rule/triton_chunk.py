@@ -90,6 +90,18 @@ def _last_row_value(x, rows, last):
 
 
 @triton.jit
+def _load_gamma(gcum_ptr, tok, valid, hv, HV, rows, last):
+    """(gamma of a chunk's rows, gamma of its last valid row `last`). Rows past the end of the sequence take the
+    last valid row's value, as if their g were 0 (which is how the prepare kernel's scan treats them): then every
+    decay exp(gamma_i - gamma_j) with i >= j is <= 1 for the non-increasing gamma of a log decay g <= 0. A 0 there
+    would give exp(0 - gamma_j), which overflows for a fast-decaying head (gamma_j < -88) and turns the masked
+    rows' 0 * inf into NaN in every product that sums over them (the backward's transposed ones do)."""
+    gam = _load_head_scalar(gcum_ptr, tok, valid, hv, HV)
+    gam_last = _last_row_value(gam, rows, last)
+    return tl.where(valid, gam, gam_last), gam_last
+
+
+@triton.jit
 def _chunk_of_program(chunks_ptr, cu_ptr, c):
     """(first token, end of its sequence) of global chunk c; first token is -1 for the padding entries."""
     seq = tl.load(chunks_ptr + 2 * c)
@@ -321,8 +333,7 @@ def _state_kernel(k_ptr, w_ptr, u_ptr, gcum_ptr, h0_ptr, h_ptr, vnew_ptr, ht_ptr
         u = _load_rows(u_ptr + hv * V, tok, valid, HV * V, cols_v, V)
         v_new = (u - tl.dot(w, s.to(DT), input_precision=PREC)).to(DT)
         _store_rows(vnew_ptr + hv * V, tok, valid, HV * V, cols_v, V, v_new)
-        gam = _load_head_scalar(gcum_ptr, tok, valid, hv, HV)
-        gam_last = _last_row_value(gam, rows, tl.minimum(eos - t0, BT) - 1)
+        gam, gam_last = _load_gamma(gcum_ptr, tok, valid, hv, HV, rows, tl.minimum(eos - t0, BT) - 1)
         k = _load_qk(k_ptr, tok, valid, h, H, K, rows_k, L2NORM)
         k_to_end = (k * tl.where(valid, tl.exp(gam_last - gam), 0.0)[:, None]).to(DT)
         s = tl.dot(tl.trans(k_to_end), v_new, s * tl.exp(gam_last), input_precision=PREC)
@@ -351,7 +362,7 @@ def _output_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, vnew_ptr, o_ptr, cu_ptr, chunk
     valid = tok < eos
     q = _load_qk(q_ptr, tok, valid, h, H, K, rows_k, L2NORM)
     k = _load_qk(k_ptr, tok, valid, h, H, K, rows_k, L2NORM).to(DT)
-    gam = _load_head_scalar(gcum_ptr, tok, valid, hv, HV)
+    gam, _ = _load_gamma(gcum_ptr, tok, valid, hv, HV, rows, tl.minimum(eos - t0, BT) - 1)
     causal = rows[:, None] >= rows[None, :]
     decay = tl.exp(tl.where(causal, gam[:, None] - gam[None, :], 0.0))
     scores = tl.dot(q.to(DT), tl.trans(k), input_precision=PREC)
@@ -388,7 +399,7 @@ def _local_dv_kernel(q_ptr, k_ptr, gcum_ptr, do_ptr, dv_local_ptr, cu_ptr, chunk
     valid = tok < eos
     q = _load_qk(q_ptr, tok, valid, h, H, K, cols_k, L2NORM).to(DT)
     k = _load_qk(k_ptr, tok, valid, h, H, K, cols_k, L2NORM).to(DT)
-    gam = _load_head_scalar(gcum_ptr, tok, valid, hv, HV)
+    gam, _ = _load_gamma(gcum_ptr, tok, valid, hv, HV, rows, tl.minimum(eos - t0, BT) - 1)
     # Transposed scores: entry (j, i) = q_i . k_j Gamma_ij for j <= i.
     anticausal = rows[:, None] <= rows[None, :]
     decay_t = tl.exp(tl.where(anticausal, gam[None, :] - gam[:, None], 0.0))
@@ -430,8 +441,7 @@ def _state_bwd_kernel(q_ptr, k_ptr, w_ptr, gcum_ptr, do_ptr, dv_local_ptr, dht_p
         tok = t0 + rows
         valid = tok < eos
         _store_state(dh_ptr + ((first_chunk + i) * HV + hv) * K * V, rows_k, cols_v, K, V, ds)
-        gam = _load_head_scalar(gcum_ptr, tok, valid, hv, HV)
-        gam_last = _last_row_value(gam, rows, tl.minimum(eos - t0, BT) - 1)
+        gam, gam_last = _load_gamma(gcum_ptr, tok, valid, hv, HV, rows, tl.minimum(eos - t0, BT) - 1)
         k = _load_qk(k_ptr, tok, valid, h, H, K, rows_k, L2NORM)
         k_to_end = (k * tl.where(valid, tl.exp(gam_last - gam), 0.0)[:, None]).to(DT)
         ds_c = ds.to(DT)
@@ -473,7 +483,7 @@ def _wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gcum_ptr, tm_ptr, h_ptr, dvnew_ptr, d
 
     k = _load_qk(k_ptr, tok, valid, h, H, K, rows_k, L2NORM).to(DT)
     beta = _load_head_scalar(beta_ptr, tok, valid, hv, HV)
-    gam = _load_head_scalar(gcum_ptr, tok, valid, hv, HV)
+    gam, _ = _load_gamma(gcum_ptr, tok, valid, hv, HV, rows, tl.minimum(eos - t0, BT) - 1)
     decay_in = tl.exp(gam)
     tm_t = tl.trans(tl.load(tm_ptr + (tok * HV + hv)[:, None] * BT + rows[None, :],
                             mask=valid[:, None] & (rows[None, :] <= rows[:, None]), other=0.0)).to(DT)
@@ -551,8 +561,7 @@ def _qk_bwd_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, do_ptr, dq_p
     else:
         q = q_raw.to(DT)
         k = k_raw.to(DT)
-    gam = _load_head_scalar(gcum_ptr, tok, valid, hv, HV)
-    gam_last = _last_row_value(gam, rows, last)
+    gam, gam_last = _load_gamma(gcum_ptr, tok, valid, hv, HV, rows, last)
     decay_in = tl.exp(gam)
     decay_out = tl.where(valid, tl.exp(gam_last - gam), 0.0)
 
