@@ -5,7 +5,8 @@ norm (as Qwen3.5 calls it); the torch reference is timed at the shortest length 
 and forward+backward time (triton.testing.do_bench, median), TFLOP/s with the algorithmic count of a chunk-64 WY
 implementation (180,224 forward and 464,896 backward FLOPs per token per value head at d = 128), the speed ratio
 against fla measured in the same run, and the difference between our outputs/gradients and fla's. Also checks that
-a function calling the op compiles with fullgraph=True without graph breaks. Results go to stdout and, as JSON, to --out.
+a function calling the op compiles with fullgraph=True without graph breaks. Results go to stdout and, as JSON,
+to --out.
 
     python bench/kernel_gdn.py --out bench_gdn.json [--seq-lens 4096 16384 32768] [--value-heads 16 32 48]
 """

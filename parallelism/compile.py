@@ -3,9 +3,9 @@ so a few graphs serve the whole model and compile time stays small.
 
 With expert parallelism an MoE block is compiled around its experts instead: the experts' token exchange sizes
 its all-to-alls from the routing (host-side split sizes) and the experts carry their own FSDP hooks, neither of
-which a fullgraph capture can hold. So the norms, the token mixer, the router, the shared expert and its gate
-are compiled one by one, and the experts (two grouped GEMMs between the all-to-alls) and the residual adds run
-eagerly, as torchtitan does for its MoE models."""
+which a fullgraph capture can hold. So the norms, the token mixer, the router and the shared expert are compiled
+one by one; the experts (two grouped GEMMs between the all-to-alls), the shared expert's one-GEMM gate and the
+residual adds run eagerly, as torchtitan does for its MoE models."""
 
 from __future__ import annotations
 

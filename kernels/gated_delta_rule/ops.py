@@ -12,12 +12,12 @@ Ops (namespace `qwen35`):
 Optional outputs that were not asked for (final_state, dh0 without an initial state) are empty tensors, since
 an op's outputs must be tensors.
 
-`backend` is an op argument so that a compiled graph keeps the choice: "auto" runs Triton on CUDA tensors and
-the torch reference elsewhere; "torch" / "triton" force one. One exception, `triton_chunk_supported`: 16-bit
-CUDA inputs with a head size under 32 take the torch path under "auto" and are refused by "triton". Triton on CPU tensors runs under the Triton
-interpreter (tests): the Triton modules are loaded a second time with TRITON_INTERPRET=1 for CPU tensors, so
-that it works whatever the environment was when the modules were first imported (Triton decides between
-compiling and interpreting when a kernel is decorated, not when it is launched).
+`backend` is an op argument so that a compiled graph keeps the choice: "auto" runs Triton on CUDA tensors and the
+torch reference elsewhere; "torch" / "triton" force one. One exception, `triton_chunk_supported`: 16-bit CUDA
+inputs with a head size under 32 take the torch path under "auto" and are refused by "triton". Triton on CPU
+tensors runs under the Triton interpreter (tests): the Triton modules are loaded a second time with
+TRITON_INTERPRET=1 for CPU tensors, so that it works whatever the environment was when the modules were first
+imported (Triton decides between compiling and interpreting when a kernel is decorated, not when it is launched).
 
 These are `torch.library.custom_op`s with register_fake + register_autograd (not `triton_op`, which does not
 compile on CPU): under torch.compile they are opaque nodes, so the model compiles with fullgraph=True.
