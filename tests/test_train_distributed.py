@@ -154,6 +154,9 @@ EP2 = ("--parallelism.expert_parallel_degree", "2")
     pytest.param(DP2, (), "dp_shard=2", True, id="fsdp2"),
     pytest.param(TP2, (), "tp=2, loss_parallel", False, id="tp2"),
     pytest.param((*DP2, *MOE, *EP2), MOE, "dp_shard=2, ep=2", True, id="ep2-moe"),
+    # The MoE recipes' setting: EP with full AC and compile (blocks compiled around the experts; loss compiled).
+    pytest.param((*DP2, *MOE, *EP2, "--activation_checkpoint.mode", "full", "--compile.enable", "true"), MOE,
+                 "dp_shard=2, ep=2, ac=full, compile(backend=inductor)", True, id="ep2-moe-full_ac-compile"),
     # inductor (the GPU default); the packed windows' cu_seqlens change length between steps, so the blocks are
     # recompiled with a dynamic document count at step 2 (parallelism/tensor_parallel.py).
     pytest.param((*TP2, "--compile.enable", "true", "--compile.backend", "inductor"), (),
