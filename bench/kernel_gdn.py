@@ -5,8 +5,8 @@ norm (as Qwen3.5 calls it); the torch reference is timed at the shortest length 
 and forward+backward time (triton.testing.do_bench, median), TFLOP/s with the algorithmic count of a chunk-64 WY
 implementation (180,224 forward and 464,896 backward FLOPs per token per value head at d = 128), the speed ratio
 against fla measured in the same run, and the difference between our outputs/gradients and fla's. Also checks that
-a function calling the op compiles with fullgraph=True without graph breaks. Results go to stdout and, as JSON,
-to --out.
+a function calling the op compiles with fullgraph=True without graph breaks, and breaks our forward + backward
+down by kernel (torch.profiler) at the first length and head count. Results go to stdout and, as JSON, to --out.
 
     python bench/kernel_gdn.py --out bench_gdn.json [--seq-lens 4096 16384 32768] [--value-heads 16 32 48]
 """
@@ -126,6 +126,22 @@ def compile_check(device):
             "fullgraph_compile_fwd_bwd": "ok"}
 
 
+def kernel_breakdown(T, HV, doc_len, device, iters=5):
+    """GPU time per forward + backward of each kernel of ours (torch.profiler), longest first: where to optimise."""
+    inputs, cu_seqlens = make_inputs(T, HV, doc_len, device)
+    do = torch.randn(1, T, HV, V, device=device).bfloat16()
+    for _ in range(3):
+        forward_and_grads(run_ours, inputs, cu_seqlens, do)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            forward_and_grads(run_ours, inputs, cu_seqlens, do)
+        torch.cuda.synchronize()
+    rows = [(event.key, event.device_time_total / iters / 1e3) for event in prof.key_averages()
+            if event.device_time_total > 0]
+    return sorted(rows, key=lambda row: -row[1])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="path of the JSON results")
@@ -151,6 +167,17 @@ def main():
     except Exception as err:  # noqa: BLE001  (report it; the timings below do not depend on it)
         results["compile_check"] = {"error": f"{type(err).__name__}: {err}"}
     print(f"compile check: {results['compile_check']}", flush=True)
+
+    T0, HV0 = min(args.seq_lens), args.value_heads[0]
+    try:
+        breakdown = kernel_breakdown(T0, HV0, args.doc_len, device)
+        results["kernel_breakdown"] = {"T": T0, "HV": HV0, "ms_per_fwd_bwd": dict(breakdown)}
+        print(f"ours, GPU ms per forward + backward by kernel (T {T0}, HV {HV0}; torch.profiler):")
+        for name, ms in breakdown[:12]:
+            print(f"  {ms:8.3f}  {name}")
+    except Exception as err:  # noqa: BLE001  (report it; the timings below do not depend on it)
+        results["kernel_breakdown"] = {"error": f"{type(err).__name__}: {err}"}
+        print(f"kernel breakdown failed: {results['kernel_breakdown']['error']}")
 
     impls = {name: fn for name, fn in IMPLS.items()
              if not (name == "fla" and fla_chunk_gated_delta_rule is None)
