@@ -28,6 +28,7 @@ from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan.tools.logging import logger
 
 from .sources import DataError, ShardedRecords, string_field
+from .windows import pad_window
 
 PROGRESS_LOG_SECONDS = 60.0
 
@@ -94,13 +95,7 @@ class PretrainWindows(IterableDataset, Stateful):
             inputs, labels = window[:-1], window[1:].clone()
             labels[inputs == eos] = IGNORE_INDEX
             starts = [0] + (torch.nonzero(inputs[:-1] == eos).flatten() + 1).tolist()
-            if inputs.numel() < T:  # padding (packing off): its own segment, labels ignored
-                if inputs.numel():  # (an empty document leaves a window of padding only)
-                    starts.append(inputs.numel())
-                pad = T - inputs.numel()
-                inputs = torch.cat([inputs, inputs.new_full((pad,), eos)])
-                labels = torch.cat([labels, labels.new_full((pad,), IGNORE_INDEX)])
-            yield inputs, labels, torch.tensor(starts, dtype=torch.int32)
+            yield pad_window(inputs, labels, starts, T, eos)  # short only without packing, at a document's end
 
     def state_dict(self) -> dict[str, Any]:
         return {"sources": [s.state_dict() for s in self.sources], "tokens_read": list(self.tokens_read),

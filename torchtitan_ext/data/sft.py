@@ -29,6 +29,7 @@ from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan.tools.logging import logger
 
 from .sources import DataError, SourceSpec, open_reader, string_field
+from .windows import pad_window
 
 SFT_FORMATS = {"chat": ("messages",), "gsm8k": ("question", "answer")}
 ROLES = ("system", "user", "assistant", "tool")
@@ -149,13 +150,7 @@ class SFTWindows(IterableDataset, Stateful):
             inputs = torch.cat([self.samples.inputs[i] for i in sample_ids])
             labels = torch.cat([self.samples.labels[i] for i in sample_ids])
             lengths = torch.tensor([0] + [self.samples.inputs[i].numel() for i in sample_ids])
-            starts = lengths.cumsum(0)[:-1]
-            if inputs.numel() < self.seq_len:
-                starts = torch.cat([starts, starts.new_tensor([inputs.numel()])])
-                pad = self.seq_len - inputs.numel()
-                inputs = torch.cat([inputs, inputs.new_full((pad,), self.samples.pad_id)])
-                labels = torch.cat([labels, labels.new_full((pad,), IGNORE_INDEX)])
-            yield inputs, labels, starts.to(torch.int32)
+            yield pad_window(inputs, labels, lengths.cumsum(0)[:-1].tolist(), self.seq_len, self.samples.pad_id)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "next_window": self.next_window}
