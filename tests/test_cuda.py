@@ -12,7 +12,8 @@ import qwen35
 from delta_rule_oracle import naive_gated_delta_rule_f64
 from kernels.gated_delta_rule import ops
 from parallelism import ParallelDims, parallelize
-from test_kernels_triton import CASES, FAST_DECAY_CASE, _compare, _inputs, _ours_and_oracle
+from test_kernels_triton import (CASES, FAST_DECAY_CASE, _compare, _inputs, _ours_and_oracle, loss_and_grads,
+                                 packed_batch)
 from tiny_configs import TINY_CONFIGS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_session.sh)")
@@ -40,21 +41,6 @@ def test_triton_recurrent_cuda_matches_oracle():
     torch.testing.assert_close(final.cpu().double(), ref_final, rtol=0, atol=1e-5)
 
 
-def _loss_and_grads(model, ids, cu_seqlens):
-    model.zero_grad(set_to_none=True)
-    logits = model(ids, cu_seqlens=cu_seqlens)
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids.roll(-1, 1).flatten())
-    loss.backward()
-    return logits.detach().cpu(), {n: p.grad.cpu() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def _packed_batch(vocab, lengths, device):
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (1, sum(lengths)), generator=gen).to(device)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
-    return ids, cu
-
-
 # A compiled fp32 MoE block is not among them: torch._grouped_mm's fake kernel takes bf16 only (README caveat).
 @pytest.mark.parametrize("name, compiled", [("dense_untied_gqa2_hv2x", False), ("dense_untied_gqa2_hv2x", True),
                                             ("moe_tied_hv2x", False)])
@@ -69,8 +55,8 @@ def test_model_cuda_matches_cpu(name, compiled):
     if compiled:
         parallelize(cuda_model, ParallelDims(world_size=1), None, compile=True)
     lengths = [70, 1, 129, 56]
-    ref_logits, ref_grads = _loss_and_grads(cpu_model, *_packed_batch(config.vocab_size, lengths, "cpu"))
-    logits, grads = _loss_and_grads(cuda_model, *_packed_batch(config.vocab_size, lengths, CUDA))
+    ref_logits, ref_grads = loss_and_grads(cpu_model, *packed_batch(config.vocab_size, lengths, "cpu"))
+    logits, grads = loss_and_grads(cuda_model, *packed_batch(config.vocab_size, lengths, CUDA))
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
     assert grads.keys() == ref_grads.keys()
     for n, ref in ref_grads.items():

@@ -238,6 +238,21 @@ def test_triton_chunk_support_rule():
     assert ops.triton_chunk_supported("cpu", torch.bfloat16, 16, 16)
 
 
+def loss_and_grads(model, ids, cu_seqlens):
+    """Logits of a packed row and the parameter gradients of its next-token loss (on the CPU)."""
+    model.zero_grad(set_to_none=True)
+    logits = model(ids, cu_seqlens=cu_seqlens)
+    F.cross_entropy(logits.flatten(0, 1).float(), ids.roll(-1, 1).flatten()).backward()
+    return logits.detach().cpu(), {n: p.grad.cpu() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def packed_batch(vocab, lengths, device):
+    """A random row of documents of `lengths` tokens and its cu_seqlens."""
+    ids = torch.randint(0, vocab, (1, sum(lengths)), generator=torch.Generator().manual_seed(0)).to(device)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    return ids, cu
+
+
 def test_model_through_triton_kernels_matches_reference(monkeypatch):
     """A packed fp32 forward + backward of a tiny model with its delta rule forced onto the (interpreted) Triton
     kernels equals the model on the torch reference: model-initialised decays (fast heads included) and
@@ -247,19 +262,13 @@ def test_model_through_triton_kernels_matches_reference(monkeypatch):
     reference_model = qwen35.Qwen35ForCausalLM(config)
     triton_model = qwen35.Qwen35ForCausalLM(config)
     triton_model.load_state_dict(reference_model.state_dict())
-    ids = torch.randint(0, config.vocab_size, (1, 130), generator=torch.Generator().manual_seed(0))
-    cu_seqlens = torch.tensor([0, 70, 71, 130], dtype=torch.int32)
-
-    def loss_and_grads(model):
-        logits = model(ids, cu_seqlens=cu_seqlens)
-        F.cross_entropy(logits[0, :-1], ids[0, 1:]).backward()
-        return logits.detach(), {name: p.grad for name, p in model.named_parameters()}
-
-    ref_logits, ref_grads = loss_and_grads(reference_model)
+    batch = packed_batch(config.vocab_size, [70, 1, 59], "cpu")
+    ref_logits, ref_grads = loss_and_grads(reference_model, *batch)
     chunk_rule = kernels.chunk_gated_delta_rule
     monkeypatch.setattr(kernels, "chunk_gated_delta_rule",
                         lambda *args, **kwargs: chunk_rule(*args, **kwargs, backend="triton"))
-    logits, grads = loss_and_grads(triton_model)
+    logits, grads = loss_and_grads(triton_model, *batch)
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-5)
+    assert grads.keys() == ref_grads.keys()
     for name, ref in ref_grads.items():
         torch.testing.assert_close(grads[name], ref, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
