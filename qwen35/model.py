@@ -11,7 +11,7 @@ from .cache import Qwen35Cache, padded_causal_mask
 from .config import LINEAR_ATTENTION, Qwen35Config
 from .gated_deltanet import GatedDeltaNet
 from .layers import GatedRMSNorm, RMSNorm, RotaryEmbedding, SwiGLU
-from .moe import GroupedExperts, SparseMoE, TopKRouter, balancing_loss_share, router_statistics
+from .moe import GroupedExperts, SparseMoE, TopKRouter, load_balancing_loss, router_statistics
 
 
 class DecoderLayer(nn.Module):
@@ -145,10 +145,10 @@ class Qwen35ForCausalLM(nn.Module):
             raise ValueError("return_aux_loss and return_router_stats are exclusive")
         if not router_logits:
             raise ValueError("return_aux_loss / return_router_stats need an MoE config")
-        stats = router_statistics(router_logits, self.config.num_experts, self.config.num_experts_per_tok)
+        experts, top_k = self.config.num_experts, self.config.num_experts_per_tok
         if return_router_stats:
-            return logits, stats
-        return logits, balancing_loss_share(stats.prob_sum, stats.assignments, stats.rows)
+            return logits, router_statistics(router_logits, experts, top_k)
+        return logits, load_balancing_loss(router_logits, experts, top_k)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         params = {id(p): p for p in self.parameters()}  # a tied lm_head counts once
