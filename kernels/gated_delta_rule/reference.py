@@ -209,7 +209,7 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
 
     if cu_seqlens is None:
         N = B
-        s0 = q.new_zeros(1, B, H, G, K, V) if initial_state is None else initial_state.to(dtype).reshape(1, B, H, G, K, V)
+        states_shape = (1, B, H, G, K, V)  # one scan over a batch of B rows
         seq_chunks = [(0, math.ceil(T / CHUNK_SIZE))]
         chunked = _chunk_scan_input(q, k, v, g, beta)
     else:
@@ -225,8 +225,9 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
         index = torch.arange(T, device=q.device) + shift.repeat_interleave(torch.tensor(lengths, device=q.device))
         rows = sum(n_chunks) * CHUNK_SIZE
         chunked = _chunk_scan_input(*(_scatter_rows(x[0], index, rows)[None] for x in (q, k, v, g, beta)))
-        s0 = q.new_zeros(N, 1, H, G, K, V) if initial_state is None else initial_state.to(dtype).reshape(N, 1, H, G, K, V)
+        states_shape = (N, 1, H, G, K, V)  # one scan per sequence, over one row
 
+    s0 = q.new_zeros(states_shape) if initial_state is None else initial_state.to(dtype).reshape(states_shape)
     o, finals = _ChunkGatedDeltaRule.apply(*chunked, s0, seq_chunks)
     NC, Bc, _, _, C, _ = o.shape
     o = o.permute(1, 0, 4, 2, 3, 5).reshape(Bc, NC * C, HV, V)

@@ -102,6 +102,30 @@ def _load_gamma(gcum_ptr, tok, valid, hv, HV, rows, last):
 
 
 @triton.jit
+def _sequence_of_program(cu_ptr, chunk_offsets_ptr, HV, K, V):
+    """What a state-walking program (grid axis 1 = sequence x value head) works on: (sequence n, value head hv,
+    its first token, end token, first global chunk, chunk count, offset of its [K, V] state in an [N, HV, K, V]
+    tensor)."""
+    n = (tl.program_id(1) // HV).to(tl.int64)  # int64: state offsets can pass 2^31 with many sequences
+    hv = tl.program_id(1) % HV
+    bos = tl.load(cu_ptr + n).to(tl.int64)
+    eos = tl.load(cu_ptr + n + 1).to(tl.int64)
+    first_chunk = tl.load(chunk_offsets_ptr + n).to(tl.int64)
+    num_chunks = tl.load(chunk_offsets_ptr + n + 1).to(tl.int64) - first_chunk
+    return hv, bos, eos, first_chunk, num_chunks, (n * HV + hv) * K * V
+
+
+@triton.jit
+def _load_state_or_zeros(ptr, offset, rows_k, cols_v, K, V, LOAD: tl.constexpr, BK: tl.constexpr,
+                         BV: tl.constexpr):
+    """The state tile at ptr + offset, or zeros when LOAD is false (ptr is then None)."""
+    if LOAD:
+        return _load_state(ptr + offset, rows_k, cols_v, K, V)
+    else:
+        return tl.full([BK, BV], 0.0, tl.float32)
+
+
+@triton.jit
 def _chunk_of_program(chunks_ptr, cu_ptr, c):
     """(first token, end of its sequence) of global chunk c; first token is -1 for the padding entries."""
     seq = tl.load(chunks_ptr + 2 * c)
@@ -307,23 +331,13 @@ def _state_kernel(k_ptr, w_ptr, u_ptr, gcum_ptr, h0_ptr, h_ptr, vnew_ptr, ht_ptr
                   L2NORM: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
     """Per (V block, sequence, value head): walk the chunks in order, keeping S [K, BV] in fp32. Stores the
     entry state of every chunk (h) and V_new = U - W S; optionally the final state."""
-    vb = tl.program_id(0)
-    n = (tl.program_id(1) // HV).to(tl.int64)  # int64: state offsets can pass 2^31 with many sequences
-    hv = tl.program_id(1) % HV
+    hv, bos, eos, first_chunk, num_chunks, state_offset = _sequence_of_program(cu_ptr, chunk_offsets_ptr, HV, K, V)
     h = hv // (HV // H)
     DT = k_ptr.dtype.element_ty
-    bos = tl.load(cu_ptr + n).to(tl.int64)
-    eos = tl.load(cu_ptr + n + 1).to(tl.int64)
-    first_chunk = tl.load(chunk_offsets_ptr + n).to(tl.int64)
-    num_chunks = tl.load(chunk_offsets_ptr + n + 1).to(tl.int64) - first_chunk
     rows = tl.arange(0, BT)
     rows_k = tl.arange(0, BK)
-    cols_v = vb * BV + tl.arange(0, BV)
-    state_offset = (n * HV + hv) * K * V
-    if HAS_H0:
-        s = _load_state(h0_ptr + state_offset, rows_k, cols_v, K, V)
-    else:
-        s = tl.full([BK, BV], 0.0, tl.float32)
+    cols_v = tl.program_id(0) * BV + tl.arange(0, BV)
+    s = _load_state_or_zeros(h0_ptr, state_offset, rows_k, cols_v, K, V, HAS_H0, BK, BV)
     for i in range(0, num_chunks):
         t0 = bos + i * BT
         tok = t0 + rows
@@ -418,23 +432,13 @@ def _state_bwd_kernel(q_ptr, k_ptr, w_ptr, gcum_ptr, do_ptr, dv_local_ptr, dht_p
                       L2NORM: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr):
     """Per (V block, sequence, value head): walk the chunks in reverse with dS = dL/dS at the chunk end.
     Stores dS per chunk (dh), the full dV_new = dv_local + K~ dS, and dL/d(initial state)."""
-    vb = tl.program_id(0)
-    n = (tl.program_id(1) // HV).to(tl.int64)  # int64: state offsets can pass 2^31 with many sequences
-    hv = tl.program_id(1) % HV
+    hv, bos, eos, first_chunk, num_chunks, state_offset = _sequence_of_program(cu_ptr, chunk_offsets_ptr, HV, K, V)
     h = hv // (HV // H)
     DT = k_ptr.dtype.element_ty
-    bos = tl.load(cu_ptr + n).to(tl.int64)
-    eos = tl.load(cu_ptr + n + 1).to(tl.int64)
-    first_chunk = tl.load(chunk_offsets_ptr + n).to(tl.int64)
-    num_chunks = tl.load(chunk_offsets_ptr + n + 1).to(tl.int64) - first_chunk
     rows = tl.arange(0, BT)
     rows_k = tl.arange(0, BK)
-    cols_v = vb * BV + tl.arange(0, BV)
-    state_offset = (n * HV + hv) * K * V
-    if HAS_DHT:
-        ds = _load_state(dht_ptr + state_offset, rows_k, cols_v, K, V)
-    else:
-        ds = tl.full([BK, BV], 0.0, tl.float32)
+    cols_v = tl.program_id(0) * BV + tl.arange(0, BV)
+    ds = _load_state_or_zeros(dht_ptr, state_offset, rows_k, cols_v, K, V, HAS_DHT, BK, BV)
     for j in range(0, num_chunks):
         i = num_chunks - 1 - j
         t0 = bos + i * BT
