@@ -5,8 +5,8 @@
 A step is what torchtitan's trainer does per batch: forward, cross entropy (mean over the tokens), backward,
 gradient-norm clipping (max_norm 1.0), AdamW (foreach) step, zero_grad. "Compiled" is the model after
 `parallelism.parallelize(model, ParallelDims(world_size=1), None, compile=True)`, i.e. what the trainer does with
-`[compile] enable = true`: `torch.compile(fullgraph=True)` (inductor) of each decoder block; embedding, final norm,
-lm_head, loss and optimizer stay eager. Eager and compiled copies start from the same weights and are timed
+`[compile] enable = true, components = ["model", "loss"]` (the recipes' setting): `torch.compile(fullgraph=True)`
+(inductor) of each decoder block, and of the cross entropy; embedding, final norm, lm_head and optimizer stay eager. Eager and compiled copies start from the same weights and are timed
 alternately step by step (so machine noise hits both alike); compile time is excluded by `--warmup` steps.
 
 - CPU (always): the `debug` flavor in fp32 on the batch of train_configs/debug.toml: 4 windows of 256 tokens
@@ -40,14 +40,18 @@ from qwen35 import Qwen35Config, Qwen35ForCausalLM  # noqa: E402
 from torchtitan_ext.flops import flops_per_token  # noqa: E402
 
 
-def make_step(model, ids, labels, cu_seqlens, logits_of=lambda out: out):
-    """One training step of `model` (forward, CE, backward, clip, AdamW, zero_grad); returns the loss."""
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+
+def make_step(model, ids, labels, cu_seqlens, logits_of=lambda out: out, loss_fn=cross_entropy):
+    """One training step of `model` (forward, loss, backward, clip, AdamW, zero_grad); returns the loss."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
     kwargs = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
 
     def step():
         logits = logits_of(model(ids, **kwargs))
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        loss = loss_fn(logits, labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         optimizer.step()
@@ -96,7 +100,12 @@ def time_alternately(steps: dict, device: torch.device, warmup: int, repeats: in
     return median, median_cpu, first_loss, warmup_s
 
 
+# torchtitan's trainer with "loss" in compile.components compiles its loss function the same way
+COMPILED_LOSS = torch.compile(cross_entropy)
+
+
 def eager_and_compiled(config: Qwen35Config, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """Two copies of one randomly initialised model, the second parallelized with compile=True."""
     torch.manual_seed(seed)
     with torch.device(device):
         eager = Qwen35ForCausalLM(config).to(dtype)
@@ -118,7 +127,8 @@ def cpu_part(args) -> None:
     config = Qwen35Config.from_flavor("debug")
     eager, compiled = eager_and_compiled(config, torch.float32, device)
     ids, labels, cu = batch(config.vocab_size, args.cpu_windows, args.cpu_seq, device, packed=True)
-    steps = {"eager": make_step(eager, ids, labels, cu), "compiled": make_step(compiled, ids, labels, cu)}
+    steps = {"eager": make_step(eager, ids, labels, cu),
+             "compiled": make_step(compiled, ids, labels, cu, loss_fn=COMPILED_LOSS)}
     median, median_cpu, first_loss, warmup_s = time_alternately(steps, device, args.warmup, args.repeats)
     tokens = ids.numel()
     print(f"CPU: debug flavor, fp32, batch [1, {tokens}] = {args.cpu_windows} x {args.cpu_seq} packed, "
@@ -148,7 +158,7 @@ def gpu_part(args, device: torch.device = torch.device("cuda")) -> None:
     eager, compiled = eager_and_compiled(config, torch.bfloat16, device)
     ids, labels, _ = batch(config.vocab_size, 1, args.gpu_seq, device, packed=False)
     steps = {"ours eager": make_step(eager, ids, labels, None),
-             "ours compiled": make_step(compiled, ids, labels, None)}
+             "ours compiled": make_step(compiled, ids, labels, None, loss_fn=COMPILED_LOSS)}
 
     fla_note = "fla not importable: transformers would run its torch delta rule, so it is not measured"
     if importlib.util.find_spec("fla") is not None:
