@@ -79,7 +79,8 @@ class ParallelDims:
     def build_meshes(self, device_type: str) -> "ParallelMeshes":
         world = init_device_mesh(device_type, (self.dp_replicate, self.dp_shard, self.tp),
                                  mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
-        with_ep = world._unflatten("dp_shard", (self.efsdp, self.ep), ("efsdp", "ep"))
+        # dim by index: torch 2.11 rejects every dim given by name (its check is inverted)
+        with_ep = world._unflatten(1, (self.efsdp, self.ep), ("efsdp", "ep"))
         hsdp = self.dp_replicate > 1
         return ParallelMeshes(
             world=world,

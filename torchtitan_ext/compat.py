@@ -1,4 +1,4 @@
-"""Run torchtitan 0.3.0 (written against a PyTorch nightly) on stable torch 2.13 and on CPU-only machines.
+"""Run torchtitan 0.3.0 (written against a PyTorch nightly) on stable torch 2.13 and 2.11 and on CPU-only machines.
 
 `apply()` must run before the first `import torchtitan`: torchtitan picks its device module at import time.
 Each shim checks whether it is needed and does nothing otherwise, so on a CUDA machine with a torch that has
@@ -107,6 +107,23 @@ def _install_gloo_fsdp_reduce_op() -> None:
     FSDPModule.set_gradient_divide_factor = set_gradient_divide_factor
 
 
+def _install_data_parallel_mesh_dims_stand_in() -> None:
+    """Upstream: the trainer imports `torchtitan.distributed.full_dtensor`, which imports
+    `torch.distributed.fsdp.DataParallelMeshDims`; torch 2.11 (the release before 2.12) has no such class, so
+    `import torchtitan.trainer` fails. Only torchtitan's "full_dtensor" spmd backend and its own models' FSDP
+    helpers construct one; Qwen3.5's parallelize hands `fully_shard` a mesh. Install a stand-in that imports and
+    refuses construction, naming the torch version."""
+    import torch.distributed.fsdp as fsdp
+
+    class DataParallelMeshDims:
+        def __init__(self, *args, **kwargs):
+            raise NotImplementedError(
+                f"torch {torch.__version__} has no torch.distributed.fsdp.DataParallelMeshDims (torch >= 2.12 has "
+                "it): torchtitan's full_dtensor spmd backend needs a newer torch")
+
+    fsdp.DataParallelMeshDims = DataParallelMeshDims
+
+
 def fully_shard_understands_spmd_types() -> bool:
     """torch nightlies teach FSDP2 about spmd_types annotations; stable 2.13 does not (its FSDP param code
     never mentions them), so `spmd_backend = "spmd_types"` fails for any FSDP degree > 1."""
@@ -188,4 +205,8 @@ def apply() -> None:
         _install_cpu_sharded_init()
     if not hasattr(dist, "set_timeout"):
         _install_set_timeout()
+    import torch.distributed.fsdp
+
+    if not hasattr(torch.distributed.fsdp, "DataParallelMeshDims"):
+        _install_data_parallel_mesh_dims_stand_in()
     _applied = True
