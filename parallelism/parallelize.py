@@ -1,5 +1,6 @@
 """Apply every parallelism and training transform to a Qwen35ForCausalLM, in torchtitan's order:
-TP/SP -> EP -> float8 -> activation checkpointing -> torch.compile -> FSDP2."""
+TP/SP -> EP -> float8 -> activation checkpointing -> torch.compile -> FSDP2 (or, for mixed precision without
+FSDP, autocast)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 from qwen35 import Qwen35ForCausalLM
 
 from .activation_checkpoint import AC_MODES, apply_activation_checkpointing
+from .autocast import apply_autocast, autocast_dtype
 from .compile import apply_compile
 from .expert_parallel import apply_expert_parallel
 from .float8 import apply_float8
@@ -22,7 +24,8 @@ def parallelize(model: Qwen35ForCausalLM, dims: ParallelDims, meshes: ParallelMe
                 loss_parallel: bool = False) -> Qwen35ForCausalLM:
     """Transform `model` in place (and return it). `meshes` comes from `dims.build_meshes(device_type)`
     (None for a single process). loss_parallel (TP only): the model returns vocab-sharded DTensor logits for a
-    vocab-parallel loss instead of gathering them.
+    vocab-parallel loss instead of gathering them. mp_policy: FSDP's mixed precision; without FSDP its 16-bit
+    param_dtype is applied by autocast (`parallelism.autocast`).
     Raises ValueError naming the offending setting before touching the model."""
     dims.validate_for(model.config)
     if ac not in AC_MODES:
@@ -40,4 +43,6 @@ def parallelize(model: Qwen35ForCausalLM, dims: ParallelDims, meshes: ParallelMe
     if dims.fsdp_enabled:
         apply_fsdp(model, meshes.fsdp, expert_dp_mesh=meshes.expert_fsdp if dims.ep > 1 else None,
                    expert_grad_divide_factor=dims.dp, mp_policy=mp_policy)
+    elif (dtype := autocast_dtype(model, dims, mp_policy)) is not None:
+        apply_autocast(model, dtype)
     return model

@@ -126,6 +126,26 @@ def test_delta_rule_dtypes(rule):
 
 
 @pytest.mark.parametrize("rule", RULES)
+def test_delta_rule_ignores_autocast(rule):
+    """Under torch.autocast (mixed precision without FSDP) the reference still computes in fp32: outputs and
+    gradients equal those without autocast (autocast would otherwise run its matmuls, the state's too, in bf16)."""
+    (q, k, v, g, beta), s0 = _inputs(1, 100, 2, 4, 16, 16, 1, l2norm=True, seed=9)
+    inputs = [x.requires_grad_() for x in (q, k, v, g, beta, s0)]
+
+    def outputs_and_grads():
+        o, state = RULES[rule](*inputs[:5], initial_state=inputs[5], output_final_state=True, use_qk_l2norm=True)
+        if rule == "recurrent":  # decoding: forward only
+            return [o, state]
+        return [o, state, *torch.autograd.grad(o.square().sum() + state.sum(), inputs)]
+
+    want = outputs_and_grads()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = outputs_and_grads()
+    assert got[0].dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("rule", RULES)
 def test_delta_rule_accepts_strided_inputs(rule):
     # As the model produces them: q, k, v split from one fused projection, g / beta from a transposed layout.
     (q, k, v, g, beta), s0 = _inputs(2, 128, 2, 4, 8, 8, 2, l2norm=False, seed=8)  # no padding copy

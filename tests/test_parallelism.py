@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.parallel import loss_parallel
 
@@ -129,6 +130,51 @@ def test_two_process_tensor_parallel_inductor_packed_batches_match_one_process()
 def test_two_process_tensor_parallel_float8_trains():
     losses = run_distributed(_train_distributed, "debug", {}, dict(tp=2), dict(float8=True, float8_emulate=True))
     torch.testing.assert_close(losses, _reference_losses("debug"), rtol=0.05, atol=0)
+
+
+BF16_MIXED_PRECISION = dict(mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+
+
+def test_mixed_precision_without_fsdp_is_torch_autocast():
+    """One process (no FSDP to cast parameters): the forward runs under torch.autocast(bf16), bit for bit, with fp32
+    parameters and gradients, and leaves autocast off; parameters already in bf16 get no autocast."""
+    model = parallelize(_model("debug"), ParallelDims(world_size=1), None, **BF16_MIXED_PRECISION)
+    reference = _model("debug")
+    ids = _batch(model.config)
+    logits = model(ids)
+    assert logits.dtype == torch.bfloat16 and not torch.is_autocast_enabled("cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = reference(ids)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+    logits.float().logsumexp(-1).mean().backward()
+    expected.float().logsumexp(-1).mean().backward()
+    for (name, param), reference_param in zip(model.named_parameters(), reference.parameters()):
+        assert param.dtype == param.grad.dtype == torch.float32, name
+        torch.testing.assert_close(param.grad, reference_param.grad, rtol=0, atol=0, msg=name)
+
+    bf16_model = parallelize(_model("debug").to(torch.bfloat16), ParallelDims(world_size=1), None,
+                             **BF16_MIXED_PRECISION)
+    assert not bf16_model._forward_pre_hooks
+
+
+def _tensor_parallel_mixed_precision_run() -> tuple[torch.dtype, list[float]]:
+    """(dtype of the logits, losses) of the debug model under TP=2 with bf16 mixed precision."""
+    dims = ParallelDims(world_size=2, tp=2)
+    model = parallelize(_model("debug"), dims, dims.build_meshes("cpu"), **BF16_MIXED_PRECISION)
+    ids = _batch(model.config)
+    with torch.no_grad():
+        dtype = model(ids).dtype
+    return dtype, _train(model, ids)
+
+
+def test_two_process_tensor_parallel_bf16_mixed_precision_matches_one_process():
+    """TP=2 without FSDP: mixed precision by autocast on DTensors, losses as one process under autocast up to
+    bf16 rounding."""
+    dtype, losses = run_distributed(_tensor_parallel_mixed_precision_run)
+    assert dtype == torch.bfloat16
+    model = parallelize(_model("debug"), ParallelDims(world_size=1), None, **BF16_MIXED_PRECISION)
+    expected = _train(model, _batch(model.config))
+    torch.testing.assert_close(losses, expected, rtol=5e-4, atol=0)
 
 
 def test_float8_converts_filtered_linears_and_trains():

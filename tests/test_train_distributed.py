@@ -169,6 +169,16 @@ def test_two_processes_match_one_process(tmp_path, tmp_path_factory, dealt_data,
     _assert_matches_one_process(tmp_path, tmp_path_factory, log, applied, (*data, *reference))
 
 
+def test_one_process_mixed_precision_runs_under_autocast(tmp_path, tmp_path_factory):
+    """Without FSDP, torchtitan 0.3.0 leaves `mixed_precision_param` unapplied; the Qwen3.5 parallelize runs the
+    forward under autocast instead (parallelism/autocast.py): bf16 losses near, and not equal to, fp32's."""
+    log = _torchrun(tmp_path, *ONE, "--training.mixed_precision_param", "bfloat16", nproc=1)
+    assert "qwen35: applied autocast(bfloat16)" in log
+    losses, fp32 = _losses(tmp_path), _one_process(tmp_path_factory)
+    torch.testing.assert_close(losses, fp32, rtol=1e-2, atol=0)
+    assert losses != fp32
+
+
 # 4 processes on 2 cores: about a minute each. The 1-process references are those of the 2-process tests.
 FSDP2_TP2 = (*DP2, "--parallelism.data_parallel_shard_degree", "2", "--parallelism.tensor_parallel_degree", "2")
 HSDP = (*DP4, "--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "2")

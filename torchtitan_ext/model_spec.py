@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from parallelism import ParallelDims, parallelize
+from parallelism.autocast import autocast_dtype
 from qwen35 import FLAVORS, Qwen35Config, Qwen35ForCausalLM
 from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC
@@ -45,6 +46,7 @@ def make_parallelize_fn(float8: Float8Settings | None):
         meshes = dims.build_meshes(device_type) if parallel_dims.world_size > 1 else None
         mp_policy = MixedPrecisionPolicy(param_dtype=TORCH_DTYPE_MAP[training.mixed_precision_param],
                                          reduce_dtype=TORCH_DTYPE_MAP[training.mixed_precision_reduce])
+        autocast = autocast_dtype(model, dims, mp_policy)  # mixed precision without FSDP (parallelism.autocast)
         parallelize(model, dims, meshes, ac=_AC_MODES[type(ac_config) if ac_config else None],
                     compile=compile_config.enable and "model" in compile_config.components,
                     compile_backend=compile_config.backend, float8=float8 is not None,
@@ -60,6 +62,8 @@ def make_parallelize_fn(float8: Float8Settings | None):
             applied.append(f"float8({'emulated' if float8.emulate else 'hardware'})")
         if dims.tp > 1:
             applied.append("loss_parallel")
+        if autocast is not None:
+            applied.append(f"autocast({str(autocast).removeprefix('torch.')})")
         logger.info(f"{MODEL_NAME}: applied {', '.join(applied) or 'no parallelism or transforms'}")
         # torchtitan divides the summed loss by the global token count, so gradients must be summed over
         # data-parallel ranks, not averaged (what fully_shard does by default): torchtitan's own FSDP does this.

@@ -7,12 +7,27 @@ Inputs are assumed valid (the public functions in `kernels.gated_delta_rule` che
 are differentiable (first order) w.r.t. q, k, v, g, beta and initial_state.
 """
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
 CHUNK_SIZE = 64
+
+
+def _without_autocast(fn):
+    """Run fn with torch.autocast off for the device of its first tensor argument: the reference computes in its
+    own dtype (fp32, or float64), which autocast would otherwise lower to 16 bits in every matmul, the state's
+    included. Outputs are cast back to v's dtype as without autocast."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        device = next(a for a in args if isinstance(a, torch.Tensor)).device
+        with torch.autocast(device.type, enabled=False):
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def _compute_dtype(*tensors):
@@ -126,6 +141,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         return o, finals.view(-1, B, H, G, K, V)
 
     @staticmethod
+    @_without_autocast  # the backward of a forward that ran without it (a backward may run under autocast)
     def backward(ctx, d_o, d_finals):
         q, k, v, beta, e_in, e_out, gam, kk, a_qk, t, w, u, states, v_new = ctx.saved_tensors
         NC, B, H, G, C, V = v.shape
@@ -198,6 +214,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         return d_q.view(q.shape), d_k.view(k.shape), d_v, d_g, d_beta, d_s0.view(-1, B, H, G, K, V), None
 
 
+@_without_autocast
 def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                            cu_seqlens=None, use_qk_l2norm=False):
     """Chunked gated delta rule (chunk 64). Shapes and semantics: `kernels.chunk_gated_delta_rule`."""
@@ -238,6 +255,7 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
     return o.to(out_dtype), final_state
 
 
+@_without_autocast
 def recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                                cu_seqlens=None, use_qk_l2norm=False):
     """Token-by-token gated delta rule (decoding). Shapes and semantics: `kernels.recurrent_gated_delta_rule`."""
