@@ -7,8 +7,11 @@
 #   tests       (150 s) pytest tests/test_cuda.py: Triton kernels and the model on CUDA vs the CPU oracles
 #   train_step  (260 s) bench/train_step.py --skip-cpu: 0.8B bf16 seq 4096, eager vs compiled vs transformers + fla
 #   gdn         (150 s) bench/kernel_gdn.py: our Triton delta rule vs fla vs the torch reference ($OUT/gdn.json)
-#   titan       (40 s)  the torchtitan trainer on debug.toml + compile (torchtitan 0.3.0 did not import its
-#                       trainer on torch 2.11: BENCHMARKS.md)
+#   titan       (60 s)  the torchtitan trainer on debug.toml + compile (also writes the debug corpus and tokenizer)
+#   titan_08b   (200 s) the trainer on train_configs/qwen35_0.8b.toml as the recipe sets it (compile of model and
+#                       loss, selective AC, float8) on this one GPU: no FSDP, so bf16 by autocast; the debug corpus
+#                       and tokenizer stand in for the real ones; logs tps / TFLOPs / MFU every 5 steps
+#                       (local batch TITAN_LOCAL_BATCH, default the recipe's 4, x 4096 tokens)
 # A fresh machine compiles every Triton kernel and autotunes fla's once per process, which is most of each limit.
 # Record the numbers in BENCHMARKS.md with the device named.
 set -uo pipefail
@@ -35,15 +38,21 @@ step() {  # step NAME SECONDS COMMAND...: run, log to $OUT/NAME.log, note the ex
     echo "$name: exit $? after $((SECONDS - start)) s" | tee -a "$OUT/steps.txt"
 }
 
-for name in ${@:-tests train_step gdn titan}; do
+for name in ${@:-tests train_step gdn titan titan_08b}; do
     case $name in
         # pytest-timeout (in the device image) fails a test that hangs instead of letting it eat the step's limit
         tests) per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout=60")
                step tests 150 python3 -m pytest -v -p no:cacheprovider --tb=short $per_test tests/test_cuda.py ;;
         train_step) step train_step 260 python3 bench/train_step.py --skip-cpu ;;
         gdn) step gdn 150 python3 bench/kernel_gdn.py --out "$OUT/gdn.json" ;;
-        titan) step titan 40 python3 -m torchtitan_ext.train --config train_configs/debug.toml --training.steps 40 \
+        titan) step titan 60 python3 -m torchtitan_ext.train --config train_configs/debug.toml --training.steps 40 \
             --compile.enable true --metrics.log_freq 10 --job.dump_folder /tmp/titan_debug ;;
-        *) echo "unknown step $name (tests, train_step, gdn, titan)" | tee -a "$OUT/steps.txt" ;;
+        titan_08b) python3 -m torchtitan_ext.debug_assets outputs/debug_assets > /dev/null
+            step titan_08b 200 python3 -m torchtitan_ext.train --config train_configs/qwen35_0.8b.toml \
+            --model.hf_assets_path outputs/debug_assets --data.dataset_path outputs/debug_assets/stdlib_docs.jsonl \
+            --parallelism.data_parallel_shard_degree 1 --training.local_batch_size "${TITAN_LOCAL_BATCH:-4}" \
+            --training.steps 20 --lr_scheduler.warmup_steps 2 --checkpoint.enable false --metrics.log_freq 5 \
+            --job.dump_folder /tmp/titan_08b ;;
+        *) echo "unknown step $name (tests, train_step, gdn, titan, titan_08b)" | tee -a "$OUT/steps.txt" ;;
     esac
 done
