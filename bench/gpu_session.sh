@@ -12,6 +12,8 @@
 #                       loss, selective AC, float8) on this one GPU: no FSDP, so bf16 by autocast; the debug corpus
 #                       and tokenizer stand in for the real ones; logs tps / TFLOPs / MFU every 5 steps
 #                       (local batch TITAN_LOCAL_BATCH, default the recipe's 4, x 4096 tokens)
+# All five exceed one call's 600 s: split them over two calls on the warm machine (the second within the idle
+# release time), e.g. "tests train_step" (timeout_s 450) then "titan_08b gdn" (timeout_s 400).
 # A fresh machine compiles every Triton kernel and autotunes fla's once per process, which is most of each limit.
 # Record the numbers in BENCHMARKS.md with the device named.
 set -uo pipefail
