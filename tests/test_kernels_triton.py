@@ -196,9 +196,15 @@ _FP32_POINTERS = {"g_ptr", "gcum_ptr", "tm_ptr", "h0_ptr", "ht_ptr", "dht_ptr", 
 _INT32_POINTERS = {"cu_ptr", "chunks_ptr", "chunk_offsets_ptr"}
 
 
-def test_kernels_compile_for_sm90():
+# The optional-state pointers, None (a constexpr) when their feature flag is off.
+_OPTIONAL_POINTERS = {"h0_ptr": "HAS_H0", "ht_ptr": "STORE_HT", "dht_ptr": "HAS_DHT", "dh0_ptr": "STORE_DH0"}
+
+
+@pytest.mark.parametrize("features", [True, False], ids=["all_features", "no_optional_state_no_l2norm"])
+def test_kernels_compile_for_sm90(features):
     """The interpreter runs kernels as numpy and cannot catch GPU code generation errors; compile every kernel
-    for sm_90 (bf16, K = V = 128, all features on) through Triton's own backend, which needs no GPU."""
+    for sm_90 (bf16, K = V = 128) through Triton's own backend, which needs no GPU: with every feature on, and
+    with no initial / final state (their pointers None) and no in-kernel L2 norm."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -210,8 +216,10 @@ def test_kernels_compile_for_sm90():
         pytest.skip("the kernels were imported under TRITON_INTERPRET=1: nothing to compile")
 
     BK, BV = triton_chunk._block_sizes(128, 128)
-    flags = dict(H=16, HV=32, K=128, V=128, BT=64, BC=16, BK=BK, BV=BV, L2NORM=True, PREC="tf32",
-                 HAS_H0=True, STORE_HT=True, HAS_DHT=True, STORE_DH0=True)
+    flags = dict(H=16, HV=32, K=128, V=128, BT=64, BC=16, BK=BK, BV=BV, L2NORM=features, PREC="tf32",
+                 HAS_H0=features, STORE_HT=features, HAS_DHT=features, STORE_DH0=features)
+    if not features:
+        flags.update({pointer: None for pointer in _OPTIONAL_POINTERS})
     kernels = [getattr(triton_chunk, name) for name in dir(triton_chunk) if name.endswith("_kernel")]
     kernels.append(triton_recurrent._recurrent_kernel)
     for kernel in kernels:
