@@ -196,8 +196,8 @@ _FP32_POINTERS = {"g_ptr", "gcum_ptr", "tm_ptr", "h0_ptr", "ht_ptr", "dht_ptr", 
 _INT32_POINTERS = {"cu_ptr", "chunks_ptr", "chunk_offsets_ptr"}
 
 
-# The optional-state pointers, None (a constexpr) when their feature flag is off.
-_OPTIONAL_POINTERS = {"h0_ptr": "HAS_H0", "ht_ptr": "STORE_HT", "dht_ptr": "HAS_DHT", "dh0_ptr": "STORE_DH0"}
+# The optional-state pointers (HAS_H0, STORE_HT, HAS_DHT, STORE_DH0), None (a constexpr) when their flag is off.
+_OPTIONAL_POINTERS = ("h0_ptr", "ht_ptr", "dht_ptr", "dh0_ptr")
 
 
 @pytest.mark.parametrize("features", [True, False], ids=["all_features", "no_optional_state_no_l2norm"])

@@ -19,7 +19,7 @@ CHUNK_SIZE = 64
 def _without_autocast(fn):
     """Run fn with torch.autocast off for the device of its first tensor argument: the reference computes in its
     own dtype (fp32, or float64), which autocast would otherwise lower to 16 bits in every matmul, the state's
-    included. Outputs are cast back to v's dtype as without autocast."""
+    included. The output still takes v's dtype, as without autocast."""
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
