@@ -25,10 +25,12 @@ import json
 import math
 import os
 import re
+import subprocess
 import sys
 
 import torch
 import triton
+import triton.backends.nvidia
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
@@ -115,6 +117,7 @@ class Compiled:
     num_warps: int
     num_stages: int
     prefetch: str  # "TMA", "cp.async" or "none"
+    ptxas: str  # the ptxas Triton ran, and its CUDA release
 
 
 def _ptxas_figure(log: str, pattern: str) -> int:
@@ -122,6 +125,15 @@ def _ptxas_figure(log: str, pattern: str) -> int:
     if not found:
         raise RuntimeError(f"no '{pattern}' in the ptxas report:\n{log}")
     return max(int(x) for x in found)
+
+
+def _ptxas_release(log: str) -> str:
+    """'<tool> <CUDA release>' of the ptxas that wrote `log` (Triton ships its own in backends/nvidia/bin)."""
+    tool = re.search(r"^(\S+) info", log, re.MULTILINE).group(1)
+    binary = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", tool)
+    version = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
+    release = re.search(r"release ([\d.]+)", version)
+    return f"{tool} {release.group(1) if release else '?'}"
 
 
 def compile_for_sm90(launch: Launch) -> Compiled:
@@ -150,7 +162,7 @@ def compile_for_sm90(launch: Launch) -> Compiled:
                     spill_stores=_ptxas_figure(log, r"(\d+) bytes spill stores"),
                     spill_loads=_ptxas_figure(log, r"(\d+) bytes spill loads"),
                     shared_bytes=compiled.metadata.shared, num_warps=compiled.metadata.num_warps,
-                    num_stages=compiled.metadata.num_stages, prefetch=prefetch)
+                    num_stages=compiled.metadata.num_stages, prefetch=prefetch, ptxas=_ptxas_release(log))
 
 
 def _by_occurrence(launches: list[Launch]) -> dict:
@@ -215,7 +227,8 @@ def main():
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
     rows = report()
-    print(f"Triton {triton.__version__}, torch {torch.__version__}, target sm_90; bf16, K = V = {K}, H = HV = {H}, "
+    ptxas = ", ".join(sorted({row["ptxas"] for row in rows}))
+    print(f"Triton {triton.__version__} ({ptxas}), torch {torch.__version__}, target sm_90; bf16, K = V = {K}, H = HV = {H}, "
           f"L2 norm in kernel, no initial/final state; programs at 1 x {DOC_TOKENS:,} and 8 x {DOC_TOKENS:,} tokens "
           f"(chunked: packed documents of {DOC_TOKENS:,}; decode: 1 and 8 rows)")
     _print_table(rows)
