@@ -70,7 +70,8 @@ def recorded_launches():
     run = JITFunction.run
 
     def record(self, *args, grid, warmup, **kwargs):
-        assert not callable(grid), f"{self.__name__}: grid functions are not supported by this report"
+        if callable(grid):  # as JITFunction.run: the grid function gets the bound arguments, constexprs included
+            grid = grid(dict(zip(self.arg_names, args), **kwargs))
         launches.append(Launch(self, args, dict(kwargs), tuple(grid)))
 
     JITFunction.run = record
