@@ -9,9 +9,10 @@ float64 recurrence of delta_rule_oracle.py as the reference. Axes: head sizes 60
 norm; initial and final states with their gradients; packed sequences with fla's cu_seqlens lists.
 
 Both backends of the public op `kernels.chunk_gated_delta_rule`: "torch" (the CPU reference) over the whole
-matrix, and "triton" on CPU tensors (the kernels run under the Triton interpreter, ~0.1-0.3 s per chunk and value
-head) on a subset: head sizes 60 / 100 / 128 at short T, the other axes at head size 16. fp32 and fp16 only
-(Triton 3.9's interpreter computes bf16 tl.dot on the raw bits, so bf16 there proves nothing).
+matrix, and "triton" on CPU tensors (the kernels run under the Triton interpreter: forward + backward cost about
+0.25 s per chunk and value head at head size 16, 0.7 s at 128) on a subset: head sizes 60 / 64 / 100 / 128 at short
+T, the other axes at head size 16. fp32 and fp16 only (Triton 3.9's interpreter computes bf16 tl.dot on the raw
+bits, so bf16 there proves nothing).
 
 Also the issue-11 requirements the kernels do not meet yet (xfail until branch i11-triton lands): CUDA grid limits
 for 5,000 packed documents / decode rows with 16 value heads, and zero gradients past cu_seqlens[-1].
@@ -211,7 +212,7 @@ class CudaGridLimitError(AssertionError):
 def cuda_grid_guard(monkeypatch):
     """The interpreter launches any grid; this makes every interpreted Triton launch check CUDA's grid limits
     first. Returns the list of (kernel name, grid) launched. With `guard.execute = False` the kernels are not run
-    (launch shapes only: 80,000 interpreted programs would take minutes)."""
+    (launch shapes only: an interpreted program takes about 3.5 ms here, 80,000 of them minutes)."""
     from triton.runtime.interpreter import InterpretedFunction
 
     launches = []
