@@ -17,6 +17,7 @@ from torchtitan.trainer import Trainer
 from .data import DataError
 from .preflight import prepare_files
 from .toml_config import ConfigError, read_sections, to_trainer_config
+from .validation import validate
 
 
 def load_config(argv: list[str]) -> Trainer.Config:
@@ -25,7 +26,9 @@ def load_config(argv: list[str]) -> Trainer.Config:
     args, overrides = parser.parse_known_args(argv)
     sections = read_sections(args.config, overrides)
     prepare_files(sections, args.config)
-    return to_trainer_config(sections, args.config)
+    config = to_trainer_config(sections, args.config)
+    validate(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    return config
 
 
 def _default_single_process_env() -> None:
