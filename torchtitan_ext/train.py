@@ -15,8 +15,10 @@ from torchtitan.tools.logging import init_logger, logger
 from torchtitan.trainer import Trainer
 
 from .data import DataError
+from .checkpoint import CheckpointError
 from .preflight import prepare_files
 from .toml_config import ConfigError, read_sections, to_trainer_config
+from .trainer import NonFiniteLossError
 from .validation import validate
 
 
@@ -68,6 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     except DataError as err:  # found while building the dataloader (before the first step) or reading data
         logger.error(f"data error: {err}")
         sys.exit(2)
+    except (CheckpointError, NonFiniteLossError) as err:
+        logger.error(str(err))
+        sys.exit(1)
 
 
 if __name__ == "__main__":
