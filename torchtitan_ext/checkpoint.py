@@ -23,10 +23,10 @@ class CheckpointError(ValueError):
 
 
 def read_metadata(step_dir: Path) -> Metadata:
-    """The DCP metadata of a step folder; an absent or unreadable `.metadata` names the file."""
+    """The DCP metadata of a step folder; an absent (FileNotFoundError) or unreadable `.metadata` names the file."""
     path = step_dir / METADATA
     if not path.is_file():
-        raise CheckpointError(f"{step_dir}: not a DCP checkpoint directory (no {METADATA})")
+        raise FileNotFoundError(f"{step_dir}: not a DCP checkpoint directory (no {METADATA})")
     try:
         return dcp.FileSystemReader(str(step_dir)).read_metadata()
     except (EOFError, pickle.UnpicklingError, AttributeError, ValueError) as err:
@@ -62,7 +62,7 @@ def check_step(folder: Path, step: int) -> Metadata:
     steps = step_dirs(folder)
     try:
         return check_complete(steps[step])
-    except CheckpointError as err:
+    except (CheckpointError, FileNotFoundError) as err:
         earlier = [s for s in sorted(steps, reverse=True) if s < step and _is_complete(steps[s])]
         hint = (f"step {earlier[0]} ({steps[earlier[0]]}) is complete: remove {steps[step]} to resume from it"
                 if earlier else "no earlier complete step exists in " + str(folder))
@@ -72,7 +72,7 @@ def check_step(folder: Path, step: int) -> Metadata:
 def _is_complete(step_dir: Path) -> bool:
     try:
         check_complete(step_dir)
-    except CheckpointError:
+    except (CheckpointError, FileNotFoundError):
         return False
     return True
 
