@@ -194,3 +194,22 @@ def save_pretrained(model: Qwen35ForCausalLM, out_dir: str | os.PathLike, max_sh
             stale.unlink(missing_ok=True)
     for tmp, final in temporary:
         os.replace(tmp, final)
+
+
+def text_tensor_names(hf_dir: str | os.PathLike) -> set[str]:
+    """The decoder tensors an HF directory holds, under our names (multimodal prefix dropped, per-expert MoE keys
+    as their fused tensor), without reading any tensor; vision and MTP tensors are left out as load_pretrained
+    skips them."""
+    names = set()
+    for path in _checkpoint_files(Path(hf_dir)):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if key.startswith(_SKIPPED_PREFIXES):
+                    continue
+                name = "model." + key[len(_MULTIMODAL_PREFIX):] if key.startswith(_MULTIMODAL_PREFIX) else key
+                per_expert = _PER_EXPERT_KEY.match(name)
+                if per_expert:
+                    base, _, proj = per_expert.groups()
+                    name = f"{base}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
+                names.add(name)
+    return names
