@@ -35,6 +35,8 @@ def test_non_empty_output_needs_overwrite_then_is_replaced_with_the_umask(tmp_pa
         (output / name).write_text(text)
     with pytest.raises(SystemExit, match=rf"--output {output} is not empty; pass --overwrite"):
         _export(tmp_path / "step-1", output)
+    with pytest.raises(SystemExit, match=rf"--output {tmp_path} contains --checkpoint {tmp_path / 'step-1'}"):
+        _export(tmp_path / "step-1", tmp_path, "--overwrite")
     assert {p.name: p.read_text() for p in output.iterdir()} == user_files
 
     previous = os.umask(0o027)

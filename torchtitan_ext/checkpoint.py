@@ -5,7 +5,6 @@ DCP reads `.metadata` with pickle: only read checkpoints from a trusted source."
 
 from __future__ import annotations
 
-import pickle
 import re
 from pathlib import Path
 
@@ -29,7 +28,7 @@ def read_metadata(step_dir: Path) -> Metadata:
         raise FileNotFoundError(f"{step_dir}: not a DCP checkpoint directory (no {METADATA})")
     try:
         return dcp.FileSystemReader(str(step_dir)).read_metadata()
-    except (EOFError, pickle.UnpicklingError, AttributeError, ValueError) as err:
+    except Exception as err:  # unpickling damaged bytes can raise almost any exception type
         raise CheckpointError(f"{path}: unreadable checkpoint metadata ({type(err).__name__}: {err}); the file is "
                               "truncated or corrupt") from None
 

@@ -64,9 +64,12 @@ def load_dcp_model(architecture: Qwen35Config, checkpoint: Path) -> Qwen35ForCau
     return model
 
 
-def _refuse_non_empty(output: Path, overwrite: bool) -> None:
+def _check_output(output: Path, overwrite: bool, checkpoint: Path) -> None:
+    """Refuse an output that would destroy user files or the checkpoint being exported."""
     if output.exists() and not output.is_dir():
         raise ExportError(f"--output {output} is a file, not a directory")
+    if checkpoint.resolve().is_relative_to(output.resolve()):
+        raise ExportError(f"--output {output} contains --checkpoint {checkpoint}; write the export elsewhere")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise ExportError(f"--output {output} is not empty; pass --overwrite to replace it (its current contents "
                           "are deleted)")
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
         model_section = read_sections(args.config, [])["model"]
-        _refuse_non_empty(args.output, args.overwrite)
+        _check_output(args.output, args.overwrite, args.checkpoint)
         model = load_dcp_model(model_section.architecture(), args.checkpoint)
 
         def write(directory: Path) -> None:
