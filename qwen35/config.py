@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,16 @@ _REQUIRED_KEYS = (
 )
 _REQUIRED_DENSE_KEYS = ("intermediate_size",)
 _REQUIRED_MOE_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size")
+
+
+log = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
 
 
 def hybrid_layer_types(num_layers: int, full_attention_interval: int = 4) -> list[str]:
@@ -53,7 +64,9 @@ class Qwen35Config:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10_000_000.0
     partial_rotary_factor: float = 0.25
-    mrope_section: list[int] = field(default_factory=lambda: [11, 11, 10])
+    # Multimodal RoPE split of rotary_dim / 2 over (t, h, w); no effect on text-only positions (all three are the
+    # token index). None: absent from config.json (transformers then uses none either).
+    mrope_section: list[int] | None = field(default_factory=lambda: [11, 11, 10])
     max_position_embeddings: int = 262144
     tie_word_embeddings: bool = False
     attention_bias: bool = False
@@ -74,7 +87,8 @@ class Qwen35Config:
         if self.layer_types is None:
             self.layer_types = hybrid_layer_types(self.num_hidden_layers)
         self.layer_types = list(self.layer_types)
-        self.mrope_section = list(self.mrope_section)
+        if self.mrope_section is not None:
+            self.mrope_section = list(self.mrope_section)
         self.validate()
 
     # ------------------------------------------------------------------ derived sizes
@@ -128,8 +142,11 @@ class Qwen35Config:
             fail("partial_rotary_factor", "must be in (0, 1]")
         if self.rotary_dim % 2 or self.rotary_dim == 0:
             fail("partial_rotary_factor", f"head_dim * partial_rotary_factor = {self.rotary_dim} must be even and > 0")
-        if sum(self.mrope_section) != self.rotary_dim // 2:
-            fail("mrope_section", f"must sum to rotary_dim / 2 = {self.rotary_dim // 2}")
+        if self.mrope_section is None or sum(self.mrope_section) != self.rotary_dim // 2:
+            # transformers saves and runs such configs (its own tester configs do): accept them.
+            _warn_once(f"Qwen35Config.mrope_section = {self.mrope_section} does not split rotary_dim / 2 = "
+                       f"{self.rotary_dim // 2}; it only matters for image/video positions, which this text "
+                       "model does not use, so it is ignored")
         if self.rope_theta <= 0:
             fail("rope_theta", "must be positive")
         if self.hidden_act != "silu":
@@ -144,10 +161,10 @@ class Qwen35Config:
             for key in ("moe_intermediate_size", "shared_expert_intermediate_size"):
                 if getattr(self, key) <= 0:
                     fail(key, "must be a positive integer for an MoE config")
-            # torch._grouped_mm needs 16-byte aligned strides for every dtype we train in.
-            for key in ("hidden_size", "moe_intermediate_size"):
-                if getattr(self, key) % 8:
-                    fail(key, "must be a multiple of 8 for the grouped expert GEMM")
+            # torch._grouped_mm needs 16-byte aligned strides for every dtype we train in (moe_intermediate_size
+            # is padded for it: GroupedExperts).
+            if self.hidden_size % 8:
+                fail("hidden_size", "must be a multiple of 8 for the grouped expert GEMM")
         else:
             if self.intermediate_size is None or self.intermediate_size <= 0:
                 fail("intermediate_size", "must be a positive integer for a dense config")
@@ -202,7 +219,7 @@ class Qwen35Config:
             layer_types=layer_types,
             rope_theta=float(rope.get("rope_theta", text.get("rope_theta"))),
             partial_rotary_factor=float(rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25))),
-            mrope_section=list(rope.get("mrope_section", [11, 11, 10])),
+            mrope_section=rope.get("mrope_section"),
         )
         for key in ("max_position_embeddings", "tie_word_embeddings", "attention_bias", "hidden_act",
                     "initializer_range", "router_aux_loss_coef", "pad_token_id", "bos_token_id", "eos_token_id"):
@@ -234,7 +251,7 @@ class Qwen35Config:
                 "rope_type": "default",
                 "rope_theta": self.rope_theta,
                 "partial_rotary_factor": self.partial_rotary_factor,
-                "mrope_section": self.mrope_section,
+                **({} if self.mrope_section is None else {"mrope_section": self.mrope_section}),
                 "mrope_interleaved": True,
             },
         }

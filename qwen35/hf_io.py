@@ -134,6 +134,13 @@ def _parse_size(size: int | str) -> int:
     return int(float(match.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[match.group(2)])
 
 
+def _new_file_mode() -> int:
+    """The mode open() gives a new file: 0666 less the process umask (read by setting it back at once)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def save_pretrained(model: Qwen35ForCausalLM, out_dir: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
     """Write config.json + safetensors (sharded with an index above `max_shard_size`) that transformers'
     AutoModelForCausalLM loads. Files are written under temporary names and renamed only once all are complete."""
@@ -176,6 +183,7 @@ def save_pretrained(model: Qwen35ForCausalLM, out_dir: str | os.PathLike, max_sh
                 tmp.write_bytes(content)
             else:
                 save_file(content, tmp, metadata={"format": "pt"})
+                os.chmod(tmp, _new_file_mode())  # safetensors creates its files 0600
     except BaseException:
         for tmp, _ in temporary:
             tmp.unlink(missing_ok=True)
@@ -186,3 +194,22 @@ def save_pretrained(model: Qwen35ForCausalLM, out_dir: str | os.PathLike, max_sh
             stale.unlink(missing_ok=True)
     for tmp, final in temporary:
         os.replace(tmp, final)
+
+
+def text_tensor_names(hf_dir: str | os.PathLike) -> set[str]:
+    """The decoder tensors an HF directory holds, under our names (multimodal prefix dropped, per-expert MoE keys
+    as their fused tensor), without reading any tensor; vision and MTP tensors are left out as load_pretrained
+    skips them."""
+    names = set()
+    for path in _checkpoint_files(Path(hf_dir)):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if key.startswith(_SKIPPED_PREFIXES):
+                    continue
+                name = "model." + key[len(_MULTIMODAL_PREFIX):] if key.startswith(_MULTIMODAL_PREFIX) else key
+                per_expert = _PER_EXPERT_KEY.match(name)
+                if per_expert:
+                    base, _, proj = per_expert.groups()
+                    name = f"{base}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
+                names.add(name)
+    return names

@@ -49,6 +49,17 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.gate_up_proj, 0.0, self.init_std)
         nn.init.normal_(self.down_proj, 0.0, self.init_std)
 
+    def _aligned_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """gate_up_proj and down_proj with the intermediate size zero-padded to a multiple of 8, as
+        torch._grouped_mm's 16-byte stride alignment needs (transformers' tester configs use 12). The padded
+        units compute silu(0) * 0 = 0 and meet zero columns of down_proj, so the output is unchanged."""
+        pad = -self.down_proj.shape[-1] % 8
+        if not pad:
+            return self.gate_up_proj, self.down_proj
+        experts, double_inter, hidden = self.gate_up_proj.shape
+        gate_up = F.pad(self.gate_up_proj.reshape(experts, 2, double_inter // 2, hidden), (0, 0, 0, pad))
+        return gate_up.reshape(experts, double_inter + 2 * pad, hidden), F.pad(self.down_proj, (0, pad))
+
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, H]; expert_ids, weights [N, k] -> sum_j weights[:, j] * expert_{ids[:, j]}(x)."""
         top_k = expert_ids.shape[1]
@@ -59,9 +70,10 @@ class GroupedExperts(nn.Module):
         counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
         group_ends = counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32)).cumsum(0)
         group_ends = group_ends.to(torch.int32)
-        hidden = torch._grouped_mm(x[token_of_slot], self.gate_up_proj.transpose(-2, -1), offs=group_ends)
+        gate_up_proj, down_proj = self._aligned_weights()
+        hidden = torch._grouped_mm(x[token_of_slot], gate_up_proj.transpose(-2, -1), offs=group_ends)
         gate, up = hidden.chunk(2, dim=-1)
-        out = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=group_ends)
+        out = torch._grouped_mm(F.silu(gate) * up, down_proj.transpose(-2, -1), offs=group_ends)
         out = out * weights.reshape(-1)[order, None]
         return torch.zeros_like(x).index_add_(0, token_of_slot, out.to(x.dtype))
 

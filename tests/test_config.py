@@ -96,7 +96,6 @@ def test_transformers_reads_our_config():
     (lambda d: d.update(num_key_value_heads=3), "num_attention_heads: must be a multiple of num_key_value_heads=3"),
     (lambda d: d.update(layer_types=d["layer_types"][:-1]), "layer_types: must have num_hidden_layers=24"),
     (lambda d: d["layer_types"].__setitem__(0, "sliding"), "layer_types: entries must be one of"),
-    (lambda d: d["rope_parameters"].update(partial_rotary_factor=0.5), "rotary_dim / 2"),
     (lambda d: d.update(linear_num_value_heads=20), "linear_num_value_heads: must be a multiple of"),
 ])
 def test_invalid_configs_name_field_and_rule(mutate, message):
@@ -105,6 +104,24 @@ def test_invalid_configs_name_field_and_rule(mutate, message):
     with pytest.raises(ValueError) as err:
         Qwen35Config.from_hf_dict(hf, source="x/config.json")
     assert message in str(err.value) and "x/config.json" in str(err.value)
+
+
+def test_mrope_section_not_splitting_rotary_dim_is_accepted_with_one_warning(caplog, monkeypatch):
+    # transformers saves and runs such configs; mrope_section only moves image/video positions.
+    import qwen35.config
+
+    monkeypatch.setattr(qwen35.config, "_warned", set())
+    hf = Qwen35Config.from_flavor("0.8B").to_hf_dict()
+    hf["rope_parameters"].update(partial_rotary_factor=0.5)
+    with caplog.at_level("WARNING", logger="qwen35.config"):
+        config = Qwen35Config.from_hf_dict(hf)
+        Qwen35Config.from_hf_dict(hf)
+    assert config.partial_rotary_factor == 0.5 and config.mrope_section == [11, 11, 10]
+    assert [r.getMessage() for r in caplog.records] == [
+        "Qwen35Config.mrope_section = [11, 11, 10] does not split rotary_dim / 2 = 64; it only matters for "
+        "image/video positions, which this text model does not use, so it is ignored"]
+    del hf["rope_parameters"]["mrope_section"]
+    assert Qwen35Config.from_hf_dict(hf).to_hf_dict()["rope_parameters"].keys() == hf["rope_parameters"].keys()
 
 
 def test_odd_rotary_dim_rejected():

@@ -154,9 +154,13 @@ def test_delta_rule_accepts_strided_inputs(rule):
     g_s, beta_s = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (g, beta))
     assert not any(x.is_contiguous() for x in (q_s, k_s, v_s, g_s, beta_s))
     s0_s = s0.transpose(-1, -2).contiguous().transpose(-1, -2)
-    want = RULES[rule](q, k, v, g, beta, initial_state=s0, output_final_state=True)
     got = RULES[rule](q_s, k_s, v_s, g_s, beta_s, initial_state=s0_s, output_final_state=True)
-    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    # Against the oracle with a tolerance: strided and contiguous inputs may take different BLAS paths, whose
+    # float32 results legitimately differ in the last bits.
+    want = naive_gated_delta_rule_f64(q, k, v, g, beta, initial_state=s0)
+    for got_part, want_part in zip(got, want):
+        assert got_part.dtype == torch.float32
+        torch.testing.assert_close(got_part.double(), want_part, atol=1e-5, rtol=0)
 
 
 def test_decode_steps_continue_a_prefill():

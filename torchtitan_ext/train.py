@@ -15,8 +15,11 @@ from torchtitan.tools.logging import init_logger, logger
 from torchtitan.trainer import Trainer
 
 from .data import DataError
+from .checkpoint import CheckpointError
 from .preflight import prepare_files
 from .toml_config import ConfigError, read_sections, to_trainer_config
+from .trainer import NonFiniteLossError
+from .validation import validate
 
 
 def load_config(argv: list[str]) -> Trainer.Config:
@@ -25,7 +28,9 @@ def load_config(argv: list[str]) -> Trainer.Config:
     args, overrides = parser.parse_known_args(argv)
     sections = read_sections(args.config, overrides)
     prepare_files(sections, args.config)
-    return to_trainer_config(sections, args.config)
+    config = to_trainer_config(sections, args.config)
+    validate(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    return config
 
 
 def _default_single_process_env() -> None:
@@ -65,6 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     except DataError as err:  # found while building the dataloader (before the first step) or reading data
         logger.error(f"data error: {err}")
         sys.exit(2)
+    except (CheckpointError, NonFiniteLossError) as err:
+        logger.error(str(err))
+        sys.exit(1)
 
 
 if __name__ == "__main__":
