@@ -185,3 +185,48 @@ def test_sft_resume_on_another_world_size_continues_the_same_windows(tmp_path, w
     assert len(consumed) == n and n % worlds[1] == 0
     assert sorted(consumed) == sorted(take(ranks(worlds[1]), n // worlds[1]))
     assert len(set(consumed[:14])) == 14  # the first epoch: 14 samples, one a window
+
+
+# ------------------------------------------------------------------------- through the trainer (2 -> 1 processes)
+
+
+def _data_position(step_dir):
+    import torch.distributed.checkpoint as dcp
+
+    state = {"dataloader": {"global_data_position": b""}}
+    dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
+    return pickle.loads(state["dataloader"]["global_data_position"])
+
+
+def test_trainer_checkpoint_from_two_processes_resumes_on_one(tmp_path):
+    """torchrun, 2 FSDP processes, 3 steps, a full checkpoint; then 1 process resumes it (steps 4, 5). The saved
+    data position is one for both ranks (gathered over gloo); the 1-process run starts from the merge of the two
+    ranks' progress and its own checkpoint continues from there."""
+    import os
+    import subprocess
+    import sys
+
+    from test_train_helpers import REPO, debug_args, debug_assets, scalars, train
+
+    debug_assets()
+    common = ("--training.seq_len", "64", "--lr_scheduler.warmup_steps", "1", "--checkpoint.enable", "true",
+              "--checkpoint.interval", "3", "--checkpoint.last_save_model_only", "false", "--data.shuffle_seed", "5")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend", "c10d",
+               "--rdzv_endpoint=localhost:0", "-m", "torchtitan_ext.train",
+               *debug_args(tmp_path, *common, "--training.steps", "3", "--training.local_batch_size", "2")]
+    done = subprocess.run(command, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    saved = _data_position(tmp_path / "checkpoint" / "step-3")
+    assert len(saved["data"]["pending"]) == 2 and all(saved["data"]["pending"])  # both ranks' state, one entry
+    train(tmp_path, *common, "--training.steps", "5", "--training.local_batch_size", "4",
+          "--metrics.save_tb_folder", "tb_resumed")
+    assert sorted(scalars(tmp_path, "tb_resumed")["loss_metrics/global_avg_loss"]) == [4, 5]
+    resumed = _data_position(tmp_path / "checkpoint" / "step-5")["data"]
+    merged = [GlobalPosition(**p).merge(progress) for p, progress in zip(saved["data"]["positions"],
+                                                                        saved["data"]["progress"])]
+    assert [GlobalPosition(**p) for p in resumed["positions"]] == merged and len(resumed["pending"]) == 1
+    # token accounting across the resume: the 2 x 4 windows of 64 the one process trained on came from the two
+    # ranks' unfinished tokens plus what it read since
+    read_since = sum(resumed["tokens_read"][0]) - sum(map(sum, saved["data"]["tokens_read"]))
+    assert len(resumed["pending"][0]) + 2 * 4 * 64 == sum(map(len, saved["data"]["pending"])) + read_since
