@@ -105,13 +105,16 @@ class RecordReader(ABC):
         """The source's units in reading order."""
 
     @abstractmethod
-    def read_unit(self, unit: Any) -> list[tuple[dict, Any]]:
+    def unit_records(self, unit: Any) -> Iterator[tuple[dict, Any]]:
         """(record, where) for each record of `unit`, in order; `where` formats as the file and line or row."""
 
+    def read_unit(self, unit: Any) -> list[tuple[dict, Any]]:
+        return list(self.unit_records(unit))
+
     def read(self) -> Iterator[tuple[dict, Any]]:
-        """(record, where) for every record, in order."""
+        """(record, where) for every record, in order; lazily (a bad record is met when reached)."""
         for unit in self.units():
-            yield from self.read_unit(unit)
+            yield from self.unit_records(unit)
 
     def has_records(self, units: list[Any]) -> bool:
         return next(self.read(), None) is not None
@@ -158,10 +161,9 @@ class JsonLinesReader(RecordReader):
         return [(n, start, min(start + self.BLOCK_BYTES, size))
                 for n, size in enumerate(sizes) for start in range(0, size, self.BLOCK_BYTES)]
 
-    def read_unit(self, unit):
+    def unit_records(self, unit):
         file_number, start, end = unit
         path = self.files[file_number]
-        records = []
         with path.open("rb") as f:
             if start:
                 f.seek(start - 1)
@@ -183,8 +185,7 @@ class JsonLinesReader(RecordReader):
                     raise DataError(f"{where}: malformed JSON line ({err})") from None
                 if not isinstance(record, dict):
                     raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-                records.append((self._check_fields(record, where), where))
-        return records
+                yield self._check_fields(record, where), where
 
 
 class ParquetReader(RecordReader):
@@ -222,7 +223,7 @@ class ParquetReader(RecordReader):
                 first_row += rows
         return units
 
-    def read_unit(self, unit):
+    def unit_records(self, unit):
         import pyarrow as pa
 
         file_number, group, first_row, _ = unit
@@ -231,7 +232,7 @@ class ParquetReader(RecordReader):
             rows = self._parquet(file_number).read_row_group(group, columns=list(self.fields) or None).to_pylist()
         except (pa.ArrowException, OSError) as err:
             raise DataError(f"{path}: row group {group} (rows from {first_row}) cannot be read ({err})") from None
-        return [(record, f"{path} row {first_row + i}") for i, record in enumerate(rows)]
+        return ((record, f"{path} row {first_row + i}") for i, record in enumerate(rows))
 
     def has_records(self, units):
         return any(rows for *_, rows in units)
@@ -248,13 +249,13 @@ class TextFilesReader(RecordReader):
     def units(self):
         return list(range(len(self.files)))
 
-    def read_unit(self, unit):
+    def unit_records(self, unit):
         path = self.files[unit]
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as err:
             raise DataError(f"{path}: not UTF-8 text ({err})") from None
-        return [({"text": text}, str(path))]
+        return iter([({"text": text}, str(path))])
 
     def has_records(self, units):
         return bool(units)
@@ -289,11 +290,11 @@ class HFDatasetReader(RecordReader):
     def units(self):
         return [(start, min(start + self._SLICE, len(self.dataset))) for start in range(0, len(self.dataset), self._SLICE)]
 
-    def read_unit(self, unit):
+    def unit_records(self, unit):
         start, stop = unit
         rows = self.dataset[start:stop]
-        return [(dict(zip(rows, values)), f"{self.spec.path} row {start + i}")
-                for i, values in enumerate(zip(*rows.values()))]
+        return ((dict(zip(rows, values)), f"{self.spec.path} row {start + i}")
+                for i, values in enumerate(zip(*rows.values())))
 
     def has_records(self, units):
         return bool(units)
