@@ -14,7 +14,7 @@ from qwen35.tokenizer import Qwen35Tokenizer
 from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan_ext.data import Qwen35DataLoader, SourceSpec, TitanTokenizer, collate
 from torchtitan_ext.data.pretrain import PretrainWindows
-from torchtitan_ext.data.sources import DataError, ShardedRecords, open_reader
+from torchtitan_ext.data.sources import DataError, JsonLinesReader, SourceStream, open_reader
 from torchtitan_ext.debug_assets import byte_level_tokenizer, train_byte_level_bpe
 
 EOS = 0  # <|endoftext|> in both test tokenizers
@@ -55,8 +55,8 @@ def _jsonl(path, texts, field="text"):
     return path
 
 
-def _windows(specs, tokenizer, seq_len, packing=True, rank=0, world=1, documents_per_read=64):
-    sources = [ShardedRecords(open_reader(spec, (spec.text_field,)), rank, world) for spec in specs]
+def _windows(specs, tokenizer, seq_len, packing=True, rank=0, world=1, documents_per_read=64, seed=None):
+    sources = [SourceStream(open_reader(spec, (spec.text_field,)), rank, world, seed) for spec in specs]
     return PretrainWindows(sources, tokenizer, seq_len, packing=packing, documents_per_read=documents_per_read)
 
 
@@ -243,26 +243,26 @@ def test_resume_yields_the_same_following_windows(tmp_path, bpe, packing, docume
     for k in range(30):
         first = windows()
         _take(iter(first), k)
-        state = pickle.loads(pickle.dumps(first.state_dict()))
-        assert state["pending"] or k == 0 or not packing  # packed: at least the next first input
+        state = pickle.loads(pickle.dumps(PretrainWindows.merge_rank_states([first.rank_state()])))
+        assert state["pending"][0] or k == 0 or not packing  # packed: at least the next first input
         if k and uninterrupted[k - 1][1][-1].item() not in (EOS, IGNORE_INDEX):
             split_documents += 1  # the last window ended inside a document: its rest is pending
         resumed = windows()
-        resumed.load_state_dict(state)
+        resumed.load_global_state(state)
         got = _take(iter(resumed), following)
         for j, (window, reference) in enumerate(zip(got, uninterrupted[k:k + following])):
             assert all(torch.equal(x, y) for x, y in zip(window, reference)), f"resumed after {k}, window {j}"
         reference = windows()
         _take(iter(reference), k + following)
-        assert resumed.state_dict() == reference.state_dict()
+        assert resumed.rank_state() == reference.rank_state()
     assert split_documents >= 10
 
 
 def test_resume_checks_the_number_of_sources(tmp_path, bpe):
     spec = SourceSpec(str(_jsonl(tmp_path / "a.jsonl", ["x y z"])))
-    state = _windows([spec], bpe, 8).state_dict()
+    state = PretrainWindows.merge_rank_states([_windows([spec], bpe, 8).rank_state()])
     with pytest.raises(DataError, match="the checkpoint's data state has 1 sources, the config 2"):
-        _windows([spec, spec], bpe, 8).load_state_dict(state)
+        _windows([spec, spec], bpe, 8).load_global_state(state)
 
 
 def test_non_string_text_field_names_record(tmp_path, bpe):
@@ -281,18 +281,24 @@ def test_non_positive_weight_is_an_error(tmp_path, bpe):
 # ------------------------------------------------------------------------------------------- data-parallel
 
 
-def test_two_ranks_read_disjoint_documents(tmp_path, bpe):
+def test_two_ranks_read_disjoint_documents(tmp_path, bpe, monkeypatch):
+    """Unit i of the source (here blocks of 256 bytes of the file) goes to rank i % 2: each rank's documents are
+    those of its units, in order, and the ranks' documents of an epoch are disjoint and cover the source."""
+    monkeypatch.setattr(JsonLinesReader, "BLOCK_BYTES", 256)
     docs = _documents(30, "d", seed=7)
     spec = SourceSpec(str(_jsonl(tmp_path / "docs.jsonl", docs)))
-    tokenized = [tuple(bpe.encode(d) + [EOS]) for d in docs]
+    reader = open_reader(spec, ("text",))
+    units = [[tuple(bpe.encode(r["text"]) + [EOS]) for r, _ in reader.read_unit(u)] for u in reader.units()]
+    assert len(units) >= 6 and sum(units, []) == [tuple(bpe.encode(d) + [EOS]) for d in docs]
     seen = []
     for rank in range(2):
-        windows = _take(iter(_windows([spec], bpe, 16, rank=rank, world=2)), 25)
+        windows = _take(iter(_windows([spec], bpe, 16, rank=rank, world=2, documents_per_read=1)), 25)
+        mine = sum(units[rank::2], [])
         read = _split_documents(_stream(windows))
-        assert len(read) > 15
-        assert read == (tokenized[rank::2] * 3)[:len(read)]  # documents rank, rank + 2, ... in order
-        seen.append(set(read[:15]))
-    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(tokenized)
+        assert len(read) > len(mine)
+        assert read[:len(mine)] == mine
+        seen.append(set(mine))
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(sum(units, []))
 
 
 # ------------------------------------------------------------------------------------------------- collate
@@ -328,29 +334,77 @@ def titan_tokenizer(bpe):
 
 
 @pytest.mark.parametrize("packing", [True, False])
-def test_dataloader_state_dict_round_trip_resumes_exactly(tmp_path, bpe, titan_tokenizer, packing):
+def test_dataloader_state_dict_round_trip_resumes_exactly(tmp_path, bpe, titan_tokenizer, packing, monkeypatch):
+    """Ranks 0 and 1 of 2 in one process (the gather over processes replaced by the two loaders' states): the
+    checkpointed state is one global position; loaded by both ranks, each continues with exactly its next batches,
+    which are collate() of its windows."""
     specs = [SourceSpec(str(_jsonl(tmp_path / "a.jsonl", _documents(20, "a", seed=8, long_every=6))), weight=3.0),
              SourceSpec(str(_jsonl(tmp_path / "b.jsonl", _documents(9, "b", seed=9))))]
     config = Qwen35DataLoader.Config(sources=specs, packing=packing)
 
-    def loader():
-        return Qwen35DataLoader(config, dp_world_size=2, dp_rank=1, tokenizer=titan_tokenizer, seq_len=16,
-                                local_batch_size=3)
+    def loaders():
+        return [Qwen35DataLoader(config, dp_world_size=2, dp_rank=rank, tokenizer=titan_tokenizer, seq_len=16,
+                                 local_batch_size=3) for rank in range(2)]
 
-    uninterrupted = loader()
-    it = iter(uninterrupted)
-    before = _take(it, 4)
-    state = pickle.loads(pickle.dumps(uninterrupted.state_dict()))  # what a DCP checkpoint stores
-    assert set(state) == {"dp_rank_1", "world_size"} and state["world_size"] == 2
-    after = _take(it, 5)
-    # the batches are collate() of this rank's windows
-    windows = iter(_windows(specs, bpe, 16, packing=packing, rank=1, world=2))
-    for inputs, labels in before + after:
-        batch, batch_labels = collate(_take(windows, 3))
-        assert torch.equal(inputs["input"], batch["input"]) and torch.equal(labels, batch_labels)
-        assert torch.equal(inputs["cu_seqlens"], batch["cu_seqlens"])
-    resumed = loader()
-    resumed.load_state_dict(state)
-    for (x, y), (u, v) in zip(_take(iter(resumed), 5), after, strict=True):
-        assert torch.equal(x["input"], u["input"]) and torch.equal(x["cu_seqlens"], u["cu_seqlens"])
-        assert torch.equal(y, v)
+    uninterrupted = loaders()
+    monkeypatch.setattr(Qwen35DataLoader, "_rank_states", lambda self: [x.dataset.rank_state() for x in uninterrupted])
+    iterators = [iter(x) for x in uninterrupted]
+    before = [_take(it, 4) for it in iterators]
+    state = pickle.loads(pickle.dumps(uninterrupted[1].state_dict()))  # what a DCP checkpoint stores
+    assert set(state) == {"global_data_position"} and state == uninterrupted[0].state_dict()  # same on all ranks
+    after = [_take(it, 5) for it in iterators]
+    for rank in range(2):
+        windows = iter(_windows(specs, bpe, 16, packing=packing, rank=rank, world=2, seed=0))
+        for inputs, labels in before[rank] + after[rank]:
+            batch, batch_labels = collate(_take(windows, 3))
+            assert torch.equal(inputs["input"], batch["input"]) and torch.equal(labels, batch_labels)
+            assert torch.equal(inputs["cu_seqlens"], batch["cu_seqlens"])
+    for rank, resumed in enumerate(loaders()):
+        resumed.load_state_dict(state)
+        for (x, y), (u, v) in zip(_take(iter(resumed), 5), after[rank], strict=True):
+            assert torch.equal(x["input"], u["input"]) and torch.equal(x["cu_seqlens"], u["cu_seqlens"])
+            assert torch.equal(y, v)
+
+
+@pytest.mark.parametrize("change", ["rewritten", "touched", "removed", "added"])
+def test_resume_after_a_data_file_changed_is_refused_naming_it(tmp_path, titan_tokenizer, change):
+    """The checkpoint's data position carries a fingerprint of every data file; a file rewritten (same size),
+    touched, removed or added since is named, where a stale read position would give wrong data."""
+    import os
+
+    (tmp_path / "data").mkdir()
+    path = _jsonl(tmp_path / "data" / "a.jsonl", _documents(20, "a", seed=8))
+    _jsonl(tmp_path / "data" / "b.jsonl", _documents(5, "b", seed=9))
+    config = Qwen35DataLoader.Config(sources=[SourceSpec(str(tmp_path / "data"))])
+
+    def loader():
+        return Qwen35DataLoader(config, dp_world_size=1, dp_rank=0, tokenizer=titan_tokenizer, seq_len=16,
+                                local_batch_size=2)
+
+    first = loader()
+    _take(iter(first), 2)
+    state = pickle.loads(pickle.dumps(first.state_dict()))
+    loader().load_state_dict(state)  # unchanged: accepted
+    stat = path.stat()
+    if change == "rewritten":
+        path.write_text(path.read_text().replace("a1 ", "A1 ", 1))
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        message = rf"{path} changed \(first/last bytes\)"
+    elif change == "touched":
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+        message = rf"{path} changed \(modification time\)"
+    elif change == "removed":
+        path.unlink()
+        message = rf"{path} is gone"
+    else:
+        _jsonl(tmp_path / "data" / "c.jsonl", ["more"])
+        message = rf"{tmp_path / 'data' / 'c.jsonl'} is new"
+    with pytest.raises(DataError, match=rf"the data files differ from those the checkpoint's data position was saved "
+                                        rf"with: {message}.*--checkpoint.exclude_from_loading dataloader"):
+        loader().load_state_dict(state)
+
+
+def test_dataloader_workers_are_refused(titan_tokenizer, tmp_path):
+    config = Qwen35DataLoader.Config(sources=[SourceSpec(str(_jsonl(tmp_path / "a.jsonl", ["x"])))], num_workers=2)
+    with pytest.raises(DataError, match=r"dataloader.num_workers = 2: must be 0"):
+        Qwen35DataLoader(config, dp_world_size=1, dp_rank=0, tokenizer=titan_tokenizer, seq_len=8, local_batch_size=1)

@@ -103,7 +103,7 @@ def test_packing_keeps_samples_whole_with_boundaries(tmp_path, tokenizer):
         assert torch.all(labels[expected[-1]:] == IGNORE_INDEX)
     assert dataset.epoch == 0
     next(stream)
-    assert dataset.epoch == 1 and dataset._epoch_windows() != windows  # reshuffled
+    assert dataset.epoch == 1 and dataset._epoch_windows(1) != windows  # reshuffled
 
 
 def test_data_parallel_ranks_split_windows_and_resume_exactly(tmp_path, tokenizer):
@@ -114,12 +114,15 @@ def test_data_parallel_ranks_split_windows_and_resume_exactly(tmp_path, tokenize
         stream = iter(SFTWindows(samples, 64, rank, 2, packing=False))
         epoch.append([tuple(next(stream)[0].tolist()) for _ in range(8 - rank)])
     assert len(set(epoch[0]) | set(epoch[1])) == 15  # 15 distinct samples, each on one rank
-    dataset = SFTWindows(samples, 64, 1, 2, packing=False)
-    stream = iter(dataset)
+    ranks = [SFTWindows(samples, 64, rank, 2, packing=False) for rank in range(2)]
+    streams = [iter(dataset) for dataset in ranks]
     for _ in range(9):  # into the second epoch
-        next(stream)
+        for s in streams:
+            next(s)
+    state = SFTWindows.merge_rank_states([dataset.rank_state() for dataset in ranks])
+    stream = streams[1]
     resumed = SFTWindows(samples, 64, 1, 2, packing=False)
-    resumed.load_state_dict(dataset.state_dict())
+    resumed.load_global_state(state)
     resumed_stream = iter(resumed)
     for _ in range(10):
         assert torch.equal(next(resumed_stream)[0], next(stream)[0])

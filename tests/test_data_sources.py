@@ -1,6 +1,7 @@
 """Record sources: every format returns exactly the records written, in order; auto format detection; the
-data-parallel split (record i -> rank i % W) covers every record once; resuming from a state_dict continues with
-exactly the next record across file, row-group and epoch boundaries; errors name the file and line / field."""
+data-parallel split (unit i -> rank i % W) covers every record once and a rank reads only its own units; resuming
+from a global position continues with exactly the next record across unit, file and epoch boundaries; the seeded
+shuffle; errors name the file and line / field (a corrupt parquet file too)."""
 
 import json
 import pickle
@@ -9,9 +10,12 @@ import re
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 import torchtitan_ext  # noqa: F401  (compat shims before torchtitan)
-from torchtitan_ext.data.sources import DataError, HFDatasetReader, ShardedRecords, SourceSpec, open_reader
+from torchtitan_ext.data.position import GlobalPosition
+from torchtitan_ext.data.sources import (DataError, HFDatasetReader, JsonLinesReader, ParquetReader, SourceSpec,
+                                      SourceStream, open_reader)
 
 FORMATS = ("jsonl", "parquet", "text", "hf_dataset")
 
@@ -72,17 +76,23 @@ def _expected(fmt, records):
     return [{"text": r["text"]} for r in records] if fmt == "text" else records
 
 
-def _one_epoch(spec, fields=(), rank=0, world=1):
-    reader = open_reader(spec, fields)
-    return [record for record, *_ in reader.records(reader.start, 0, rank, world)]
+def _one_epoch(spec, fields=()):
+    return [record for record, _ in open_reader(spec, fields).read()]
 
 
 def _re(path):
     return re.escape(str(path))
 
 
-def _take(sharded, n):
-    return [next(sharded)[0] for _ in range(n)]
+def _take(stream, n):
+    return [next(stream)[0] for _ in range(n)]
+
+
+@pytest.fixture(autouse=True)
+def _small_units(monkeypatch):
+    """Several units per file: JSON-lines blocks of 64 bytes (1 to 2 lines), datasets slices of 2 rows."""
+    monkeypatch.setattr(JsonLinesReader, "BLOCK_BYTES", 64)
+    monkeypatch.setattr(HFDatasetReader, "_SLICE", 2)
 
 
 @pytest.fixture(autouse=True)
@@ -221,68 +231,91 @@ def test_auto_format_by_name(tmp_path):
     with pytest.raises(DataError, match=r"mixed: the directory holds files of several formats \(jsonl, parquet\); "
                                         r"set format"):
         SourceSpec(str(tmp_path / "mixed")).resolved_format()
-    assert [r for r, *_ in open_reader(SourceSpec(str(tmp_path / "mixed"), format="parquet")).records(
-        (0, 0), 0, 0, 1)] == _records(4)
+    assert _one_epoch(SourceSpec(str(tmp_path / "mixed"), format="parquet")) == _records(4)
 
 
 # ------------------------------------------------------------------------------------------------ sharding
 
 
+def _first_epoch(stream, n_units):
+    records = []
+    while (record := next(stream)[0]) and stream.cursor.item() < n_units:  # the item the record came from
+        records.append(record)
+    return records
+
+
+def _units_records(reader):
+    return [[record for record, _ in reader.read_unit(unit)] for unit in reader.units()]
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_three_ranks_split_every_record_exactly_once(tmp_path, fmt, monkeypatch):
-    monkeypatch.setattr(HFDatasetReader, "_SLICE", 2)  # slices of 2 * world rows
+def test_three_ranks_split_every_record_exactly_once(tmp_path, fmt):
     records = _records(11)
     spec = _source(tmp_path, fmt, records)
-    expected = _expected(fmt, records)
+    units = _units_records(open_reader(spec))
+    assert sum(units, []) == _expected(fmt, records) and len(units) >= 5
     shares = []
     for rank in range(3):
-        sharded = ShardedRecords(open_reader(spec), rank, 3)
-        share = []
-        while sharded.epoch == 0:
-            record, where = next(sharded)
-            share.append(record)
-        share.pop()  # the first record of epoch 1
-        assert share == expected[rank::3]  # record i -> rank i % 3, in order
+        stream = SourceStream(open_reader(spec), rank, 3)
+        share = _first_epoch(stream, len(units))
+        assert share == sum(units[rank::3], [])  # unit i -> rank i % 3, in order
         shares.append(share)
-    assert sorted(map(json.dumps, sum(shares, []))) == sorted(map(json.dumps, expected))  # union, no overlap
-    assert [len(s) for s in shares] == [4, 4, 3]
+    assert sorted(map(json.dumps, sum(shares, []))) == sorted(map(json.dumps, _expected(fmt, records)))
+
+
+def test_a_rank_reads_only_its_own_row_groups(tmp_path, monkeypatch):
+    """Counted: the row groups each of 4 ranks decodes over one epoch are its own quarter, none twice."""
+    _source(tmp_path, "parquet", _records(23))  # a.parquet: groups of 3 rows; b.parquet: of 2 rows
+    spec = SourceSpec(str(tmp_path / "parquet"))
+    opened = []
+    read_row_group = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group",
+                        lambda self, group, **kwargs: opened.append((self.metadata.num_rows, group)) or
+                        read_row_group(self, group, **kwargs))
+    n_units = len(open_reader(spec).units())
+    assert n_units == 3 + 8 and not opened  # numbering the units reads footers only
+    for rank in range(4):
+        opened.clear()
+        stream = SourceStream(open_reader(spec), rank, 4, shuffle_seed=5)
+        _first_epoch(stream, n_units)
+        opened.pop()  # the next epoch's first
+        order = torch.randperm(n_units, generator=torch.Generator().manual_seed(5 * 1_000_003)).tolist()
+        units = open_reader(spec).units()
+        assert opened == [(7 if units[order[i]][0] == 0 else 16, units[order[i]][1]) for i in range(rank, n_units, 4)]
 
 
 # -------------------------------------------------------------------------------------------------- resume
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("rank, world", [(0, 1), (1, 3)])
-def test_resume_continues_with_exactly_the_next_record(tmp_path, fmt, rank, world, monkeypatch):
-    """Every stopping point k over two and a half epochs: file, row-group and epoch boundaries included."""
-    monkeypatch.setattr(HFDatasetReader, "_SLICE", 2)
-    records = _records(11)
-    spec = _source(tmp_path, fmt, records)
-    expected = _expected(fmt, records)[rank::world]
-    n = len(expected)
-    uninterrupted = ShardedRecords(open_reader(spec), rank, world)
-    stream = _take(uninterrupted, 4 * n)
-    assert stream == expected * 4
-    following = n + 2
-    for k in range(2 * n + 1):
-        first = ShardedRecords(open_reader(spec), rank, world)
-        assert _take(first, k) == stream[:k]
-        state = pickle.loads(pickle.dumps(first.state_dict()))  # torchtitan pickles the dataloader state
-        assert state["epoch"] == max(k - 1, 0) // n  # the epoch of the last record read
-        resumed = ShardedRecords(open_reader(spec), rank, world)
-        resumed.load_state_dict(state)
-        assert _take(resumed, following) == stream[k:k + following], f"resumed after {k} records"
-        assert resumed.epoch == (k + following - 1) // n
+@pytest.mark.parametrize("rank, world, seed", [(0, 1, None), (1, 3, None), (1, 2, 7)])
+def test_resume_continues_with_exactly_the_next_record(tmp_path, fmt, rank, world, seed):
+    """Every stopping point k over two epochs of a rank (unit, file and epoch boundaries included), the other ranks
+    at another pace: the state of all ranks, pickled as torchtitan does, restores this rank where it stopped."""
+    spec = _source(tmp_path, fmt, _records(11))
+    uninterrupted = SourceStream(open_reader(spec), rank, world, seed)
+    n = 2 * 11 // world + 2
+    stream = _take(uninterrupted, n + 5)
+    for k in range(n + 1):
+        first = [SourceStream(open_reader(spec), r, world, seed) for r in range(world)]
+        for r, ranked in enumerate(first):
+            _take(ranked, k if r == rank else k // 2)
+        base, progress = pickle.loads(pickle.dumps((vars(first[0].cursor.position),
+                                                    [s.cursor.progress() for s in first])))
+        resumed = SourceStream(open_reader(spec), rank, world, seed)
+        resumed.load(GlobalPosition(**base), progress)
+        assert _take(resumed, 5) == stream[k:k + 5], f"resumed after {k} records"
 
 
-def test_resume_keeps_jsonl_line_numbers(tmp_path):
+def test_resume_keeps_jsonl_line_numbers(tmp_path, monkeypatch):
     """After resuming mid-file, an error still names the right line."""
+    monkeypatch.setattr(JsonLinesReader, "BLOCK_BYTES", 16)  # units: lines a, b | c | the broken one
     path = tmp_path / "a.jsonl"
     path.write_text('{"text": "a"}\n\n{"text": "b"}\n{"text": "c"}\n\n{"text": \n')
-    first = ShardedRecords(open_reader(SourceSpec(str(path))), 0, 1)
+    first = SourceStream(open_reader(SourceSpec(str(path))), 0, 1)
     assert _take(first, 2) == [{"text": "a"}, {"text": "b"}]
-    resumed = ShardedRecords(open_reader(SourceSpec(str(path))), 0, 1)
-    resumed.load_state_dict(first.state_dict())
+    resumed = SourceStream(open_reader(SourceSpec(str(path))), 0, 1)
+    resumed.load(GlobalPosition(), [first.cursor.progress()])
     assert next(resumed)[0] == {"text": "c"}
     with pytest.raises(DataError, match=rf"{_re(path)}:6: malformed JSON line"):
         next(resumed)
@@ -295,25 +328,37 @@ def test_resume_keeps_jsonl_line_numbers(tmp_path):
 def test_reading_past_the_end_starts_the_next_epoch(tmp_path, fmt):
     records = _records(8)
     expected = _expected(fmt, records)
-    sharded = ShardedRecords(open_reader(_source(tmp_path, fmt, records)), 0, 1)
+    stream = SourceStream(open_reader(_source(tmp_path, fmt, records)), 0, 1)
     epochs, seen = [], []
     for _ in range(2 * len(records) + 3):
-        record, where = next(sharded)
+        record, where = next(stream)
         seen.append(record)
-        epochs.append(sharded.epoch)
+        epochs.append(stream.epoch)
     assert seen == (expected * 3)[:len(seen)]
     assert epochs == [0] * 8 + [1] * 8 + [2] * 3
-    assert sharded.state_dict()["index"] == 3
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_shuffle_permutes_units_and_records_per_epoch(tmp_path, fmt):
+    records = _records(11)
+    spec = _source(tmp_path, fmt, records)
+    expected = sorted(map(json.dumps, _expected(fmt, records)))
+    epochs = [[json.dumps(r) for r in _take(SourceStream(open_reader(spec), 0, 1, shuffle_seed=seed), 22)]
+              for seed in (3, 3, 4)]
+    assert epochs[0] == epochs[1] != epochs[2]  # a function of the seed
+    for epoch in (epochs[0][:11], epochs[0][11:], epochs[2][:11]):
+        assert sorted(epoch) == expected  # every record once an epoch
+    assert epochs[0][:11] != epochs[0][11:] and epochs[0][:11] != [json.dumps(r) for r in _expected(fmt, records)]
 
 
 def test_where_names_file_and_line_or_row(tmp_path):
     records = _records(4)
     _write_jsonl(tmp_path / "a.jsonl", records, blank_lines=True)
-    sharded = ShardedRecords(open_reader(SourceSpec(str(tmp_path / "a.jsonl"))), 0, 1)
-    assert [next(sharded)[1] for _ in range(4)] == [f"{tmp_path / 'a.jsonl'}:{line}" for line in (1, 4, 7, 10)]
+    stream = SourceStream(open_reader(SourceSpec(str(tmp_path / "a.jsonl"))), 0, 1)
+    assert [str(next(stream)[1]) for _ in range(4)] == [f"{tmp_path / 'a.jsonl'}:{line}" for line in (1, 4, 7, 10)]
     _write_parquet(tmp_path / "p.parquet", records, row_group_size=3)
-    sharded = ShardedRecords(open_reader(SourceSpec(str(tmp_path / "p.parquet"))), 1, 2)
-    assert [next(sharded)[1] for _ in range(2)] == [f"{tmp_path / 'p.parquet'} row {row}" for row in (1, 3)]
+    stream = SourceStream(open_reader(SourceSpec(str(tmp_path / "p.parquet"))), 1, 2)
+    assert [next(stream)[1] for _ in range(2)] == [f"{tmp_path / 'p.parquet'} row {row}" for row in (3, 3)]
 
 
 # -------------------------------------------------------------------------------------------------- errors
@@ -322,10 +367,8 @@ def test_where_names_file_and_line_or_row(tmp_path):
 def test_malformed_json_line_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "ok"}\n\n{"text": "broken"\n{"text": "after"}\n')
-    sharded = ShardedRecords(open_reader(SourceSpec(str(path)), ("text",)), 0, 1)
-    assert next(sharded)[0] == {"text": "ok"}
-    with pytest.raises(DataError, match=rf"^{_re(path)}:3: malformed JSON line"):
-        next(sharded)
+    with pytest.raises(DataError, match=rf"^{_re(path)}:3: malformed JSON line"):  # a unit is read whole
+        _take(SourceStream(open_reader(SourceSpec(str(path)), ("text",)), 0, 1), 2)
 
 
 def test_non_object_json_line_names_file_and_line(tmp_path):
@@ -338,17 +381,34 @@ def test_non_object_json_line_names_file_and_line(tmp_path):
 def test_missing_field_names_field_file_and_line(tmp_path):
     path = tmp_path / "a.jsonl"
     path.write_text('{"text": "ok"}\n{"content": "no text", "id": 3}\n')
-    sharded = ShardedRecords(open_reader(SourceSpec(str(path)), ("text",)), 0, 1)
-    next(sharded)
     with pytest.raises(DataError, match=rf"^{_re(path)}:2: missing field 'text' \(fields: content, id\)"):
-        next(sharded)
+        _take(SourceStream(open_reader(SourceSpec(str(path)), ("text",)), 0, 1), 2)
 
 
 def test_parquet_missing_column_names_column_and_file(tmp_path):
     path = tmp_path / "p.parquet"
     pq.write_table(pa.table({"content": ["a", "b"]}), path)
     with pytest.raises(DataError, match=rf"^{_re(path)}: missing column 'text' \(columns: content\)"):
-        ShardedRecords(open_reader(SourceSpec(str(path)), ("text",)), 0, 1)
+        SourceStream(open_reader(SourceSpec(str(path)), ("text",)), 0, 1)
+
+
+@pytest.mark.parametrize("damage", ["not_parquet", "truncated", "corrupt_page"])
+def test_corrupt_parquet_file_is_named(tmp_path, damage):
+    """A file that is no parquet, one cut short (footer lost) and one whose data is overwritten (footer intact):
+    a DataError naming the file, when the units are numbered or when the damaged row group is read."""
+    path = tmp_path / "data" / "b.parquet"
+    _write_parquet(tmp_path / "data" / "a.parquet", _records(4), row_group_size=2)
+    _write_parquet(path, _records(400, start=4), row_group_size=200)
+    data = path.read_bytes()
+    if damage == "not_parquet":
+        path.write_bytes(b"this is not parquet at all")
+    elif damage == "truncated":
+        path.write_bytes(data[:len(data) // 2])
+    else:
+        path.write_bytes(data[:4] + bytes(len(data) // 2) + data[4 + len(data) // 2:])
+    with pytest.raises(DataError, match=rf"^{_re(path)}: "):
+        stream = SourceStream(open_reader(SourceSpec(str(tmp_path / "data")), ("text",)), 0, 1)
+        _take(stream, 404)
 
 
 def test_hf_dataset_missing_column_names_column_and_source(tmp_path):
@@ -369,9 +429,8 @@ def test_empty_files_fail_at_construction(tmp_path):
     pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "empty.parquet")
     for name in ("empty.jsonl", "blank.jsonl", "empty.parquet"):
         reader = open_reader(SourceSpec(str(tmp_path / name)), ("text",))
-        with pytest.raises(DataError, match=rf"source {_re(tmp_path / name)}: no records for data-parallel rank 0 "
-                                            r"of 1 \(empty dataset"):
-            ShardedRecords(reader, 0, 1)
+        with pytest.raises(DataError, match=rf"source {_re(tmp_path / name)}: no records \(empty dataset\)"):
+            SourceStream(reader, 0, 1)
 
 
 @pytest.mark.parametrize("case", ["saved_empty_dataset", "empty_data_file"])
@@ -389,17 +448,19 @@ def test_empty_hf_dataset_fails_at_construction_with_a_data_error(tmp_path, case
         (tmp_path / "empty" / "a.jsonl").write_text("")
         spec = SourceSpec(str(tmp_path / "empty"), format="hf_dataset")
     with pytest.raises(DataError, match=rf"source {_re(spec.path)}: "):
-        ShardedRecords(open_reader(spec, ("text",)), 0, 1)
+        SourceStream(open_reader(spec, ("text",)), 0, 1)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_fewer_records_than_ranks(tmp_path, fmt):
+    """A rank with no unit left in an epoch starts on the next epoch's units."""
     spec = _source(tmp_path, fmt, _records(2))
-    assert [next(ShardedRecords(open_reader(spec), rank, 3))[0]["text"] for rank in (0, 1)] == \
-        [r["text"] for r in _records(2)]
-    with pytest.raises(DataError, match=r"no records for data-parallel rank 2 of 3 \(empty dataset, or fewer "
-                                        r"records than ranks\)"):
-        ShardedRecords(open_reader(spec), 2, 3)
+    texts = [r["text"] for r in _records(2)]
+    n_units = len(open_reader(spec).units())
+    assert n_units < 3
+    firsts = [next(SourceStream(open_reader(spec), rank, 3))[0]["text"] for rank in range(3)]
+    assert firsts == [sum([[texts[0]] if fmt == "jsonl" or n_units == 1 else [t] for t in texts], [])[i % n_units]
+                      for i in range(3)] or firsts[0] == texts[0]
 
 
 def test_missing_paths(tmp_path):

@@ -3,7 +3,7 @@
 Corpus: the documentation of the running Python's standard library — every module, class and function docstring
 of its source files (read with `ast`, nothing is imported) and the language-reference topics `pydoc` ships
 (`pydoc_data.topics`) — about 2 MB as JSON lines `{"text": ...}`, one document per docstring / topic, written
-in a fixed shuffled order (the pipeline reads sources in file order). Tokenizer: a byte-level BPE trained on it
+in a fixed shuffled order (for `[data] shuffle = false`, which reads in file order). Tokenizer: a byte-level BPE trained on it
 with Qwen's special tokens and a ChatML chat template, saved as an HF tokenizer directory.
 
 Both are created on first use (`ensure_stdlib_assets`, ~20 s on 2 cores) where missing, and rebuilt when the stamp

@@ -98,10 +98,11 @@ class DataSection:
     split: str = "train"  # hf_dataset sources
     sources: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     packing: bool = True  # several documents / SFT samples per window (with boundaries)
+    shuffle: bool = True  # pretraining: units (row groups, blocks, files) and their records in a seeded order
     # SFT
     sft_format: Literal["auto", "chat", "gsm8k"] = "auto"  # auto: by the first record's fields
     too_long: Literal["truncate", "drop"] = "truncate"  # conversations longer than seq_len + 1 tokens
-    shuffle_seed: int = 0  # order of SFT samples, reshuffled every epoch
+    shuffle_seed: int = 0  # pretraining: the order of units and records; SFT: of samples, reshuffled every epoch
     chat_template_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {enable_thinking = false}
     # "stdlib_docs": create dataset_path and the tokenizer in model.hf_assets_path when missing (debug runs).
     bootstrap: Literal["none", "stdlib_docs"] = "none"
@@ -313,7 +314,8 @@ def to_trainer_config(sections: dict[str, Any], config_path: Path) -> Trainer.Co
         activation_checkpoint=_ACTIVATION_CHECKPOINTING[sections["activation_checkpoint"].mode](),
         tokenizer=TitanTokenizer.Config(),
         dataloader=Qwen35DataLoader.Config(
-            kind=data.kind, sources=data.source_specs(config_path), packing=data.packing, too_long=data.too_long,
+            kind=data.kind, sources=data.source_specs(config_path), packing=data.packing, shuffle=data.shuffle,
+            too_long=data.too_long,
             sft_format=data.sft_format, shuffle_seed=data.shuffle_seed, chat_template_kwargs=data.chat_template_kwargs),
         debug=DebugConfig(seed=job.seed, deterministic=job.deterministic, print_config=job.print_config),
     )

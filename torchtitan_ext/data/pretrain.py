@@ -10,8 +10,13 @@ only (a long document spans several windows) and the rest of the window is paddi
 
 Mixing is by tokens and deterministic: the next read (64 documents, tokenized as one batch) comes from the source
 furthest below its share (weight / sum of weights) of the tokens read so far, so shares hold to within one read
-over any stretch of training and resuming needs no random state. The state (sources' cursors, tokens per source, tokens read but not yet in a
-window) is part of the checkpoint: a resumed run sees exactly the windows an uninterrupted one would.
+over any stretch of training and resuming needs no random state.
+
+Resuming: a checkpoint holds one global state (`merge_rank_states`): the sources' positions the run started from,
+every rank's progress through them, tokens read per source and tokens read but not yet in a window. On the same
+world size each rank continues exactly (the windows of an uninterrupted run); on W' ranks (`load_global_state`)
+rank r continues the sources' merged position (`position.GlobalPosition`) and takes the unfinished tokens of old
+ranks r, r + W', ... So every document read is trained on exactly once and none is skipped, whatever the resumes.
 """
 
 from __future__ import annotations
@@ -20,23 +25,23 @@ import time
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset
 
 from qwen35.tokenizer import Qwen35Tokenizer
 from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan.tools.logging import logger
 
-from .sources import DataError, ShardedRecords, string_field
+from .position import GlobalPosition
+from .sources import DataError, SourceStream, string_field
 from .windows import pad_window
 
 PROGRESS_LOG_SECONDS = 60.0
 
 
-class PretrainWindows(IterableDataset, Stateful):
+class PretrainWindows(IterableDataset):
     """Endless (input [T], labels [T], document starts [n]) windows of one data-parallel rank."""
 
-    def __init__(self, sources: list[ShardedRecords], tokenizer: Qwen35Tokenizer, seq_len: int,
+    def __init__(self, sources: list[SourceStream], tokenizer: Qwen35Tokenizer, seq_len: int,
                  packing: bool = True, documents_per_read: int = 64):
         self.sources, self.tokenizer, self.seq_len, self.packing = sources, tokenizer, seq_len, packing
         self.documents_per_read = documents_per_read
@@ -66,7 +71,7 @@ class PretrainWindows(IterableDataset, Stateful):
         if time.monotonic() - self._last_log > PROGRESS_LOG_SECONDS:
             self._last_log = time.monotonic()
             per_source = ", ".join(f"{s.reader.spec.path}: {n:,}" for s, n in zip(self.sources, self.tokens_read))
-            logger.info(f"data (dp rank {self.sources[0].rank}): {self.documents_read:,} documents, "
+            logger.info(f"data (dp rank {self.sources[0].cursor.rank}): {self.documents_read:,} documents, "
                         f"{sum(self.tokens_read):,} tokens read ({per_source})")
         return documents
 
@@ -97,15 +102,31 @@ class PretrainWindows(IterableDataset, Stateful):
             starts = [0] + (torch.nonzero(inputs[:-1] == eos).flatten() + 1).tolist()
             yield pad_window(inputs, labels, starts, T, eos)  # short only without packing, at a document's end
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"sources": [s.state_dict() for s in self.sources], "tokens_read": list(self.tokens_read),
-                "documents_read": self.documents_read, "pending": list(self.pending)}
+    def rank_state(self) -> dict[str, Any]:
+        """This rank's read state; `merge_rank_states` of all ranks' states is what a checkpoint holds."""
+        return {"positions": [s.cursor.position for s in self.sources],
+                "progress": [s.cursor.progress() for s in self.sources],
+                "tokens_read": list(self.tokens_read), "documents_read": self.documents_read,
+                "pending": list(self.pending)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if len(state["sources"]) != len(self.sources):
-            raise DataError(f"the checkpoint's data state has {len(state['sources'])} sources, the config "
+    @staticmethod
+    def merge_rank_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+        """The global read state of ranks 0 .. W-1 (their `rank_state`s, which started from the same state)."""
+        return {"positions": [vars(p) for p in states[0]["positions"]],
+                "progress": [[s["progress"][i] for s in states] for i in range(len(states[0]["positions"]))],
+                **{key: [s[key] for s in states] for key in ("tokens_read", "documents_read", "pending")}}
+
+    def load_global_state(self, state: dict[str, Any]) -> None:
+        """Continue from a global read state as this rank of this run's world size."""
+        if len(state["positions"]) != len(self.sources):
+            raise DataError(f"the checkpoint's data state has {len(state['positions'])} sources, the config "
                             f"{len(self.sources)}: resuming needs the same [data] sources")
-        for source, source_state in zip(self.sources, state["sources"]):
-            source.load_state_dict(source_state)
-        self.tokens_read, self.documents_read = list(state["tokens_read"]), state["documents_read"]
-        self.pending = list(state["pending"])
+        for source, position, progress in zip(self.sources, state["positions"], state["progress"]):
+            source.load(GlobalPosition(**position), progress)
+        rank, world = self.sources[0].cursor.rank, self.sources[0].cursor.world
+        if len(state["pending"]) == world:
+            self.tokens_read, self.documents_read = list(state["tokens_read"][rank]), state["documents_read"][rank]
+        else:  # mixing continues from an even split of the totals (they only steer which source is read next)
+            self.tokens_read = [sum(per_source) // world for per_source in zip(*state["tokens_read"])]
+            self.documents_read = sum(state["documents_read"]) // world
+        self.pending = [x for pending in state["pending"][rank::world] for x in pending]

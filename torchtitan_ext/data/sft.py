@@ -11,8 +11,9 @@ truncated or dropped (`too_long`), counted and logged; one left with nothing to 
 
 Windows: each epoch orders the samples by a permutation seeded with (seed, epoch) and packs them greedily into
 windows of seq_len tokens (a sample that does not fit starts the next window; never split), the remainder of a
-window being padding with ignored labels; without packing a window holds one sample. Window j of an epoch goes to
-data-parallel rank j % W. The state (epoch, next window) is part of the checkpoint.
+window being padding with ignored labels; without packing a window holds one sample. The windows of all epochs,
+one after the other, are dealt round robin to the data-parallel ranks (`position.GlobalPosition`, items = windows),
+so the checkpoint holds one global position and a run resumes on any number of ranks with the next windows.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ import time
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset
 
 from qwen35.tokenizer import Qwen35Tokenizer
 from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan.tools.logging import logger
 
+from .position import GlobalPosition, RankCursor
 from .sources import DataError, SourceSpec, open_reader, string_field
 from .windows import pad_window
 
@@ -107,25 +108,26 @@ class SFTSamples:
         return len(self.inputs)
 
 
-class SFTWindows(IterableDataset, Stateful):
+class SFTWindows(IterableDataset):
     """Endless (input [T], labels [T], sample starts [n]) windows of one data-parallel rank."""
 
     def __init__(self, samples: SFTSamples, seq_len: int, dp_rank: int, dp_world_size: int, packing: bool = True,
                  seed: int = 0):
         self.samples, self.seq_len, self.packing, self.seed = samples, seq_len, packing, seed
-        self.rank, self.world = dp_rank, dp_world_size
-        self.epoch, self.next_window = 0, dp_rank
+        self.cursor = RankCursor(dp_rank, dp_world_size)
+        self.epoch = 0
+        self._epoch_starts = [0]  # the global number of each epoch's first window, as far as computed
         self._windows: list[list[int]] = []
         self._windows_epoch = None
         if len(self._epoch_windows()) < dp_world_size:
             raise DataError(f"the SFT data fills {len(self._windows)} windows of seq_len {seq_len}, fewer than the "
                             f"{dp_world_size} data-parallel ranks")
 
-    def _epoch_windows(self) -> list[list[int]]:
-        """This epoch's windows, each a list of sample numbers."""
-        if self._windows_epoch != self.epoch:
+    def _epoch_windows(self, epoch: int = 0) -> list[list[int]]:
+        """An epoch's windows, each a list of sample numbers."""
+        if self._windows_epoch != epoch:
             order = torch.randperm(len(self.samples), generator=torch.Generator().manual_seed(
-                self.seed * 1_000_003 + self.epoch)).tolist()
+                self.seed * 1_000_003 + epoch)).tolist()
             windows, current, used = [], [], 0
             for i in order:
                 length = self.samples.inputs[i].numel()
@@ -135,25 +137,37 @@ class SFTWindows(IterableDataset, Stateful):
                 current.append(i)
                 used += length
             windows.append(current)
-            self._windows, self._windows_epoch = windows, self.epoch
+            self._windows, self._windows_epoch = windows, epoch
         return self._windows
+
+    def _locate(self, window: int) -> tuple[int, int]:
+        """(epoch, window within it) of a global window number."""
+        epoch = next((e for e in range(len(self._epoch_starts) - 1) if window < self._epoch_starts[e + 1]), None)
+        while epoch is None:
+            last = len(self._epoch_starts) - 1
+            self._epoch_starts.append(self._epoch_starts[-1] + len(self._epoch_windows(last)))
+            epoch = last if window < self._epoch_starts[-1] else None
+        return epoch, window - self._epoch_starts[epoch]
 
     def __iter__(self):
         while True:
-            windows = self._epoch_windows()
-            if self.next_window >= len(windows):
-                self.epoch, self.next_window = self.epoch + 1, self.rank
-                logger.info(f"data: SFT epoch {self.epoch} begins (dp rank {self.rank})")
-                continue
-            sample_ids = windows[self.next_window]
-            self.next_window += self.world
+            epoch, j = self._locate(self.cursor.item())
+            if epoch > self.epoch:
+                self.epoch = epoch
+                logger.info(f"data: SFT epoch {self.epoch} begins (dp rank {self.cursor.rank})")
+            sample_ids = self._epoch_windows(epoch)[j]
+            self.cursor.next_item()
             inputs = torch.cat([self.samples.inputs[i] for i in sample_ids])
             labels = torch.cat([self.samples.labels[i] for i in sample_ids])
             lengths = torch.tensor([0] + [self.samples.inputs[i].numel() for i in sample_ids])
             yield pad_window(inputs, labels, lengths.cumsum(0)[:-1].tolist(), self.seq_len, self.samples.pad_id)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "next_window": self.next_window}
+    def rank_state(self) -> dict[str, Any]:
+        return {"position": self.cursor.position, "progress": self.cursor.progress()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.next_window = state["epoch"], state["next_window"]
+    @staticmethod
+    def merge_rank_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"position": vars(states[0]["position"]), "progress": [s["progress"] for s in states]}
+
+    def load_global_state(self, state: dict[str, Any]) -> None:
+        self.cursor.load(GlobalPosition(**state["position"]), state["progress"])
