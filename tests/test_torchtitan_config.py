@@ -76,6 +76,25 @@ def test_cli_overrides_win_and_are_type_checked(tmp_path, files):
         read_sections(path, ["--training.stepz", "1"])
 
 
+def test_boolean_flags_bare_negated_or_valued(tmp_path, files):
+    """torchtitan's CLI convention: a bare boolean flag means true, --section.no_<flag> / no-<flag> false."""
+    path = _toml(tmp_path, files, "[metrics]\nenable_tensorboard = false\n[checkpoint]\nenable = true\n")
+    sections = read_sections(path, ["--metrics.enable_tensorboard", "--checkpoint.no-enable", "--job.deterministic"])
+    assert sections["metrics"].enable_tensorboard is True and sections["checkpoint"].enable is False
+    assert sections["job"].deterministic is True
+    sections = read_sections(path, ["--checkpoint.no_enable", "--metrics.enable-tensorboard", "true",
+                                    "--model.no_tie_word_embeddings"])
+    assert sections["checkpoint"].enable is False and sections["metrics"].enable_tensorboard is True
+    assert sections["model"].tie_word_embeddings is False
+    assert read_sections(path, ["--checkpoint.enable", "false"])["checkpoint"].enable is False
+    with pytest.raises(ConfigError, match=r"--checkpoint\.no_enable takes no value"):
+        read_sections(path, ["--checkpoint.no_enable=true"])
+    with pytest.raises(ConfigError, match=r"--training\.steps: missing value"):
+        read_sections(path, ["--training.steps", "--checkpoint.enable"])
+    with pytest.raises(ConfigError, match=r"--training\.no_steps: unknown key \[training\] no_steps"):
+        read_sections(path, ["--training.no_steps"])
+
+
 def test_required_keys(tmp_path):
     path = tmp_path / "empty.toml"
     path.write_text("[model]\nflavor = \"debug\"\n")

@@ -261,24 +261,42 @@ def read_sections(path: Path, overrides: list[str]) -> dict[str, Any]:
     return sections
 
 
+def _is_bool(annotation) -> bool:
+    return annotation is bool or set(typing.get_args(annotation)) == {bool, type(None)}
+
+
 def _split_overrides(path: Path, overrides: list[str]):
-    """`--section.key value` / `--section.key=value` pairs (`-` and `_` interchangeable in names)."""
+    """`--section.key value` / `--section.key=value` pairs (`-` and `_` interchangeable in names). As in
+    torchtitan's CLI, a boolean may be given bare (`--metrics.enable_tensorboard`: true) or negated
+    (`--metrics.no_enable_tensorboard` / `--metrics.no-enable-tensorboard`: false)."""
     i = 0
     while i < len(overrides):
         flag = overrides[i]
+        i += 1
         if not flag.startswith("--"):
             raise ConfigError(f"unexpected argument {flag!r}: overrides of {path} are --section.key value")
         name, has_value, text = flag[2:].partition("=")
-        if not has_value:
-            if i + 1 >= len(overrides):
-                raise ConfigError(f"{flag}: missing value (overriding {path})")
-            text = overrides[i + 1]
-            i += 1
-        i += 1
         section, _, key = name.replace("-", "_").partition(".")
-        if section not in SECTIONS or key not in _fields(SECTIONS[section][0]):
+        known = _fields(SECTIONS[section][0]) if section in SECTIONS else {}
+        negated = key not in known and key.startswith("no_") and _is_bool(known.get(key[3:]))
+        if negated:
+            key = key[3:]
+            if has_value:
+                raise ConfigError(f"--{name} takes no value: it sets [{section}] {key} to false (overriding {path})")
+            yield section, key, False
+            continue
+        if key not in known:
             raise ConfigError(f"--{name}: unknown key [{section}] {key} (overriding {path})")
-        annotation = _fields(SECTIONS[section][0])[key]
+        annotation = known[key]
+        if not has_value:
+            bare = i >= len(overrides) or overrides[i].startswith("--")
+            if bare and _is_bool(annotation):
+                yield section, key, True
+                continue
+            if bare:
+                raise ConfigError(f"{flag}: missing value (overriding {path})")
+            text = overrides[i]
+            i += 1
         value = _parse_cli_value(text, annotation)
         if value is None and not (text.lower() in ("none", "null") and _matches(None, annotation)):
             raise ConfigError(f"--{name} {text!r}: wrong type for [{section}] {key} (overriding {path}), "
