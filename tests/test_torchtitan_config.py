@@ -10,11 +10,12 @@ from qwen35 import Qwen35Config
 from test_train_helpers import debug_assets
 from torchtitan_ext import compat
 from torchtitan_ext.preflight import prepare_files
-from torchtitan_ext.toml_config import ConfigError, read_sections, to_trainer_config
-from torchtitan_ext.train import load_config
+from torchtitan_ext.toml_config import ConfigError, read_sections, to_toml, to_trainer_config
+from torchtitan_ext.train import load_config, main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "train_configs"
 PRETRAIN_CONFIGS = sorted(CONFIGS.glob("qwen35_*.toml"))
+RUN_CONFIGS = sorted(p for p in CONFIGS.glob("*.toml") if not p.stem.endswith("_base"))  # bases name no model
 MINIMAL = """
 [model]
 flavor = "debug"
@@ -93,6 +94,60 @@ def test_boolean_flags_bare_negated_or_valued(tmp_path, files):
         read_sections(path, ["--training.steps", "--checkpoint.enable"])
     with pytest.raises(ConfigError, match=r"--training\.no_steps: unknown key \[training\] no_steps"):
         read_sections(path, ["--training.no_steps"])
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.stem)
+def test_printed_config_reads_back_to_the_same_config(path, tmp_path):
+    sections = read_sections(path, [])
+    printed = tmp_path / "printed.toml"
+    printed.write_text(to_toml(sections))
+    assert read_sections(printed, []) == sections
+
+
+def test_print_config_cli_prints_the_resolved_config(tmp_path, capsys):
+    main(["--config", str(CONFIGS / "qwen35_27b.toml"), "--training.steps", "5", "--print-config"])
+    printed = tmp_path / "printed.toml"
+    # torchtitan's logger (set up by earlier tests in this process) also writes to stdout
+    printed.write_text("".join(line for line in capsys.readouterr().out.splitlines(keepends=True)
+                               if not line.startswith("[titan]")))
+    sections = read_sections(printed, [])
+    assert sections == read_sections(CONFIGS / "qwen35_27b.toml", ["--training.steps", "5"])
+    assert sections["training"].steps == 5 and sections["model"].flavor == "27B"
+    assert sections["optimizer"].weight_decay == 0.1  # from pretrain_base.toml
+
+
+def test_every_base_is_extended_and_names_no_model():
+    bases = sorted(CONFIGS.glob("*_base.toml"))
+    assert bases and all(any(f'extends = "{base.name}"' in p.read_text() for p in RUN_CONFIGS) for base in bases)
+    for base in bases:
+        with pytest.raises(ConfigError, match=rf"{base.name}: \[model\] flavor is required"):
+            read_sections(base, [])
+
+
+def test_extends_merges_keys_over_a_base_relative_to_the_file(tmp_path, files):
+    assets, corpus = files
+    (tmp_path / "bases").mkdir()
+    (tmp_path / "bases" / "base.toml").write_text(
+        f'[model]\nflavor = "debug"\nhf_assets_path = "{assets}"\n[data]\ndataset_path = "{corpus}"\n'
+        "[training]\nsteps = 3\nseq_len = 64\n")
+    child = tmp_path / "child.toml"
+    child.write_text('extends = "bases/base.toml"\n[training]\nsteps = 9\n[metrics]\nlog_freq = 2\n')
+    sections = read_sections(child, ["--training.local_batch_size", "3"])
+    assert (sections["training"].steps, sections["training"].seq_len, sections["training"].local_batch_size) == (9, 64, 3)
+    assert sections["metrics"].log_freq == 2 and sections["model"].flavor == "debug"
+
+    (tmp_path / "bases" / "base.toml").write_text("[training]\nstepz = 3\n")
+    with pytest.raises(ConfigError, match=r"base\.toml: unknown key \[training\] stepz"):
+        read_sections(child, [])
+    (tmp_path / "bases" / "base.toml").write_text('extends = "../child.toml"\n')
+    with pytest.raises(ConfigError, match=r"base\.toml: extends = '../child.toml' makes a cycle"):
+        read_sections(child, [])
+    child.write_text('extends = "nope.toml"\n')
+    with pytest.raises(ConfigError, match=r"config file .*nope\.toml not found \(extended by .*child\.toml\)"):
+        read_sections(child, [])
+    child.write_text("extends = 3\n")
+    with pytest.raises(ConfigError, match=r"child\.toml: extends = 3 has the wrong type"):
+        read_sections(child, [])
 
 
 def test_required_keys(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -226,23 +227,10 @@ def _check_table(path: Path, label: str, table: dict[str, Any], known: dict[str,
 
 # ---------------------------------------------------------------------------------------------- loading
 def read_sections(path: Path, overrides: list[str]) -> dict[str, Any]:
-    """The TOML file with the overrides applied, as one checked dataclass instance per section."""
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} not found") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: invalid TOML ({err})") from None
-
-    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
-    for section, table in raw.items():
-        if section not in SECTIONS:
-            raise ConfigError(f"{path}: unknown section [{section}]; known sections: {', '.join(SECTIONS)}")
-        if not isinstance(table, dict):
-            raise ConfigError(f"{path}: '{section}' must be a [section] table, got {table!r}")
-        _check_table(path, f"[{section}]", table, _fields(SECTIONS[section][0]))
-        values[section].update(table)
-
+    """The TOML file (over the files it extends) with the overrides applied, as one checked dataclass instance
+    per section."""
+    values = _read_values(path, ())
+    values = {name: values.get(name, {}) for name in SECTIONS}
     for section, key, value in _split_overrides(path, overrides):
         values[section][key] = value
 
@@ -259,6 +247,74 @@ def read_sections(path: Path, overrides: list[str]) -> dict[str, Any]:
         if not getattr(sections[section], key):
             raise ConfigError(f"{path}: [{section}] {key} is required")
     return sections
+
+
+def _read_values(path: Path, extended_by: tuple[Path, ...]) -> dict[str, dict[str, Any]]:
+    """{section: {key: value}} of a TOML file merged over the file its `extends` names (a path relative to it):
+    a key stated here wins over the base's, a key not stated keeps the base's value. Each file's keys are checked
+    (and named) in the file that states them."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        via = f" (extended by {extended_by[-1]})" if extended_by else ""
+        raise ConfigError(f"config file {path} not found{via}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: invalid TOML ({err})") from None
+    base = raw.pop("extends", None)
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"{path}: extends = {base!r} has the wrong type, expected a path (str)")
+    for section, table in raw.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{path}: unknown section [{section}]; known sections: {', '.join(SECTIONS)}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: '{section}' must be a [section] table, got {table!r}")
+        _check_table(path, f"[{section}]", table, _fields(SECTIONS[section][0]))
+    if base is None:
+        return raw
+    base_path = path.parent / base
+    chain = (*extended_by, path)
+    if base_path.resolve() in {p.resolve() for p in chain}:
+        raise ConfigError(f"{path}: extends = {base!r} makes a cycle: {' -> '.join(map(str, (*chain, base_path)))}")
+    values = _read_values(base_path, chain)
+    for section, table in raw.items():
+        values.setdefault(section, {}).update(table)
+    return values
+
+
+def to_toml(sections: dict[str, Any]) -> str:
+    """The resolved sections as a TOML file that `read_sections` reads back to equal sections (`--print-config`).
+    A value of None has no TOML form: it is left out, as a comment, which reads back as the default (None)."""
+    lines = []
+    for name, (cls, defaults) in SECTIONS.items():
+        lines.append(f"[{name}]")
+        default = defaults()
+        for key in _fields(cls):
+            value = getattr(sections[name], key)
+            if value is None:
+                if getattr(default, key) is not None:
+                    raise ConfigError(f"[{name}] {key} = None cannot be written as TOML (its default is "
+                                      f"{getattr(default, key)!r})")
+                lines.append(f"# {key}: unset")
+            else:
+                lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a JSON string is a TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise ConfigError(f"{value!r} ({type(value).__name__}) has no TOML form")
 
 
 def _is_bool(annotation) -> bool:

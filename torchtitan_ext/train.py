@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import torchtitan_ext  # noqa: F401  (compat shims before torchtitan)
 import torch
@@ -16,16 +17,28 @@ from torchtitan.trainer import Trainer
 
 from .data import DataError
 from .preflight import prepare_files
-from .toml_config import ConfigError, read_sections, to_trainer_config
+from .toml_config import ConfigError, read_sections, to_toml, to_trainer_config
+
+
+def _parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
+    parser = argparse.ArgumentParser(prog="python -m torchtitan_ext.train", allow_abbrev=False)
+    parser.add_argument("--config", required=True, type=Path, help="TOML file (see train_configs/)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (files it extends + overrides) as TOML and exit")
+    args, overrides = parser.parse_known_args(argv)
+    return args, read_sections(args.config, overrides)
+
+
+def _build_config(sections: dict[str, Any], config_path: Path) -> Trainer.Config:
+    """The Trainer.Config of checked sections, after the files they name are checked (or created). The one place
+    a built config is checked before any work starts."""
+    prepare_files(sections, config_path)
+    return to_trainer_config(sections, config_path)
 
 
 def load_config(argv: list[str]) -> Trainer.Config:
-    parser = argparse.ArgumentParser(prog="python -m torchtitan_ext.train", allow_abbrev=False)
-    parser.add_argument("--config", required=True, type=Path, help="TOML file (see train_configs/)")
-    args, overrides = parser.parse_known_args(argv)
-    sections = read_sections(args.config, overrides)
-    prepare_files(sections, args.config)
-    return to_trainer_config(sections, args.config)
+    args, sections = _parse(argv)
+    return _build_config(sections, args.config)
 
 
 def _default_single_process_env() -> None:
@@ -54,10 +67,16 @@ def run(config: Trainer.Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    init_logger()
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        config = load_config(sys.argv[1:] if argv is None else argv)
+        args, sections = _parse(argv)
+        if args.print_config:  # before init_logger: torchtitan logs to stdout, which holds only the TOML here
+            print(to_toml(sections), end="")
+            return
+        init_logger()
+        config = _build_config(sections, args.config)
     except ConfigError as err:
+        init_logger()
         logger.error(str(err))
         sys.exit(2)
     try:
