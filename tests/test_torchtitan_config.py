@@ -150,6 +150,30 @@ def test_extends_merges_keys_over_a_base_relative_to_the_file(tmp_path, files):
         read_sections(child, [])
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["--parallelism.no_enable_sequence_parallel"],
+     r"\[parallelism\] enable_sequence_parallel = False is not supported: tensor parallelism here always"),
+    (["--parallelism.enable_fsdp_symm_mem"], r"\[parallelism\] enable_fsdp_symm_mem = True is not supported"),
+    (["--compile.enable_async_tensor_parallel"], r"\[compile\] enable_async_tensor_parallel = True is not supported"),
+    (["--comm.mode", "fake_backend"], r"\[comm\] mode = 'fake_backend' is not supported: .*real process groups"),
+    (["--validator.enable"], r"\[validator\] enable = true needs \[validator\] dataset_path"),
+    (["--validator.enable", "--validator.dataset_path", "x.jsonl"], r"\[validator\] steps = -1 .* is not supported"),
+    (["--profiler.trace_post_processor", "f"], r"unknown key \[profiler\] trace_post_processor"),  # tyro-suppressed
+    (["--validator.dataloader", "x"], r"unknown key \[validator\] dataloader"),  # a component: built from [data]
+])
+def test_keys_this_trainer_cannot_honour_are_refused_with_the_reason(tmp_path, files, overrides, message):
+    with pytest.raises(ConfigError, match=rf"{message}.*run\.toml|run\.toml: {message}"):
+        read_sections(_toml(tmp_path, files), overrides)
+
+
+def test_validator_held_out_file_must_exist(tmp_path, files):
+    path = _toml(tmp_path, files)
+    sections = read_sections(path, ["--validator.enable", "--validator.steps", "2",
+                                    "--validator.dataset_path", str(tmp_path / "held_out.jsonl")])
+    with pytest.raises(ConfigError, match=r"run\.toml: \[validator\] dataset_path = .*held_out\.jsonl.*not found"):
+        prepare_files(sections, path)
+
+
 def test_required_keys(tmp_path):
     path = tmp_path / "empty.toml"
     path.write_text("[model]\nflavor = \"debug\"\n")

@@ -12,19 +12,26 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import operator
 import tomllib
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+import tyro
 
 from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.components.optimizer import LRSchedulersContainer, OptimizersContainer
 from torchtitan.components.optimizer.optimizer import ParamGroupConfig
-from torchtitan.config.configs import CompileConfig, DebugConfig, ParallelismConfig, TrainingConfig
+from torchtitan.components.validate import Validator
+from torchtitan.config import derive
+from torchtitan.config.configs import CommConfig, CompileConfig, DebugConfig, ParallelismConfig, TrainingConfig
+from torchtitan.config.configurable import Configurable
 from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC
+from torchtitan.tools.profiler import Profiler
 from torchtitan.trainer import Trainer
 
 from qwen35 import Qwen35Config
@@ -128,6 +135,25 @@ class DataSection:
         return specs
 
 
+@dataclass(kw_only=True, slots=True)
+class ValidatorSection(Validator.Config):
+    """torchtitan's validator (enable, freq, steps) on a held-out data file read like [data]'s."""
+
+    dataset_path: str = ""
+
+    def source(self, data: DataSection) -> SourceSpec:
+        return SourceSpec(path=self.dataset_path, format=data.format, text_field=data.text_field, split=data.split)
+
+
+class HeldOutDataLoader(Qwen35DataLoader):
+    """The validation data loader. torchtitan's Validator sets `infinite` = (validator.steps != -1); our loaders
+    repeat their data, so steps = -1 is refused (read_sections) and this is always True."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(Qwen35DataLoader.Config):
+        infinite: bool = True
+
+
 def _spmd_parallelism() -> ParallelismConfig:
     return ParallelismConfig(spmd_backend=compat.default_spmd_backend())
 
@@ -146,6 +172,22 @@ SECTIONS: dict[str, tuple[type, typing.Callable[[], Any]]] = {
     "activation_checkpoint": (ActivationCheckpointSection, ActivationCheckpointSection),
     "float8": (Float8Section, Float8Section),
     "data": (DataSection, DataSection),
+    "comm": (CommConfig, CommConfig),
+    "profiler": (Profiler.Config, Profiler.Config),
+    "validator": (ValidatorSection, ValidatorSection),
+}
+# Keys torchtitan declares that this trainer cannot honour at every value: (is the value supported, why not).
+REFUSED: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
+    ("parallelism", "enable_sequence_parallel"): (
+        bool, "tensor parallelism here always runs the norms and residual stream on sequence shards "
+              "(parallelism/tensor_parallel.py)"),
+    ("parallelism", "enable_fsdp_symm_mem"): (
+        operator.not_, "parallelism/fsdp.py does not put FSDP's collectives in symmetric memory"),
+    ("compile", "enable_async_tensor_parallel"): (
+        operator.not_, "parallelism/tensor_parallel.py issues its own collectives, not torchtitan's async-TP ones"),
+    ("comm", "mode"): (
+        "default".__eq__, "the trainer runs on real process groups only (fake and local-tensor backends are "
+                          "untested with parallelism/ and the CPU shims)"),
 }
 REQUIRED = (("model", "flavor"), ("model", "hf_assets_path"))
 # Paths are relative to the working directory; torchtitan insists on an absolute one for these.
@@ -154,8 +196,23 @@ ABSOLUTE_PATHS = (("checkpoint", "initial_load_path"),)
 
 # ---------------------------------------------------------------------------------------------- types
 def _fields(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
+    """The TOML keys of a dataclass and their types: its fields, less those torchtitan keeps off its own CLI
+    (`tyro.conf.Suppress`) and those holding a component's config (built here, e.g. the validator's loader)."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    fields = {}
+    for field in dataclasses.fields(cls):
+        hint = hints[field.name]
+        if typing.get_origin(hint) is Annotated:
+            if tyro.conf.Suppress in hint.__metadata__:
+                continue
+            hint = typing.get_args(hint)[0]
+        if field.init and not field.name.startswith("_") and not _is_component_config(hint):
+            fields[field.name] = hint
+    return fields
+
+
+def _is_component_config(annotation) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, Configurable.Config)
 
 
 def _type_name(annotation) -> str:
@@ -237,6 +294,9 @@ def read_sections(path: Path, overrides: list[str]) -> dict[str, Any]:
     for section, key in ABSOLUTE_PATHS:
         if values[section].get(key):
             values[section][key] = str(Path(values[section][key]).absolute())
+    for (section, key), (supported, reason) in REFUSED.items():  # the defaults are all supported
+        if key in values[section] and not supported(value := values[section][key]):
+            raise ConfigError(f"{path}: [{section}] {key} = {value!r} is not supported: {reason}")
     sections = {}
     for name, (cls, defaults) in SECTIONS.items():
         try:
@@ -246,6 +306,12 @@ def read_sections(path: Path, overrides: list[str]) -> dict[str, Any]:
     for section, key in REQUIRED:
         if not getattr(sections[section], key):
             raise ConfigError(f"{path}: [{section}] {key} is required")
+    if sections["validator"].enable:
+        if not sections["validator"].dataset_path:
+            raise ConfigError(f"{path}: [validator] enable = true needs [validator] dataset_path (held-out data)")
+        if sections["validator"].steps == -1:
+            raise ConfigError(f"{path}: [validator] steps = -1 (the whole file) is not supported: the data loaders "
+                              "repeat their data, so a validation pass needs a number of steps")
     return sections
 
 
@@ -365,7 +431,10 @@ _ACTIVATION_CHECKPOINTING = {"none": lambda: None, "selective": SelectiveAC.Conf
 
 def to_trainer_config(sections: dict[str, Any], config_path: Path) -> Trainer.Config:
     job, model, opt, data = sections["job"], sections["model"], sections["optimizer"], sections["data"]
-    float8 = sections["float8"]
+    float8, validator = sections["float8"], sections["validator"]
+    loader = Qwen35DataLoader.Config(
+        kind=data.kind, sources=data.source_specs(config_path), packing=data.packing, too_long=data.too_long,
+        sft_format=data.sft_format, shuffle_seed=data.shuffle_seed, chat_template_kwargs=data.chat_template_kwargs)
     return Trainer.Config(
         model_spec=model_registry(
             model.flavor, float8=Float8Settings(emulate=float8.emulate) if float8.enable else None,
@@ -385,8 +454,10 @@ def to_trainer_config(sections: dict[str, Any], config_path: Path) -> Trainer.Co
         compile=sections["compile"],
         activation_checkpoint=_ACTIVATION_CHECKPOINTING[sections["activation_checkpoint"].mode](),
         tokenizer=TitanTokenizer.Config(),
-        dataloader=Qwen35DataLoader.Config(
-            kind=data.kind, sources=data.source_specs(config_path), packing=data.packing, too_long=data.too_long,
-            sft_format=data.sft_format, shuffle_seed=data.shuffle_seed, chat_template_kwargs=data.chat_template_kwargs),
+        dataloader=loader,
+        comm=sections["comm"],
+        profiler=sections["profiler"],
+        validator=derive(validator, Validator.Config, dataloader=derive(loader, HeldOutDataLoader.Config,
+                                                                             sources=[validator.source(data)])),
         debug=DebugConfig(seed=job.seed, deterministic=job.deterministic, print_config=job.print_config),
     )
