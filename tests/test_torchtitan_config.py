@@ -4,13 +4,16 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from torch.distributed.fsdp import MixedPrecisionPolicy
 
 import torchtitan_ext  # noqa: F401  (compat shims before torchtitan)
+from parallelism import ParallelizeSettings
 from qwen35 import Qwen35Config
 from test_train_helpers import debug_assets
 from torchtitan_ext import compat
 from torchtitan_ext.preflight import prepare_files
-from torchtitan_ext.toml_config import ConfigError, read_sections, to_toml, to_trainer_config
+from torchtitan_ext.toml_config import ConfigError, parallelize_settings, read_sections, to_toml, to_trainer_config
 from torchtitan_ext.train import load_config, main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "train_configs"
@@ -172,6 +175,25 @@ def test_validator_held_out_file_must_exist(tmp_path, files):
                                     "--validator.dataset_path", str(tmp_path / "held_out.jsonl")])
     with pytest.raises(ConfigError, match=r"run\.toml: \[validator\] dataset_path = .*held_out\.jsonl.*not found"):
         prepare_files(sections, path)
+
+
+def test_parallelize_settings_are_decided_once_from_the_sections(tmp_path, files):
+    """The settings the model spec's parallelize_fn applies (and logs) come from these keys."""
+    path = _toml(tmp_path, files)
+    default = parallelize_settings(read_sections(path, []))
+    assert (default.fsdp_reshard_after_forward, default.fsdp_cpu_offload, default.compile, default.float8) == (
+        True, False, False, False)
+    settings = parallelize_settings(read_sections(path, [
+        "--parallelism.fsdp_reshard_after_forward", "never", "--training.enable_cpu_offload",
+        "--activation_checkpoint.mode", "full", "--compile.enable", "--compile.components", "loss",
+        "--float8.enable", "--float8.emulate", "--training.mixed_precision_param", "float32",
+        "--parallelism.tensor_parallel_degree", "2"]))
+    assert settings == ParallelizeSettings(
+        activation_checkpoint="full", compile=False, float8=True, float8_emulate=True,
+        mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32), loss_parallel=True,
+        fsdp_reshard_after_forward=False, fsdp_cpu_offload=True)
+    config = to_trainer_config(read_sections(path, ["--compile.enable"]), path)
+    assert config.activation_checkpoint is None  # applied by the model's parallelize_fn, not torchtitan's
 
 
 def test_required_keys(tmp_path):

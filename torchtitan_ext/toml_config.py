@@ -21,25 +21,28 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import tyro
+from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.components.optimizer import LRSchedulersContainer, OptimizersContainer
 from torchtitan.components.optimizer.optimizer import ParamGroupConfig
 from torchtitan.components.validate import Validator
-from torchtitan.config import derive
+from torchtitan.config import TORCH_DTYPE_MAP, derive
 from torchtitan.config.configs import CommConfig, CompileConfig, DebugConfig, ParallelismConfig, TrainingConfig
 from torchtitan.config.configurable import Configurable
-from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC
+from torchtitan.distributed.fsdp import get_fsdp_reshard_after_forward_policy
 from torchtitan.tools.profiler import Profiler
 from torchtitan.trainer import Trainer
 
+from parallelism import ParallelizeSettings
+from parallelism.activation_checkpoint import AC_MODES
 from qwen35 import Qwen35Config
 
 from . import compat
 from .data import Qwen35DataLoader, SourceSpec, TitanTokenizer
 from .loss import Qwen35Loss
-from .model_spec import Float8Settings, model_registry
+from .model_spec import model_registry
 
 
 class ConfigError(ValueError):
@@ -85,7 +88,7 @@ class OptimizerSection:
 
 @dataclass
 class ActivationCheckpointSection:
-    mode: Literal["none", "selective", "full"] = "none"
+    mode: Literal[AC_MODES] = "none"
 
 
 @dataclass
@@ -426,19 +429,29 @@ def _split_overrides(path: Path, overrides: list[str]):
         yield section, key, value
 
 
-_ACTIVATION_CHECKPOINTING = {"none": lambda: None, "selective": SelectiveAC.Config, "full": FullAC.Config}
+def parallelize_settings(sections: dict[str, Any]) -> ParallelizeSettings:
+    """What parallelism.parallelize applies, decided once from the sections (torchtitan reads the same configs
+    for its own parts: the loss compile, the CPU-offload init device, the sequence-length checks)."""
+    training, parallelism, compile_config = sections["training"], sections["parallelism"], sections["compile"]
+    return ParallelizeSettings(
+        activation_checkpoint=sections["activation_checkpoint"].mode,
+        compile=compile_config.enable and "model" in compile_config.components, compile_backend=compile_config.backend,
+        float8=sections["float8"].enable, float8_emulate=sections["float8"].emulate,
+        mp_policy=MixedPrecisionPolicy(param_dtype=TORCH_DTYPE_MAP[training.mixed_precision_param],
+                                       reduce_dtype=TORCH_DTYPE_MAP[training.mixed_precision_reduce]),
+        loss_parallel=parallelism.tensor_parallel_degree > 1,  # as torchtitan's models: its loss takes vocab shards
+        fsdp_reshard_after_forward=get_fsdp_reshard_after_forward_policy(
+            parallelism.fsdp_reshard_after_forward, pp_enabled=parallelism.pipeline_parallel_degree > 1),
+        fsdp_cpu_offload=training.enable_cpu_offload)
 
 
 def to_trainer_config(sections: dict[str, Any], config_path: Path) -> Trainer.Config:
     job, model, opt, data = sections["job"], sections["model"], sections["optimizer"], sections["data"]
-    float8, validator = sections["float8"], sections["validator"]
-    loader = Qwen35DataLoader.Config(
-        kind=data.kind, sources=data.source_specs(config_path), packing=data.packing, too_long=data.too_long,
-        sft_format=data.sft_format, shuffle_seed=data.shuffle_seed, chat_template_kwargs=data.chat_template_kwargs)
+    validator = sections["validator"]
+    loader = derive(data, Qwen35DataLoader.Config, sources=data.source_specs(config_path))
     return Trainer.Config(
-        model_spec=model_registry(
-            model.flavor, float8=Float8Settings(emulate=float8.emulate) if float8.enable else None,
-            architecture=model.architecture()),
+        model_spec=model_registry(model.flavor, settings=parallelize_settings(sections),
+                                  architecture=model.architecture()),
         hf_assets_path=model.hf_assets_path,
         dump_folder=job.dump_folder,
         loss=Qwen35Loss.Config(),  # cross entropy (+ the MoE load-balancing term)
@@ -452,7 +465,7 @@ def to_trainer_config(sections: dict[str, Any], config_path: Path) -> Trainer.Co
         checkpoint=sections["checkpoint"],
         metrics=sections["metrics"],
         compile=sections["compile"],
-        activation_checkpoint=_ACTIVATION_CHECKPOINTING[sections["activation_checkpoint"].mode](),
+        activation_checkpoint=None,  # parallelize_settings: the model's own activation checkpointing
         tokenizer=TitanTokenizer.Config(),
         dataloader=loader,
         comm=sections["comm"],
