@@ -29,7 +29,6 @@ import time
 import traceback
 from pathlib import Path
 
-import torchtitan_ext  # noqa: F401  (compat shims before torchtitan)
 import torch
 import torch.nn.functional as F
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
-import torchtitan_ext  # noqa: F401  (compat shims before torchtitan)
 from parallelism import ParallelizeSettings
 from qwen35 import Qwen35Config
 from test_train_helpers import debug_assets
@@ -305,19 +304,3 @@ def test_dict_options_take_json_on_the_command_line(tmp_path, files):
     assert sections["data"].chat_template_kwargs == {"enable_thinking": False}
     with pytest.raises(ConfigError, match=r"--data\.chat_template_kwargs 'x': wrong type"):
         read_sections(path, ["--data.chat_template_kwargs", "x"])
-
-
-def test_data_parallel_mesh_dims_stand_in_only_where_torch_lacks_it(monkeypatch):
-    """torch 2.11 has no torch.distributed.fsdp.DataParallelMeshDims, which torchtitan's trainer imports: compat
-    installs a stand-in that imports and refuses construction; a torch that has the class keeps its own."""
-    import torch
-    import torch.distributed.fsdp as fsdp
-
-    has_class = torch.torch_version.TorchVersion(torch.__version__) >= "2.12"
-    assert (fsdp.DataParallelMeshDims.__module__ == "torch.distributed.fsdp") == has_class
-    monkeypatch.delattr(fsdp, "DataParallelMeshDims")
-    compat._install_data_parallel_mesh_dims_stand_in()
-    from torch.distributed.fsdp import DataParallelMeshDims
-
-    with pytest.raises(NotImplementedError, match="has no torch.distributed.fsdp.DataParallelMeshDims"):
-        DataParallelMeshDims(shard="fsdp")

@@ -7,7 +7,7 @@ from qwen35 import FLAVORS, Qwen35Config, Qwen35ForCausalLM
 from torchtitan.distributed.fsdp import disable_fsdp_gradient_division
 from torchtitan.protocols.model_spec import ModelSpec
 from torchtitan.tools.logging import logger
-from torchtitan.tools.utils import device_type
+from torchtitan.tools import utils
 
 from .model import Qwen35TitanModel
 from .state_dict_adapter import Qwen35StateDictAdapter
@@ -25,7 +25,7 @@ def make_parallelize_fn(settings: ParallelizeSettings):
                                       "(parallelism.pipeline_parallel_degree / context_parallel_degree must be 1)")
         dims = ParallelDims(dp_replicate=parallel_dims.dp_replicate, dp_shard=parallel_dims.dp_shard,
                             tp=parallel_dims.tp, ep=parallel_dims.ep, world_size=parallel_dims.world_size)
-        meshes = dims.build_meshes(device_type) if parallel_dims.world_size > 1 else None
+        meshes = dims.build_meshes(utils.device_type) if parallel_dims.world_size > 1 else None
         logger.info(f"{MODEL_NAME}: applied {parallelize(model, dims, meshes, settings)}")
         # torchtitan divides the summed loss by the global token count, so gradients must be summed over
         # data-parallel ranks, not averaged (what fully_shard does by default): torchtitan's own FSDP does this.

@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torchtitan_ext  # noqa: F401  (compat shims before torchtitan)
 import torch
 from torchtitan.tools.logging import init_logger, logger
 from torchtitan.trainer import Trainer
 
+from . import compat
 from .data import DataError
 from .preflight import prepare_files
 from .toml_config import ConfigError, read_sections, to_toml, to_trainer_config
@@ -54,6 +54,7 @@ def _default_single_process_env() -> None:
 
 def run(config: Trainer.Config) -> None:
     """Build, train, close; the same sequence as torchtitan.train.main."""
+    compat.apply()
     _default_single_process_env()
     trainer = None
     try:
