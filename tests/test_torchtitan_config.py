@@ -162,6 +162,8 @@ def test_extends_merges_keys_over_a_base_relative_to_the_file(tmp_path, files):
     (["--validator.enable", "--validator.dataset_path", "x.jsonl"], r"\[validator\] steps = -1 .* is not supported"),
     (["--profiler.trace_post_processor", "f"], r"unknown key \[profiler\] trace_post_processor"),  # tyro-suppressed
     (["--validator.dataloader", "x"], r"unknown key \[validator\] dataloader"),  # a component: built from [data]
+    (["--data.num_workers", "2"], r"\[data\] num_workers = 2 is not supported: .*iterable datasets"),
+    (["--data.dataset", "c4"], r"\[data\] dataset = 'c4' is not supported"),
 ])
 def test_keys_this_trainer_cannot_honour_are_refused_with_the_reason(tmp_path, files, overrides, message):
     with pytest.raises(ConfigError, match=rf"{message}.*run\.toml|run\.toml: {message}"):
@@ -193,6 +195,18 @@ def test_parallelize_settings_are_decided_once_from_the_sections(tmp_path, files
         fsdp_reshard_after_forward=False, fsdp_cpu_offload=True)
     config = to_trainer_config(read_sections(path, ["--compile.enable"]), path)
     assert config.activation_checkpoint is None  # applied by the model's parallelize_fn, not torchtitan's
+
+
+def test_data_keys_are_the_data_loader_config_fields(tmp_path, files):
+    """[data] is derived from Qwen35DataLoader.Config: a field added there is a key, and reaches the loader."""
+    from torchtitan_ext.data import Qwen35DataLoader
+    from torchtitan_ext.toml_config import DataSection, _fields
+
+    assert set(_fields(Qwen35DataLoader.Config)) <= set(_fields(DataSection))
+    path = _toml(tmp_path, files)
+    loader = to_trainer_config(read_sections(path, ["--data.pin_memory", "--data.too_long", "drop"]), path).dataloader
+    assert type(loader) is Qwen35DataLoader.Config and loader.pin_memory and loader.too_long == "drop"
+    assert loader.dataset_path is None  # torchtitan's (HF datasets); the file is in sources
 
 
 def test_required_keys(tmp_path):

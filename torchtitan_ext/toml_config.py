@@ -97,22 +97,17 @@ class Float8Section:
     emulate: bool = False  # CPU / pre-SM89 GPUs: float8 numerics in high precision
 
 
-@dataclass
-class DataSection:
-    kind: Literal["pretrain", "sft"] = "pretrain"
-    # One source: dataset_path (+ format, text_field, split). Several: [[data.sources]] tables with the keys
-    # path, format, weight, text_field, split (see torchtitan_ext/data/sources.py). Exactly one of the two.
-    dataset_path: str = ""
+@dataclass(kw_only=True, slots=True)
+class DataSection(Qwen35DataLoader.Config):
+    """[data]: the fields of Qwen35DataLoader.Config (declare a new data key there), with the sources given as one
+    dataset_path (+ format, text_field, split) or as [[data.sources]] tables with the keys path, format, weight,
+    text_field, split (torchtitan_ext/data/sources.py); exactly one of the two."""
+
+    dataset_path: str = ""  # (torchtitan's own dataset_path names HF datasets; here any one source)
     format: Literal["auto", "jsonl", "parquet", "text", "hf_dataset"] = "auto"
     text_field: str = "text"  # pretraining: the field holding a document
     split: str = "train"  # hf_dataset sources
     sources: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    packing: bool = True  # several documents / SFT samples per window (with boundaries)
-    # SFT
-    sft_format: Literal["auto", "chat", "gsm8k"] = "auto"  # auto: by the first record's fields
-    too_long: Literal["truncate", "drop"] = "truncate"  # conversations longer than seq_len + 1 tokens
-    shuffle_seed: int = 0  # order of SFT samples, reshuffled every epoch
-    chat_template_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {enable_thinking = false}
     # "stdlib_docs": create dataset_path and the tokenizer in model.hf_assets_path when missing (debug runs).
     bootstrap: Literal["none", "stdlib_docs"] = "none"
 
@@ -188,6 +183,11 @@ REFUSED: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
         operator.not_, "parallelism/fsdp.py does not put FSDP's collectives in symmetric memory"),
     ("compile", "enable_async_tensor_parallel"): (
         operator.not_, "parallelism/tensor_parallel.py issues its own collectives, not torchtitan's async-TP ones"),
+    ("data", "dataset"): ("".__eq__, "it names torchtitan's built-in HF datasets; give dataset_path or [[data.sources]]"),
+    ("data", "num_workers"): (
+        (0).__eq__, "the data loaders are iterable datasets, which worker processes would each read in full"),
+    ("data", "persistent_workers"): (operator.not_, "there are no worker processes (num_workers = 0)"),
+    ("data", "prefetch_factor"): (lambda value: value is None, "there are no worker processes (num_workers = 0)"),
     ("comm", "mode"): (
         "default".__eq__, "the trainer runs on real process groups only (fake and local-tensor backends are "
                           "untested with parallelism/ and the CPU shims)"),
@@ -448,7 +448,7 @@ def parallelize_settings(sections: dict[str, Any]) -> ParallelizeSettings:
 def to_trainer_config(sections: dict[str, Any], config_path: Path) -> Trainer.Config:
     job, model, opt, data = sections["job"], sections["model"], sections["optimizer"], sections["data"]
     validator = sections["validator"]
-    loader = derive(data, Qwen35DataLoader.Config, sources=data.source_specs(config_path))
+    loader = derive(data, Qwen35DataLoader.Config, sources=data.source_specs(config_path), dataset_path=None)
     return Trainer.Config(
         model_spec=model_registry(model.flavor, settings=parallelize_settings(sections),
                                   architecture=model.architecture()),
