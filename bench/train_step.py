@@ -5,8 +5,8 @@
 A step is what torchtitan's trainer does per batch: forward, cross entropy (mean over the tokens), backward,
 gradient-norm clipping (max_norm 1.0), AdamW (foreach) step, zero_grad. "Compiled" is the model after
 `parallelism.parallelize(model, ParallelDims(world_size=1), None, ParallelizeSettings(compile=True))`, i.e. what
-the trainer does with `[compile] enable = true, components = ["model", "loss"]` (the recipes' setting): `torch.compile(fullgraph=True)`
-(inductor) of each decoder block, and of the cross entropy; embedding, final norm, lm_head and optimizer stay eager. Eager and compiled copies start from the same weights and are timed
+the trainer does with `[compile] enable = true, components = ["model", "loss"]` (the recipes' setting):
+`torch.compile(fullgraph=True)` (inductor) of each decoder block, and of the cross entropy; embedding, final norm, lm_head and optimizer stay eager. Eager and compiled copies start from the same weights and are timed
 alternately step by step (so machine noise hits both alike); compile time is excluded by `--warmup` steps.
 
 - CPU (always): the `debug` flavor in fp32 on the batch of train_configs/debug.toml: 4 windows of 256 tokens

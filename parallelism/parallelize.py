@@ -38,7 +38,8 @@ class ParallelizeSettings:
 
     def __post_init__(self):
         if self.activation_checkpoint not in AC_MODES:
-            raise ValueError(f"activation_checkpoint.mode must be one of {AC_MODES}, got {self.activation_checkpoint!r}")
+            raise ValueError(f"activation_checkpoint.mode must be one of {AC_MODES}, "
+                             f"got {self.activation_checkpoint!r}")
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,8 @@ assert utils.device_type == dist_utils.device_type == "cuda"  # torchtitan impor
 from torchtitan_ext import compat
 compat.apply()
 assert utils.device_type == dist_utils.device_type == "cpu"
-assert metrics.device_module is dist_utils.device_module is utils.device_module is torch._utils._get_device_module("cpu")
+cpu_module = torch._utils._get_device_module("cpu")
+assert metrics.device_module is dist_utils.device_module is utils.device_module is cpu_module
 """
 
 

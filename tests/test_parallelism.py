@@ -118,8 +118,10 @@ TIED = dict(tie_word_embeddings=True)
     pytest.param("debug-moe", {}, dict(dp_shard=2, ep=2), {}, id="ep2-moe"),
     # Selective AC around FSDP-sharded experts (parallelism/activation_checkpoint.py), and compile around the
     # experts, whose token exchange has data-dependent split sizes (parallelism/compile.py).
-    pytest.param("debug-moe", {}, dict(dp_shard=2, ep=2), dict(activation_checkpoint="selective"), id="ep2-moe-selective_ac"),
-    pytest.param("debug-moe", {}, dict(dp_shard=2, ep=2), dict(activation_checkpoint="selective", compile=True), id="ep2-moe-compile"),
+    pytest.param("debug-moe", {}, dict(dp_shard=2, ep=2), dict(activation_checkpoint="selective"),
+                 id="ep2-moe-selective_ac"),
+    pytest.param("debug-moe", {}, dict(dp_shard=2, ep=2), dict(activation_checkpoint="selective", compile=True),
+                 id="ep2-moe-compile"),
     pytest.param("debug-moe", {}, dict(tp=2), {}, id="tp2-moe"),
 ])
 def test_two_process_losses_match_one_process(flavor, overrides, degrees, options):

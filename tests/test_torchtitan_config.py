@@ -135,7 +135,8 @@ def test_extends_merges_keys_over_a_base_relative_to_the_file(tmp_path, files):
     child = tmp_path / "child.toml"
     child.write_text('extends = "bases/base.toml"\n[training]\nsteps = 9\n[metrics]\nlog_freq = 2\n')
     sections = read_sections(child, ["--training.local_batch_size", "3"])
-    assert (sections["training"].steps, sections["training"].seq_len, sections["training"].local_batch_size) == (9, 64, 3)
+    training = sections["training"]
+    assert (training.steps, training.seq_len, training.local_batch_size) == (9, 64, 3)
     assert sections["metrics"].log_freq == 2 and sections["model"].flavor == "debug"
 
     (tmp_path / "bases" / "base.toml").write_text("[training]\nstepz = 3\n")

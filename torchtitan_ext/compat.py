@@ -119,11 +119,11 @@ def _install_gloo_fsdp_reduce_op() -> None:
 
 
 def _install_data_parallel_mesh_dims_stand_in() -> None:
-    """torchtitan 0.3.0 on torch 2.11. Symptom: `import torchtitan.trainer` fails: the trainer imports `torchtitan.distributed.full_dtensor`, which imports
-    `torch.distributed.fsdp.DataParallelMeshDims`; torch 2.11 (the release before 2.12) has no such class, so
-    `import torchtitan.trainer` fails. Only torchtitan's "full_dtensor" spmd backend and its own models' FSDP
-    helpers construct one; Qwen3.5's parallelize hands `fully_shard` a mesh. Install a stand-in that imports and
-    refuses construction, naming the torch version."""
+    """torchtitan 0.3.0 on torch 2.11. Symptom: `import torchtitan.trainer` fails: the trainer imports
+    `torchtitan.distributed.full_dtensor`, which imports `torch.distributed.fsdp.DataParallelMeshDims` (new in torch
+    2.12). Only torchtitan's "full_dtensor" spmd backend and its own models' FSDP helpers construct one; Qwen3.5's
+    parallelize hands `fully_shard` a mesh. Install a stand-in that imports and refuses construction, naming the
+    torch version."""
     import torch.distributed.fsdp as fsdp
 
     class DataParallelMeshDims:
@@ -182,14 +182,13 @@ def _unsharded_parameters(model: torch.nn.Module):
 
 
 def _install_cpu_sharded_init() -> None:
-    """torchtitan 0.3.0 on torch 2.11-2.13, CPU meshes. Symptom: FSDP/TP shards of a weight are copies of each
-    other and no run matches a 1-process run with the same seed. torchtitan initialises a parallelized model in place (`init_weights` after `to_empty`) and
-    relies on DTensor's RNG tracker to give each shard its own slice of the random stream. torch's
-    OffsetBasedRNGTracker supports no CPU mesh, so on CPU every rank draws the *same* numbers for its local
-    shard: FSDP/TP shards of a weight are copies of each other, and nothing matches a 1-process run with
-    the same seed. On CPU meshes, run the init on full-size plain parameters (every rank draws the whole
-    tensor from the same seeded stream, as one process would) and keep each rank's shard. Costs one full
-    copy of the parameters per rank during init; CPU runs are small."""
+    """torchtitan 0.3.0 on torch 2.11-2.13, CPU meshes. Symptom: FSDP/TP shards of a weight are copies of each other
+    and no run matches a 1-process run with the same seed. torchtitan initialises a parallelized model in place
+    (`init_weights` after `to_empty`) and relies on DTensor's RNG tracker to give each shard its own slice of the
+    random stream; torch's OffsetBasedRNGTracker supports no CPU mesh, so every rank draws the same numbers for its
+    local shard. On CPU meshes, run the init on full-size plain parameters (every rank draws the whole tensor from
+    the same seeded stream, as one process would) and keep each rank's shard. Costs one full copy of the parameters
+    per rank during init; CPU runs are small."""
     from torchtitan.protocols.model import BaseModel
 
     original = BaseModel.init_weights

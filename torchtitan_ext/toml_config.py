@@ -1,10 +1,12 @@
 """TOML front end: `--config file.toml [--section.key value ...]` -> a checked torchtitan `Trainer.Config`.
 
-Sections mirror `Trainer.Config`. Where torchtitan has a plain dataclass for a section (training, parallelism,
-checkpoint, metrics, compile, lr_scheduler) its fields *are* the TOML keys and its defaults apply; the other
-sections are small dataclasses below. Every key is checked against its field's type; unknown keys and wrong
-types raise `ConfigError` naming `[section] key` and the file. Command-line overrides are parsed against the
-same types and win over the file.
+Sections mirror `Trainer.Config`, and their keys are derived from config dataclasses: torchtitan's own (training,
+parallelism, checkpoint, metrics, compile, lr_scheduler, comm, profiler, validator) and our components' ([data] is
+`Qwen35DataLoader.Config`), so their fields *are* the TOML keys with their types and defaults; the few sections
+with no such dataclass (job, model, optimizer, activation_checkpoint, float8) are small dataclasses below. Every
+key is checked against its field's type; unknown keys, wrong types and keys this trainer cannot honour (REFUSED)
+raise `ConfigError` naming `[section] key` and the file. A file may extend a base file; command-line overrides are
+parsed against the same types and win over the files.
 """
 
 from __future__ import annotations
@@ -183,7 +185,8 @@ REFUSED: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
         operator.not_, "parallelism/fsdp.py does not put FSDP's collectives in symmetric memory"),
     ("compile", "enable_async_tensor_parallel"): (
         operator.not_, "parallelism/tensor_parallel.py issues its own collectives, not torchtitan's async-TP ones"),
-    ("data", "dataset"): ("".__eq__, "it names torchtitan's built-in HF datasets; give dataset_path or [[data.sources]]"),
+    ("data", "dataset"): (
+        "".__eq__, "it names torchtitan's built-in HF datasets; give dataset_path or [[data.sources]]"),
     ("data", "num_workers"): (
         (0).__eq__, "the data loaders are iterable datasets, which worker processes would each read in full"),
     ("data", "persistent_workers"): (operator.not_, "there are no worker processes (num_workers = 0)"),
