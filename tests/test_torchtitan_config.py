@@ -165,6 +165,8 @@ def test_extends_merges_keys_over_a_base_relative_to_the_file(tmp_path, files):
     (["--validator.dataloader", "x"], r"unknown key \[validator\] dataloader"),  # a component: built from [data]
     (["--data.num_workers", "2"], r"\[data\] num_workers = 2 is not supported: .*iterable datasets"),
     (["--data.dataset", "c4"], r"\[data\] dataset = 'c4' is not supported"),
+    (["--data.persistent_workers"], r"\[data\] persistent_workers = True is not supported: there are no worker"),
+    (["--data.prefetch_factor", "2"], r"\[data\] prefetch_factor = 2 is not supported: there are no worker"),
 ])
 def test_keys_this_trainer_cannot_honour_are_refused_with_the_reason(tmp_path, files, overrides, message):
     with pytest.raises(ConfigError, match=rf"{message}.*run\.toml|run\.toml: {message}"):
