@@ -4,9 +4,9 @@
 
 A step is what torchtitan's trainer does per batch: forward, cross entropy (mean over the tokens), backward,
 gradient-norm clipping (max_norm 1.0), AdamW (foreach) step, zero_grad. "Compiled" is the model after
-`parallelism.parallelize(model, ParallelDims(world_size=1), None, compile=True)`, i.e. what the trainer does with
-`[compile] enable = true, components = ["model", "loss"]` (the recipes' setting): `torch.compile(fullgraph=True)`
-(inductor) of each decoder block, and of the cross entropy; embedding, final norm, lm_head and optimizer stay eager. Eager and compiled copies start from the same weights and are timed
+`parallelism.parallelize(model, ParallelDims(world_size=1), None, ParallelizeSettings(compile=True))`, i.e. what
+the trainer does with `[compile] enable = true, components = ["model", "loss"]` (the recipes' setting):
+`torch.compile(fullgraph=True)` (inductor) of each decoder block, and of the cross entropy; embedding, final norm, lm_head and optimizer stay eager. Eager and compiled copies start from the same weights and are timed
 alternately step by step (so machine noise hits both alike); compile time is excluded by `--warmup` steps.
 
 - CPU (always): the `debug` flavor in fp32 on the batch of train_configs/debug.toml: 4 windows of 256 tokens
@@ -29,13 +29,12 @@ import time
 import traceback
 from pathlib import Path
 
-import torchtitan_ext  # noqa: F401  (compat shims before torchtitan)
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from parallelism import ParallelDims, parallelize  # noqa: E402
+from parallelism import ParallelDims, ParallelizeSettings, parallelize  # noqa: E402
 from qwen35 import Qwen35Config, Qwen35ForCausalLM  # noqa: E402
 from torchtitan_ext.flops import flops_per_token  # noqa: E402
 
@@ -110,7 +109,7 @@ def eager_and_compiled(config: Qwen35Config, dtype: torch.dtype, device: torch.d
     with torch.device(device):
         eager = Qwen35ForCausalLM(config).to(dtype)
     compiled = copy.deepcopy(eager)
-    parallelize(compiled, ParallelDims(world_size=1), None, compile=True)
+    parallelize(compiled, ParallelDims(world_size=1), None, ParallelizeSettings(compile=True))
     return eager, compiled
 
 

@@ -2,6 +2,6 @@
 per-block torch.compile and FSDP2/HSDP. Plain torch + torchao; no torchtitan."""
 
 from .parallel_dims import ParallelDims, ParallelMeshes
-from .parallelize import parallelize
+from .parallelize import ParallelizeRecord, ParallelizeSettings, parallelize
 
-__all__ = ["ParallelDims", "ParallelMeshes", "parallelize"]
+__all__ = ["ParallelDims", "ParallelMeshes", "ParallelizeRecord", "ParallelizeSettings", "parallelize"]

@@ -30,28 +30,25 @@ _SAVED_OPS = {
 }
 
 
-# FSDP2's hooks on separately sharded modules (the experts under EP) open profiler ranges a different number of
-# times in the forward and in its recompute, and selective checkpointing counts every op: the recompute then asks
-# for a `_record_function_enter_new` the forward never cached and fails ("invocation index 2 encountered during
-# backward but not found in storage"). Profiler ranges produce nothing to cache; have SAC run them as they come,
-# as it already does for detach.
-torch.utils.checkpoint.SAC_IGNORED_OPS.update({torch.ops.profiler._record_function_enter_new.default,
-                                              torch.ops.profiler._record_function_exit._RecordFunction})
-
-
 def _save_expensive_ops(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def apply_activation_checkpointing(model: Qwen35ForCausalLM, mode: str) -> None:
-    if mode not in AC_MODES:
-        raise ValueError(f"activation_checkpoint.mode must be one of {AC_MODES}, got {mode!r}")
+    """mode: one of AC_MODES (checked by ParallelizeSettings)."""
     if mode == "none":
         return
     # early_stop=False: the recompute runs each block's forward to the end, so the forward hooks that swap
     # tensor/expert-parallel parameters for local views (local_execution) always put them back.
     kwargs = dict(preserve_rng_state=False, early_stop=False)
     if mode == "selective":
+        # FSDP2's hooks on separately sharded modules (the experts under EP) open profiler ranges a different
+        # number of times in the forward and in its recompute, and selective checkpointing counts every op: the
+        # recompute then asks for a `_record_function_enter_new` the forward never cached and fails ("invocation
+        # index 2 encountered during backward but not found in storage"). Profiler ranges produce nothing to
+        # cache; have SAC run them as they come, as it already does for detach.
+        torch.utils.checkpoint.SAC_IGNORED_OPS.update({torch.ops.profiler._record_function_enter_new.default,
+                                                      torch.ops.profiler._record_function_exit._RecordFunction})
         kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _save_expensive_ops)
     layers = model.model.layers
     for i, layer in enumerate(layers):

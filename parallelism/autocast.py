@@ -14,15 +14,14 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
-from .parallel_dims import ParallelDims
 
 _LOWER_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def autocast_dtype(model: nn.Module, dims: ParallelDims, mp_policy: MixedPrecisionPolicy | None) -> torch.dtype | None:
-    """The dtype `parallelize` runs the forward in under autocast: mixed precision asked for (a 16-bit param_dtype
-    different from the parameters') where FSDP, which would apply it, is off; else None."""
-    if dims.fsdp_enabled or mp_policy is None or mp_policy.param_dtype not in _LOWER_PRECISION:
+def autocast_dtype(model: nn.Module, mp_policy: MixedPrecisionPolicy | None) -> torch.dtype | None:
+    """The dtype to run the forward in under autocast when FSDP, which would apply mixed precision, is off: a
+    16-bit param_dtype different from the parameters'; else None."""
+    if mp_policy is None or mp_policy.param_dtype not in _LOWER_PRECISION:
         return None
     param_dtype = next(model.parameters()).dtype
     return mp_policy.param_dtype if mp_policy.param_dtype != param_dtype else None

@@ -83,7 +83,6 @@ class ParallelDims:
         with_ep = world._unflatten(1, (self.efsdp, self.ep), ("efsdp", "ep"))
         hsdp = self.dp_replicate > 1
         return ParallelMeshes(
-            world=world,
             dp=world["dp_replicate", "dp_shard"]._flatten("dp"),
             fsdp=world["dp_replicate", "dp_shard"] if hsdp else world["dp_shard"],
             expert_fsdp=with_ep["dp_replicate", "efsdp"] if hsdp else with_ep["efsdp"],
@@ -94,7 +93,6 @@ class ParallelDims:
 
 @dataclass(frozen=True)
 class ParallelMeshes:
-    world: DeviceMesh  # dp_replicate x dp_shard x tp
     dp: DeviceMesh  # every data-parallel rank (different data): loss averaging, data loading
     fsdp: DeviceMesh  # dense parameters: dp_shard, or dp_replicate x dp_shard (HSDP)
     expert_fsdp: DeviceMesh  # expert parameters: efsdp, or dp_replicate x efsdp

@@ -4,6 +4,9 @@ FSDP, autocast)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from qwen35 import Qwen35ForCausalLM
@@ -18,31 +21,77 @@ from .parallel_dims import ParallelDims, ParallelMeshes
 from .tensor_parallel import apply_tensor_parallel
 
 
-def parallelize(model: Qwen35ForCausalLM, dims: ParallelDims, meshes: ParallelMeshes | None, *, ac: str = "none",
-                compile: bool = False, compile_backend: str = "inductor", float8: bool = False,
-                float8_emulate: bool = False, mp_policy: MixedPrecisionPolicy | None = None,
-                loss_parallel: bool = False) -> Qwen35ForCausalLM:
-    """Transform `model` in place (and return it). `meshes` comes from `dims.build_meshes(device_type)`
-    (None for a single process). loss_parallel (TP only): the model returns vocab-sharded DTensor logits for a
-    vocab-parallel loss instead of gathering them. mp_policy: FSDP's mixed precision; without FSDP its 16-bit
-    param_dtype is applied by autocast (`parallelism.autocast`).
+@dataclass(frozen=True)
+class ParallelizeSettings:
+    """The transforms `parallelize` applies besides splitting the model over the ParallelDims."""
+
+    activation_checkpoint: str = "none"  # one of AC_MODES
+    compile: bool = False  # torch.compile per block
+    compile_backend: str = "inductor"
+    float8: bool = False  # torchao float8 (tensorwise) for the large nn.Linear layers
+    float8_emulate: bool = False  # float8 numerics without float8 hardware (CPU, pre-SM89 GPUs)
+    # FSDP's mixed precision; without FSDP its 16-bit param_dtype is applied by autocast (parallelism.autocast)
+    mp_policy: MixedPrecisionPolicy | None = None
+    loss_parallel: bool = False  # TP: the model returns vocab-sharded DTensor logits for a vocab-parallel loss
+    fsdp_reshard_after_forward: bool = True  # False: keep parameters gathered from forward to backward
+    fsdp_cpu_offload: bool = False  # FSDP keeps parameters, gradients and optimizer state in host memory
+
+    def __post_init__(self):
+        if self.activation_checkpoint not in AC_MODES:
+            raise ValueError(f"activation_checkpoint.mode must be one of {AC_MODES}, "
+                             f"got {self.activation_checkpoint!r}")
+
+
+@dataclass(frozen=True)
+class ParallelizeRecord:
+    """What `parallelize` applied: the degrees, the settings and what it decided from them."""
+
+    dims: ParallelDims
+    settings: ParallelizeSettings
+    autocast: torch.dtype | None  # the forward's autocast dtype (mixed precision without FSDP)
+
+    def __str__(self) -> str:
+        dims, settings = self.dims, self.settings
+        applied = [f"{name}={degree}" for name, degree in (("dp_replicate", dims.dp_replicate),
+                                                           ("dp_shard", dims.dp_shard), ("tp", dims.tp),
+                                                           ("ep", dims.ep)) if degree > 1]
+        if settings.activation_checkpoint != "none":
+            applied.append(f"ac={settings.activation_checkpoint}")
+        if settings.compile:
+            applied.append(f"compile(backend={settings.compile_backend})")
+        if settings.float8:
+            applied.append(f"float8({'emulated' if settings.float8_emulate else 'hardware'})")
+        if settings.loss_parallel and dims.tp > 1:
+            applied.append("loss_parallel")
+        if dims.fsdp_enabled:
+            applied.append(f"fsdp(reshard_after_forward={settings.fsdp_reshard_after_forward}, "
+                           f"cpu_offload={settings.fsdp_cpu_offload})")
+        if self.autocast is not None:
+            applied.append(f"autocast({str(self.autocast).removeprefix('torch.')})")
+        return ", ".join(applied) or "no parallelism or transforms"
+
+
+def parallelize(model: Qwen35ForCausalLM, dims: ParallelDims, meshes: ParallelMeshes | None,
+                settings: ParallelizeSettings = ParallelizeSettings()) -> ParallelizeRecord:
+    """Transform `model` in place and return what was applied. `meshes` comes from
+    `dims.build_meshes(device_type)` (None for a single process).
     Raises ValueError naming the offending setting before touching the model."""
     dims.validate_for(model.config)
-    if ac not in AC_MODES:
-        raise ValueError(f"activation_checkpoint.mode must be one of {AC_MODES}, got {ac!r}")
+    autocast = None if dims.fsdp_enabled else autocast_dtype(model, settings.mp_policy)
 
     if dims.tp > 1:
-        apply_tensor_parallel(model, meshes.tp, experts_on_ep=dims.ep > 1, loss_parallel=loss_parallel)
+        apply_tensor_parallel(model, meshes.tp, experts_on_ep=dims.ep > 1, loss_parallel=settings.loss_parallel)
     if dims.ep > 1:
         apply_expert_parallel(model, meshes.ep)
-    if float8:
-        apply_float8(model, emulate=float8_emulate)
-    apply_activation_checkpointing(model, ac)
-    if compile:
-        apply_compile(model, compile_backend, expert_parallel=dims.ep > 1)
+    if settings.float8:
+        apply_float8(model, emulate=settings.float8_emulate)
+    apply_activation_checkpointing(model, settings.activation_checkpoint)
+    if settings.compile:
+        apply_compile(model, settings.compile_backend, expert_parallel=dims.ep > 1)
     if dims.fsdp_enabled:
         apply_fsdp(model, meshes.fsdp, expert_dp_mesh=meshes.expert_fsdp if dims.ep > 1 else None,
-                   expert_grad_divide_factor=dims.dp, mp_policy=mp_policy)
-    elif (dtype := autocast_dtype(model, dims, mp_policy)) is not None:
-        apply_autocast(model, dtype)
-    return model
+                   expert_grad_divide_factor=dims.dp, mp_policy=settings.mp_policy,
+                   reshard_after_forward=settings.fsdp_reshard_after_forward, cpu_offload=settings.fsdp_cpu_offload)
+    elif autocast is not None:
+        apply_autocast(model, autocast)
+    return ParallelizeRecord(dims, settings, autocast)

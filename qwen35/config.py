@@ -113,10 +113,6 @@ class Qwen35Config:
         """Channels of the GDN causal conv: q, k and v (not z, a, b)."""
         return 2 * self.linear_key_dim + self.linear_value_dim
 
-    @property
-    def num_full_attention_layers(self) -> int:
-        return self.layer_types.count(FULL_ATTENTION)
-
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         def fail(key: str, rule: str):

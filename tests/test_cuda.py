@@ -11,7 +11,7 @@ import torch
 import qwen35
 from delta_rule_oracle import naive_gated_delta_rule_f64
 from kernels.gated_delta_rule import ops
-from parallelism import ParallelDims, parallelize
+from parallelism import ParallelDims, ParallelizeSettings, parallelize
 from test_kernels_triton import (CASES, FAST_DECAY_CASE, _compare, _inputs, _ours_and_oracle, loss_and_grads,
                                  packed_batch)
 from tiny_configs import TINY_CONFIGS
@@ -53,7 +53,7 @@ def test_model_cuda_matches_cpu(name, compiled):
     cuda_model = qwen35.Qwen35ForCausalLM(config).to(CUDA)
     cuda_model.load_state_dict(cpu_model.state_dict())
     if compiled:
-        parallelize(cuda_model, ParallelDims(world_size=1), None, compile=True)
+        parallelize(cuda_model, ParallelDims(world_size=1), None, ParallelizeSettings(compile=True))
     lengths = [70, 1, 129, 56]
     ref_logits, ref_grads = loss_and_grads(cpu_model, *packed_batch(config.vocab_size, lengths, "cpu"))
     logits, grads = loss_and_grads(cuda_model, *packed_batch(config.vocab_size, lengths, CUDA))

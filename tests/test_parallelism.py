@@ -13,13 +13,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.parallel import loss_parallel
 
 import qwen35
 from distributed_utils import run_distributed
-from parallelism import ParallelDims, parallelize
+from parallelism import ParallelDims, ParallelizeSettings, parallelize
 from parallelism.float8 import float8_module_filter
 
 STEPS, GLOBAL_BATCH, SEQ_LEN = 3, 2, 64
@@ -73,7 +73,14 @@ def _train_distributed(flavor: str, overrides: dict, degrees: dict, options: dic
                        packed: bool = False) -> list[float]:
     dims = ParallelDims(world_size=dist.get_world_size(), **degrees)
     meshes = dims.build_meshes("cpu")
-    model = parallelize(_model(flavor, **overrides), dims, meshes, **options)
+    model = _model(flavor, **overrides)
+    settings = ParallelizeSettings(**options)
+    parallelize(model, dims, meshes, settings)
+    # the blocks and the embedding (norm + lm_head are never resharded, see parallelism/fsdp.py; FSDP decides the root)
+    for unit in [*model.model.layers, model.model.embed_tokens] if dims.fsdp_enabled else []:
+        group = unit._get_fsdp_state()._fsdp_param_group
+        assert (group.post_forward_mesh_info is not None) == settings.fsdp_reshard_after_forward
+        assert isinstance(group.offload_policy, CPUOffloadPolicy) == settings.fsdp_cpu_offload
     if model.config.tie_word_embeddings:
         assert model.lm_head.weight is model.model.embed_tokens.weight
     if packed:  # one row: every rank holds all of it (tensor parallelism only)
@@ -103,14 +110,18 @@ TIED = dict(tie_word_embeddings=True)
 
 
 @pytest.mark.parametrize("flavor, overrides, degrees, options", [
-    pytest.param("debug", {}, dict(dp_shard=2), dict(ac="full"), id="fsdp2-full_ac"),
-    pytest.param("debug", {}, dict(tp=2), dict(ac="selective"), id="tp2-selective_ac"),
+    pytest.param("debug", {}, dict(dp_shard=2), dict(activation_checkpoint="full"), id="fsdp2-full_ac"),
+    pytest.param("debug", {}, dict(tp=2), dict(activation_checkpoint="selective"), id="tp2-selective_ac"),
+    pytest.param("debug", {}, dict(dp_shard=2), dict(fsdp_reshard_after_forward=False, fsdp_cpu_offload=True),
+                 id="fsdp2-no_reshard-cpu_offload"),
     pytest.param("debug", TIED, dict(tp=2), dict(loss_parallel=True), id="tp2-tied_embeddings-loss_parallel"),
     pytest.param("debug-moe", {}, dict(dp_shard=2, ep=2), {}, id="ep2-moe"),
     # Selective AC around FSDP-sharded experts (parallelism/activation_checkpoint.py), and compile around the
     # experts, whose token exchange has data-dependent split sizes (parallelism/compile.py).
-    pytest.param("debug-moe", {}, dict(dp_shard=2, ep=2), dict(ac="selective"), id="ep2-moe-selective_ac"),
-    pytest.param("debug-moe", {}, dict(dp_shard=2, ep=2), dict(ac="selective", compile=True), id="ep2-moe-compile"),
+    pytest.param("debug-moe", {}, dict(dp_shard=2, ep=2), dict(activation_checkpoint="selective"),
+                 id="ep2-moe-selective_ac"),
+    pytest.param("debug-moe", {}, dict(dp_shard=2, ep=2), dict(activation_checkpoint="selective", compile=True),
+                 id="ep2-moe-compile"),
     pytest.param("debug-moe", {}, dict(tp=2), {}, id="tp2-moe"),
 ])
 def test_two_process_losses_match_one_process(flavor, overrides, degrees, options):
@@ -132,13 +143,15 @@ def test_two_process_tensor_parallel_float8_trains():
     torch.testing.assert_close(losses, _reference_losses("debug"), rtol=0.05, atol=0)
 
 
-BF16_MIXED_PRECISION = dict(mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+BF16_MIXED_PRECISION = ParallelizeSettings(mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
 
 
 def test_mixed_precision_without_fsdp_is_torch_autocast():
     """One process (no FSDP to cast parameters): the forward runs under torch.autocast(bf16), bit for bit, with fp32
     parameters and gradients, and leaves autocast off; parameters already in bf16 get no autocast."""
-    model = parallelize(_model("debug"), ParallelDims(world_size=1), None, **BF16_MIXED_PRECISION)
+    model = _model("debug")
+    record = parallelize(model, ParallelDims(world_size=1), None, BF16_MIXED_PRECISION)
+    assert record.autocast == torch.bfloat16 and str(record) == "autocast(bfloat16)"
     reference = _model("debug")
     ids = _batch(model.config)
     logits = model(ids)
@@ -152,15 +165,16 @@ def test_mixed_precision_without_fsdp_is_torch_autocast():
         assert param.dtype == param.grad.dtype == torch.float32, name
         torch.testing.assert_close(param.grad, reference_param.grad, rtol=0, atol=0, msg=name)
 
-    bf16_model = parallelize(_model("debug").to(torch.bfloat16), ParallelDims(world_size=1), None,
-                             **BF16_MIXED_PRECISION)
+    bf16_model = _model("debug").to(torch.bfloat16)
+    assert parallelize(bf16_model, ParallelDims(world_size=1), None, BF16_MIXED_PRECISION).autocast is None
     assert not bf16_model._forward_pre_hooks
 
 
 def _tensor_parallel_mixed_precision_run() -> tuple[torch.dtype, list[float]]:
     """(dtype of the logits, losses) of the debug model under TP=2 with bf16 mixed precision."""
     dims = ParallelDims(world_size=2, tp=2)
-    model = parallelize(_model("debug"), dims, dims.build_meshes("cpu"), **BF16_MIXED_PRECISION)
+    model = _model("debug")
+    parallelize(model, dims, dims.build_meshes("cpu"), BF16_MIXED_PRECISION)
     ids = _batch(model.config)
     with torch.no_grad():
         dtype = model(ids).dtype
@@ -172,7 +186,8 @@ def test_two_process_tensor_parallel_bf16_mixed_precision_matches_one_process():
     bf16 rounding."""
     dtype, losses = run_distributed(_tensor_parallel_mixed_precision_run)
     assert dtype == torch.bfloat16
-    model = parallelize(_model("debug"), ParallelDims(world_size=1), None, **BF16_MIXED_PRECISION)
+    model = _model("debug")
+    parallelize(model, ParallelDims(world_size=1), None, BF16_MIXED_PRECISION)
     expected = _train(model, _batch(model.config))
     torch.testing.assert_close(losses, expected, rtol=5e-4, atol=0)
 
@@ -183,7 +198,7 @@ def test_float8_converts_filtered_linears_and_trains():
     reference = _reference_losses("debug")
     model = _model("debug")
     dims = ParallelDims(world_size=1)
-    parallelize(model, dims, meshes=None, float8=True, float8_emulate=True)
+    parallelize(model, dims, None, ParallelizeSettings(float8=True, float8_emulate=True))
     converted = {name for name, m in model.named_modules() if isinstance(m, Float8Linear)}
     linears = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     # debug: 3 GDN layers x (in_proj_qkv, in_proj_z, out_proj) + 1 attention layer x 4 + 4 MLPs x 3
@@ -227,4 +242,4 @@ def test_degrees_must_multiply_to_world_size(degrees, message):
 
 def test_unknown_activation_checkpoint_mode():
     with pytest.raises(ValueError, match=r"activation_checkpoint\.mode must be one of"):
-        parallelize(_model("debug"), ParallelDims(world_size=1), meshes=None, ac="some")
+        ParallelizeSettings(activation_checkpoint="some")

@@ -4,17 +4,20 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from torch.distributed.fsdp import MixedPrecisionPolicy
 
-import torchtitan_ext  # noqa: F401  (compat shims before torchtitan)
+from parallelism import ParallelizeSettings
 from qwen35 import Qwen35Config
 from test_train_helpers import debug_assets
 from torchtitan_ext import compat
 from torchtitan_ext.preflight import prepare_files
-from torchtitan_ext.toml_config import ConfigError, read_sections, to_trainer_config
-from torchtitan_ext.train import load_config
+from torchtitan_ext.toml_config import ConfigError, parallelize_settings, read_sections, to_toml, to_trainer_config
+from torchtitan_ext.train import load_config, main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "train_configs"
 PRETRAIN_CONFIGS = sorted(CONFIGS.glob("qwen35_*.toml"))
+RUN_CONFIGS = sorted(p for p in CONFIGS.glob("*.toml") if not p.stem.endswith("_base"))  # bases name no model
 MINIMAL = """
 [model]
 flavor = "debug"
@@ -74,6 +77,139 @@ def test_cli_overrides_win_and_are_type_checked(tmp_path, files):
         read_sections(path, ["--training.steps", "x"])
     with pytest.raises(ConfigError, match=r"--training\.stepz: unknown key \[training\] stepz.*run\.toml"):
         read_sections(path, ["--training.stepz", "1"])
+
+
+def test_boolean_flags_bare_negated_or_valued(tmp_path, files):
+    """torchtitan's CLI convention: a bare boolean flag means true, --section.no_<flag> / no-<flag> false."""
+    path = _toml(tmp_path, files, "[metrics]\nenable_tensorboard = false\n[checkpoint]\nenable = true\n")
+    sections = read_sections(path, ["--metrics.enable_tensorboard", "--checkpoint.no-enable", "--job.deterministic"])
+    assert sections["metrics"].enable_tensorboard is True and sections["checkpoint"].enable is False
+    assert sections["job"].deterministic is True
+    sections = read_sections(path, ["--checkpoint.no_enable", "--metrics.enable-tensorboard", "true",
+                                    "--model.no_tie_word_embeddings"])
+    assert sections["checkpoint"].enable is False and sections["metrics"].enable_tensorboard is True
+    assert sections["model"].tie_word_embeddings is False
+    assert read_sections(path, ["--checkpoint.enable", "false"])["checkpoint"].enable is False
+    with pytest.raises(ConfigError, match=r"--checkpoint\.no_enable takes no value"):
+        read_sections(path, ["--checkpoint.no_enable=true"])
+    with pytest.raises(ConfigError, match=r"--training\.steps: missing value"):
+        read_sections(path, ["--training.steps", "--checkpoint.enable"])
+    with pytest.raises(ConfigError, match=r"--training\.no_steps: unknown key \[training\] no_steps"):
+        read_sections(path, ["--training.no_steps"])
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.stem)
+def test_printed_config_reads_back_to_the_same_config(path, tmp_path):
+    sections = read_sections(path, [])
+    printed = tmp_path / "printed.toml"
+    printed.write_text(to_toml(sections))
+    assert read_sections(printed, []) == sections
+
+
+def test_print_config_cli_prints_the_resolved_config(tmp_path, capsys):
+    main(["--config", str(CONFIGS / "qwen35_27b.toml"), "--training.steps", "5", "--print-config"])
+    printed = tmp_path / "printed.toml"
+    # torchtitan's logger (set up by earlier tests in this process) also writes to stdout
+    printed.write_text("".join(line for line in capsys.readouterr().out.splitlines(keepends=True)
+                               if not line.startswith("[titan]")))
+    sections = read_sections(printed, [])
+    assert sections == read_sections(CONFIGS / "qwen35_27b.toml", ["--training.steps", "5"])
+    assert sections["training"].steps == 5 and sections["model"].flavor == "27B"
+    assert sections["optimizer"].weight_decay == 0.1  # from pretrain_base.toml
+
+
+def test_every_base_is_extended_and_names_no_model():
+    bases = sorted(CONFIGS.glob("*_base.toml"))
+    assert bases and all(any(f'extends = "{base.name}"' in p.read_text() for p in RUN_CONFIGS) for base in bases)
+    for base in bases:
+        with pytest.raises(ConfigError, match=rf"{base.name}: \[model\] flavor is required"):
+            read_sections(base, [])
+
+
+def test_extends_merges_keys_over_a_base_relative_to_the_file(tmp_path, files):
+    assets, corpus = files
+    (tmp_path / "bases").mkdir()
+    (tmp_path / "bases" / "base.toml").write_text(
+        f'[model]\nflavor = "debug"\nhf_assets_path = "{assets}"\n[data]\ndataset_path = "{corpus}"\n'
+        "[training]\nsteps = 3\nseq_len = 64\n")
+    child = tmp_path / "child.toml"
+    child.write_text('extends = "bases/base.toml"\n[training]\nsteps = 9\n[metrics]\nlog_freq = 2\n')
+    sections = read_sections(child, ["--training.local_batch_size", "3"])
+    training = sections["training"]
+    assert (training.steps, training.seq_len, training.local_batch_size) == (9, 64, 3)
+    assert sections["metrics"].log_freq == 2 and sections["model"].flavor == "debug"
+
+    (tmp_path / "bases" / "base.toml").write_text("[training]\nstepz = 3\n")
+    with pytest.raises(ConfigError, match=r"base\.toml: unknown key \[training\] stepz"):
+        read_sections(child, [])
+    (tmp_path / "bases" / "base.toml").write_text('extends = "../child.toml"\n')
+    with pytest.raises(ConfigError, match=r"base\.toml: extends = '../child.toml' makes a cycle"):
+        read_sections(child, [])
+    child.write_text('extends = "nope.toml"\n')
+    with pytest.raises(ConfigError, match=r"config file .*nope\.toml not found \(extended by .*child\.toml\)"):
+        read_sections(child, [])
+    child.write_text("extends = 3\n")
+    with pytest.raises(ConfigError, match=r"child\.toml: extends = 3 has the wrong type"):
+        read_sections(child, [])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--parallelism.no_enable_sequence_parallel"],
+     r"\[parallelism\] enable_sequence_parallel = False is not supported: tensor parallelism here always"),
+    (["--parallelism.enable_fsdp_symm_mem"], r"\[parallelism\] enable_fsdp_symm_mem = True is not supported"),
+    (["--compile.enable_async_tensor_parallel"], r"\[compile\] enable_async_tensor_parallel = True is not supported"),
+    (["--comm.mode", "fake_backend"], r"\[comm\] mode = 'fake_backend' is not supported: .*real process groups"),
+    (["--validator.enable"], r"\[validator\] enable = true needs \[validator\] dataset_path"),
+    (["--validator.enable", "--validator.dataset_path", "x.jsonl"], r"\[validator\] steps = -1 .* is not supported"),
+    (["--profiler.trace_post_processor", "f"], r"unknown key \[profiler\] trace_post_processor"),  # tyro-suppressed
+    (["--validator.dataloader", "x"], r"unknown key \[validator\] dataloader"),  # a component: built from [data]
+    (["--data.num_workers", "2"], r"\[data\] num_workers = 2 is not supported: .*iterable datasets"),
+    (["--data.dataset", "c4"], r"\[data\] dataset = 'c4' is not supported"),
+    (["--data.persistent_workers"], r"\[data\] persistent_workers = True is not supported: there are no worker"),
+    (["--data.prefetch_factor", "2"], r"\[data\] prefetch_factor = 2 is not supported: there are no worker"),
+])
+def test_keys_this_trainer_cannot_honour_are_refused_with_the_reason(tmp_path, files, overrides, message):
+    with pytest.raises(ConfigError, match=rf"{message}.*run\.toml|run\.toml: {message}"):
+        read_sections(_toml(tmp_path, files), overrides)
+
+
+def test_validator_held_out_file_must_exist(tmp_path, files):
+    path = _toml(tmp_path, files)
+    sections = read_sections(path, ["--validator.enable", "--validator.steps", "2",
+                                    "--validator.dataset_path", str(tmp_path / "held_out.jsonl")])
+    with pytest.raises(ConfigError, match=r"run\.toml: \[validator\] dataset_path = .*held_out\.jsonl.*not found"):
+        prepare_files(sections, path)
+
+
+def test_parallelize_settings_are_decided_once_from_the_sections(tmp_path, files):
+    """The settings the model spec's parallelize_fn applies (and logs) come from these keys."""
+    path = _toml(tmp_path, files)
+    default = parallelize_settings(read_sections(path, []))
+    assert (default.fsdp_reshard_after_forward, default.fsdp_cpu_offload, default.compile, default.float8) == (
+        True, False, False, False)
+    settings = parallelize_settings(read_sections(path, [
+        "--parallelism.fsdp_reshard_after_forward", "never", "--training.enable_cpu_offload",
+        "--activation_checkpoint.mode", "full", "--compile.enable", "--compile.components", "loss",
+        "--float8.enable", "--float8.emulate", "--training.mixed_precision_param", "float32",
+        "--parallelism.tensor_parallel_degree", "2"]))
+    assert settings == ParallelizeSettings(
+        activation_checkpoint="full", compile=False, float8=True, float8_emulate=True,
+        mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32), loss_parallel=True,
+        fsdp_reshard_after_forward=False, fsdp_cpu_offload=True)
+    config = to_trainer_config(read_sections(path, ["--compile.enable"]), path)
+    assert config.activation_checkpoint is None  # applied by the model's parallelize_fn, not torchtitan's
+
+
+def test_data_keys_are_the_data_loader_config_fields(tmp_path, files):
+    """[data] is derived from Qwen35DataLoader.Config: a field added there is a key, and reaches the loader."""
+    from torchtitan_ext.data import Qwen35DataLoader
+    from torchtitan_ext.toml_config import DataSection, _fields
+
+    assert set(_fields(Qwen35DataLoader.Config)) <= set(_fields(DataSection))
+    path = _toml(tmp_path, files)
+    loader = to_trainer_config(read_sections(path, ["--data.pin_memory", "--data.too_long", "drop"]), path).dataloader
+    assert type(loader) is Qwen35DataLoader.Config and loader.pin_memory and loader.too_long == "drop"
+    assert loader.dataset_path is None  # torchtitan's (HF datasets); the file is in sources
 
 
 def test_required_keys(tmp_path):
@@ -185,19 +321,3 @@ def test_dict_options_take_json_on_the_command_line(tmp_path, files):
     assert sections["data"].chat_template_kwargs == {"enable_thinking": False}
     with pytest.raises(ConfigError, match=r"--data\.chat_template_kwargs 'x': wrong type"):
         read_sections(path, ["--data.chat_template_kwargs", "x"])
-
-
-def test_data_parallel_mesh_dims_stand_in_only_where_torch_lacks_it(monkeypatch):
-    """torch 2.11 has no torch.distributed.fsdp.DataParallelMeshDims, which torchtitan's trainer imports: compat
-    installs a stand-in that imports and refuses construction; a torch that has the class keeps its own."""
-    import torch
-    import torch.distributed.fsdp as fsdp
-
-    has_class = torch.torch_version.TorchVersion(torch.__version__) >= "2.12"
-    assert (fsdp.DataParallelMeshDims.__module__ == "torch.distributed.fsdp") == has_class
-    monkeypatch.delattr(fsdp, "DataParallelMeshDims")
-    compat._install_data_parallel_mesh_dims_stand_in()
-    from torch.distributed.fsdp import DataParallelMeshDims
-
-    with pytest.raises(NotImplementedError, match="has no torch.distributed.fsdp.DataParallelMeshDims"):
-        DataParallelMeshDims(shard="fsdp")

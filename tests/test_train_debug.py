@@ -29,6 +29,32 @@ def test_short_debug_run_loss_falls_and_logs_tensorboard(tmp_path):
     assert logged["throughput(tps)"][20] > 0
 
 
+def test_comm_profiler_and_validator_sections_take_effect(tmp_path, monkeypatch):
+    """[comm] timeouts reach the process group, [profiler] writes a trace every profile_freq steps and
+    [validator] logs a validation loss every freq steps. Oracle for the validation loss: validated on the training
+    file itself with lr 0, its first pass sees the batch and the weights of training step 1."""
+    init_timeouts, train_timeouts = [], []
+    init_process_group, set_timeout = torch.distributed.init_process_group, torch.distributed.set_timeout
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda *a, **kw: init_timeouts.append(kw["timeout"]) or init_process_group(*a, **kw))
+    monkeypatch.setattr(torch.distributed, "set_timeout",
+                        lambda timeout, *a: train_timeouts.append(timeout) or set_timeout(timeout, *a))
+    train(tmp_path, "--training.steps", "4", "--training.seq_len", "64", "--optimizer.lr", "0",
+          "--comm.init_timeout_seconds", "123", "--comm.train_timeout_seconds", "45",
+          "--profiler.enable_profiling", "--profiler.profile_freq", "2", "--profiler.profiler_warmup", "0",
+          "--validator.enable", "--validator.freq", "2", "--validator.steps", "1",
+          "--validator.dataset_path", str(debug_assets() / "stdlib_docs.jsonl"))
+    assert [t.total_seconds() for t in init_timeouts] == [123]
+    assert {t.total_seconds() for t in train_timeouts} == {45}
+    traces = tmp_path / "profiling" / "traces"  # Profiler.Config.save_traces_folder
+    assert sorted(p.name for p in traces.iterdir()) == ["iteration_2", "iteration_4"]
+    assert all((traces / d / "rank0_trace.json.gz").stat().st_size > 0 for d in ("iteration_2", "iteration_4"))
+    logged = scalars(tmp_path)
+    validation = logged["validation_metrics/loss"]
+    assert sorted(validation) == [1, 2, 4]
+    assert validation[1] == pytest.approx(logged[LOSS][1], rel=1e-5)
+
+
 class _Crash(Exception):
     pass
 

@@ -74,8 +74,7 @@ def _train_recording_ties(argv: list[str], record: Path | None = None) -> list[d
 
 
 if __name__ == "__main__":  # torchrun entry: test_train_distributed.py <record path> <trainer args...>
-    import torchtitan_ext  # noqa: F401  (compat shims before torchtitan)
-    from torchtitan.tools.logging import init_logger
+    from torchtitan.tools.logging import init_logger  # the shims: torchtitan_ext.train.run applies them
 
     init_logger()
     _train_recording_ties(sys.argv[2:], Path(sys.argv[1]))

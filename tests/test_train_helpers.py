@@ -6,7 +6,6 @@ import gc
 from collections.abc import Callable
 from pathlib import Path
 
-import torchtitan_ext  # noqa: F401  (compat shims before torchtitan)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from qwen35 import Qwen35Config

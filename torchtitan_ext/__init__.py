@@ -1,9 +1,5 @@
 """torchtitan integration of the qwen35 model: compat shims, model spec, TOML front end, data, export.
 
-The compatibility shims are installed on import, because torchtitan chooses its device module when it is
-first imported: import this package before anything from torchtitan.
+Importing it patches nothing: entry points call `torchtitan_ext.compat.apply()` (the trainer's `main` and `run`
+do), before or after torchtitan is imported.
 """
-
-from . import compat
-
-compat.apply()

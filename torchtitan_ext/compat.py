@@ -1,9 +1,10 @@
 """Run torchtitan 0.3.0 (written against a PyTorch nightly) on stable torch 2.13 and 2.11 and on CPU-only machines.
 
-`apply()` must run before the first `import torchtitan`: torchtitan picks its device module at import time.
-Each shim checks whether it is needed and does nothing otherwise, so on a CUDA machine with a torch that has
-everything, `apply()` changes nothing but the spmd backend default returned by `default_spmd_backend()`.
-See shared/reference/torchtitan-0.3.md sections 1 and 5 for the failures these shims replace.
+The only module that patches torch or torchtitan. Nothing is patched at import: entry points (the trainer's
+`main` and `run`, the test session) call `apply()`, before or after torchtitan is imported. Each shim says the
+versions it is for and the symptom it fixes, checks whether it is needed and does nothing otherwise, so on a CUDA
+machine with a torch that has everything, `apply()` changes nothing. tests/test_compat.py has, per shim, a test
+that fails once the installed versions no longer need it. See shared/reference/torchtitan-0.3.md sections 1 and 5.
 """
 
 from __future__ import annotations
@@ -66,9 +67,11 @@ def _make_cpu_device_module() -> types.ModuleType:
 
 
 def _install_cpu_device_module() -> None:
-    """Upstream: `torchtitan.tools.utils` uses `_get_available_device_type() or "cuda"`, so CPU-only torch gets
-    `torch.cuda` as device module and the Trainer dies in `set_device`. Report "cpu" with a usable module;
-    `init_process_group` then picks gloo (torch's default backend for cpu)."""
+    """torchtitan 0.3.0, any torch, CPU-only machines. Symptom: `Trainer.__init__` dies in `set_device` with
+    "module 'torch._C' has no attribute '_cuda_setDevice'": `torchtitan.tools.utils.get_device_info` falls back to
+    "cuda" and `torch.cuda` when torch reports no accelerator. Report "cpu" with a usable module; `init_process_group`
+    then picks gloo (torch's default backend for cpu). torchtitan modules imported earlier copied the wrong
+    `device_type` / `device_module` into their namespaces: they are repointed, so import order does not matter."""
     cpu_module = _make_cpu_device_module()
     original_get_device_module = torch._utils._get_device_module
 
@@ -79,6 +82,12 @@ def _install_cpu_device_module() -> None:
 
     torch._utils._get_available_device_type = lambda: "cpu"
     torch._utils._get_device_module = get_device_module
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] in ("torchtitan", "torchtitan_ext") and module is not None:
+            if getattr(module, "device_type", None) == "cuda":
+                module.device_type = "cpu"
+            if getattr(module, "device_module", None) is torch.cuda:
+                module.device_module = cpu_module
 
 
 # ---------------------------------------------------------------------------------------------- distributed
@@ -87,14 +96,16 @@ def _set_timeout(timeout: timedelta, group=None) -> None:
 
 
 def _install_set_timeout() -> None:
-    """Upstream: `distributed.utils.set_pg_timeouts` calls `torch.distributed.set_timeout` (nightly only)
-    after step 1. Delegate to the private c10d function stable torch has."""
+    """torchtitan 0.3.0 on torch 2.11-2.13. Symptom: right after step 1, "module 'torch.distributed' has no
+    attribute 'set_timeout'" (`distributed.utils.set_pg_timeouts` calls an API of torch nightlies). Delegate to the
+    private c10d function stable torch has."""
     dist.set_timeout = _set_timeout
 
 
 def _install_gloo_fsdp_reduce_op() -> None:
-    """Upstream: torchtitan calls `set_gradient_divide_factor(1.0)` on every FSDP module, so FSDP2 reduces
-    with PREMUL_SUM(1.0), which gloo rejects. Also force a plain SUM, identical for a factor of 1.0."""
+    """torchtitan 0.3.0 on torch 2.11-2.13 with gloo (CPU). Symptom: the first backward of an FSDP run fails with
+    "Cannot use ReduceOp.PREMUL_SUM with Gloo": torchtitan calls `set_gradient_divide_factor(1.0)` on every FSDP
+    module, so FSDP2 reduces with PREMUL_SUM(1.0). Also force a plain SUM, identical for a factor of 1.0."""
     from torch.distributed.fsdp import FSDPModule
 
     original = FSDPModule.set_gradient_divide_factor
@@ -108,11 +119,11 @@ def _install_gloo_fsdp_reduce_op() -> None:
 
 
 def _install_data_parallel_mesh_dims_stand_in() -> None:
-    """Upstream: the trainer imports `torchtitan.distributed.full_dtensor`, which imports
-    `torch.distributed.fsdp.DataParallelMeshDims`; torch 2.11 (the release before 2.12) has no such class, so
-    `import torchtitan.trainer` fails. Only torchtitan's "full_dtensor" spmd backend and its own models' FSDP
-    helpers construct one; Qwen3.5's parallelize hands `fully_shard` a mesh. Install a stand-in that imports and
-    refuses construction, naming the torch version."""
+    """torchtitan 0.3.0 on torch 2.11. Symptom: `import torchtitan.trainer` fails: the trainer imports
+    `torchtitan.distributed.full_dtensor`, which imports `torch.distributed.fsdp.DataParallelMeshDims` (new in torch
+    2.12). Only torchtitan's "full_dtensor" spmd backend and its own models' FSDP helpers construct one; Qwen3.5's
+    parallelize hands `fully_shard` a mesh. Install a stand-in that imports and refuses construction, naming the
+    torch version."""
     import torch.distributed.fsdp as fsdp
 
     class DataParallelMeshDims:
@@ -125,8 +136,9 @@ def _install_data_parallel_mesh_dims_stand_in() -> None:
 
 
 def fully_shard_understands_spmd_types() -> bool:
-    """torch nightlies teach FSDP2 about spmd_types annotations; stable 2.13 does not (its FSDP param code
-    never mentions them), so `spmd_backend = "spmd_types"` fails for any FSDP degree > 1."""
+    """torch nightlies teach FSDP2 about spmd_types annotations; stable 2.11-2.13 do not (their FSDP param code
+    never mentions them), so torchtitan 0.3.0's default `spmd_backend = "spmd_types"` fails for any FSDP degree > 1
+    ("all parameters must be DTensors on the full SPMD mesh")."""
     from torch.distributed.fsdp._fully_shard import _fsdp_param
 
     return "spmd_types" in inspect.getsource(_fsdp_param)
@@ -170,13 +182,13 @@ def _unsharded_parameters(model: torch.nn.Module):
 
 
 def _install_cpu_sharded_init() -> None:
-    """Upstream: torchtitan initialises a parallelized model in place (`init_weights` after `to_empty`) and
-    relies on DTensor's RNG tracker to give each shard its own slice of the random stream. torch's
-    OffsetBasedRNGTracker supports no CPU mesh, so on CPU every rank draws the *same* numbers for its local
-    shard: FSDP/TP shards of a weight are copies of each other, and nothing matches a 1-process run with
-    the same seed. On CPU meshes, run the init on full-size plain parameters (every rank draws the whole
-    tensor from the same seeded stream, as one process would) and keep each rank's shard. Costs one full
-    copy of the parameters per rank during init; CPU runs are small."""
+    """torchtitan 0.3.0 on torch 2.11-2.13, CPU meshes. Symptom: FSDP/TP shards of a weight are copies of each other
+    and no run matches a 1-process run with the same seed. torchtitan initialises a parallelized model in place
+    (`init_weights` after `to_empty`) and relies on DTensor's RNG tracker to give each shard its own slice of the
+    random stream; torch's OffsetBasedRNGTracker supports no CPU mesh, so every rank draws the same numbers for its
+    local shard. On CPU meshes, run the init on full-size plain parameters (every rank draws the whole tensor from
+    the same seeded stream, as one process would) and keep each rank's shard. Costs one full copy of the parameters
+    per rank during init; CPU runs are small."""
     from torchtitan.protocols.model import BaseModel
 
     original = BaseModel.init_weights
@@ -190,16 +202,11 @@ def _install_cpu_sharded_init() -> None:
 
 # ---------------------------------------------------------------------------------------------- entry
 def apply() -> None:
-    """Install the shims this torch build needs. Idempotent; must precede the first torchtitan import."""
+    """Install the shims this torch build and machine need. Idempotent; before or after torchtitan is imported."""
     global _applied
     if _applied:
         return
     if cpu_only():
-        imported = sys.modules.get("torchtitan.tools.utils")
-        if imported is not None and imported.device_type != "cpu":
-            raise RuntimeError(
-                "torchtitan was imported before torchtitan_ext on a machine without an accelerator, so it "
-                f"selected device type {imported.device_type!r}. Import torchtitan_ext first.")
         _install_cpu_device_module()
         _install_gloo_fsdp_reduce_op()  # CPU runs use gloo; NCCL supports PREMUL_SUM
         _install_cpu_sharded_init()

@@ -31,15 +31,17 @@ def prepare_files(sections: dict[str, Any], config_path: Path) -> None:
         raise ConfigError(f"{config_path}: [data] kind = \"sft\" needs a chat template: no chat_template.jinja "
                           f"(or tokenizer_config.json 'chat_template') in [model] hf_assets_path = "
                           f"{model.hf_assets_path!r}")
-    for i, spec in enumerate(data.source_specs(config_path)):
-        key = "dataset_path" if data.dataset_path else f"sources[{i}] path"
+    named_specs = [("[data] dataset_path" if data.dataset_path else f"[data] sources[{i}] path", spec)
+                   for i, spec in enumerate(data.source_specs(config_path))]
+    if sections["validator"].enable:
+        named_specs.append(("[validator] dataset_path", sections["validator"].source(data)))
+    for key, spec in named_specs:
         try:
             if not spec.exists():
                 raise DataError("not found")
             spec.resolved_format()
         except DataError as err:
-            raise ConfigError(f"{config_path}: [data] {key} = {spec.path!r}: {err} ({Path(spec.path).absolute()})") \
-                from None
+            raise ConfigError(f"{config_path}: {key} = {spec.path!r}: {err} ({Path(spec.path).absolute()})") from None
     if checkpoint.initial_load_path and not Path(checkpoint.initial_load_path).is_dir():
         raise ConfigError(f"{config_path}: [checkpoint] initial_load_path = {checkpoint.initial_load_path!r}: "
                           "directory not found")

@@ -8,29 +8,42 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
-import torchtitan_ext  # noqa: F401  (compat shims before torchtitan)
 import torch
 from torchtitan.tools.logging import init_logger, logger
 from torchtitan.trainer import Trainer
 
+from . import compat
 from .data import DataError
 from .checkpoint import CheckpointError
 from .preflight import prepare_files
-from .toml_config import ConfigError, read_sections, to_trainer_config
+from .toml_config import ConfigError, read_sections, to_toml, to_trainer_config
 from .trainer import NonFiniteLossError
 from .validation import validate
 
 
-def load_config(argv: list[str]) -> Trainer.Config:
+def _parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
     parser = argparse.ArgumentParser(prog="python -m torchtitan_ext.train", allow_abbrev=False)
     parser.add_argument("--config", required=True, type=Path, help="TOML file (see train_configs/)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (files it extends + overrides) as TOML and exit")
     args, overrides = parser.parse_known_args(argv)
-    sections = read_sections(args.config, overrides)
-    prepare_files(sections, args.config)
-    config = to_trainer_config(sections, args.config)
+    return args, read_sections(args.config, overrides)
+
+
+def _build_config(sections: dict[str, Any], config_path: Path) -> Trainer.Config:
+    """The Trainer.Config of checked sections, after the files they name are checked (or created). The one place
+    a built config is checked before any work starts."""
+    prepare_files(sections, config_path)
+    config = to_trainer_config(sections, config_path)
     validate(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     return config
+
+
+def load_config(argv: list[str]) -> Trainer.Config:
+    args, sections = _parse(argv)
+    return _build_config(sections, args.config)
 
 
 def _default_single_process_env() -> None:
@@ -46,6 +59,7 @@ def _default_single_process_env() -> None:
 
 def run(config: Trainer.Config) -> None:
     """Build, train, close; the same sequence as torchtitan.train.main."""
+    compat.apply()
     _default_single_process_env()
     trainer = None
     try:
@@ -59,10 +73,16 @@ def run(config: Trainer.Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    init_logger()
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        config = load_config(sys.argv[1:] if argv is None else argv)
+        args, sections = _parse(argv)
+        if args.print_config:  # before init_logger: torchtitan logs to stdout, which holds only the TOML here
+            print(to_toml(sections), end="")
+            return
+        init_logger()
+        config = _build_config(sections, args.config)
     except ConfigError as err:
+        init_logger()
         logger.error(str(err))
         sys.exit(2)
     try:

@@ -1,0 +1,90 @@
+"""torchtitan_ext.compat: importing patches nothing, apply() works in any import order, and per shim a test that
+fails once the installed torch / torchtitan no longer need it (then delete the shim and its test)."""
+
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from distributed_utils import run_distributed
+from torchtitan_ext import compat
+
+REPO = Path(__file__).resolve().parent.parent
+
+IMPORT_ORDER = """
+import torch, torch.utils.checkpoint
+from torch.distributed.fsdp import FSDPModule
+originals = (torch._utils._get_available_device_type, torch._utils._get_device_module,
+             FSDPModule.set_gradient_divide_factor, frozenset(torch.utils.checkpoint.SAC_IGNORED_OPS))
+import qwen35, kernels, parallelism, torchtitan_ext, torchtitan_ext.train  # library packages + trainer module
+assert (torch._utils._get_available_device_type, torch._utils._get_device_module,
+        FSDPModule.set_gradient_divide_factor, frozenset(torch.utils.checkpoint.SAC_IGNORED_OPS)) == originals
+import torchtitan.components.metrics as metrics, torchtitan.distributed.utils as dist_utils
+from torchtitan.tools import utils
+assert utils.device_type == dist_utils.device_type == "cuda"  # torchtitan imported first: the CPU-only fallback
+from torchtitan_ext import compat
+compat.apply()
+assert utils.device_type == dist_utils.device_type == "cpu"
+cpu_module = torch._utils._get_device_module("cpu")
+assert metrics.device_module is dist_utils.device_module is utils.device_module is cpu_module
+"""
+
+
+@pytest.mark.skipif(not compat.cpu_only(), reason="the device shim is for machines without an accelerator")
+def test_imports_patch_nothing_and_apply_works_after_torchtitan_is_imported():
+    subprocess.run([sys.executable, "-c", IMPORT_ORDER], cwd=REPO, check=True, timeout=300)
+
+
+def test_device_shim_still_needed_torchtitan_falls_back_to_cuda(monkeypatch):
+    from torchtitan.tools import utils
+
+    monkeypatch.setattr(utils, "_get_available_device_type", lambda: None)  # what CPU-only torch reports
+    assert utils.get_device_info()[0] == "cuda"
+
+
+def test_set_timeout_shim_still_needed_torch_lacks_it():
+    assert dist.set_timeout is compat._set_timeout  # installed by apply() only where torch has none
+
+
+def _premul_sum_on_gloo() -> str:
+    try:
+        dist.all_reduce(torch.ones(2), op=dist._make_nccl_premul_sum(1.0))
+    except RuntimeError as err:
+        return str(err)
+    return "supported"
+
+
+def test_gloo_reduce_op_shim_still_needed_gloo_rejects_premul_sum():
+    assert "PREMUL_SUM" in run_distributed(_premul_sum_on_gloo, world_size=1)
+
+
+def test_cpu_sharded_init_shim_still_needed_dtensor_rng_has_no_cpu_support():
+    from torch.distributed.tensor._random import is_rng_supported_mesh
+
+    with pytest.warns(UserWarning, match="may not have complete support on cpu"):
+        assert not is_rng_supported_mesh(types.SimpleNamespace(device_type="cpu"))
+
+
+def test_spmd_backend_default_still_needed_fully_shard_lacks_spmd_types():
+    assert not compat.fully_shard_understands_spmd_types()
+    assert compat.default_spmd_backend() == "partial_dtensor"
+
+
+def test_data_parallel_mesh_dims_stand_in_only_where_torch_lacks_it(monkeypatch):
+    """torch 2.11 has no torch.distributed.fsdp.DataParallelMeshDims, which torchtitan's trainer imports: compat
+    installs a stand-in that imports and refuses construction; a torch that has the class keeps its own."""
+    import torch
+    import torch.distributed.fsdp as fsdp
+
+    has_class = torch.torch_version.TorchVersion(torch.__version__) >= "2.12"
+    assert (fsdp.DataParallelMeshDims.__module__ == "torch.distributed.fsdp") == has_class
+    monkeypatch.delattr(fsdp, "DataParallelMeshDims")
+    compat._install_data_parallel_mesh_dims_stand_in()
+    from torch.distributed.fsdp import DataParallelMeshDims
+
+    with pytest.raises(NotImplementedError, match="has no torch.distributed.fsdp.DataParallelMeshDims"):
+        DataParallelMeshDims(shard="fsdp")
