@@ -5,6 +5,8 @@ rank boundary, one token before one, cross one or several boundaries, and one do
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -21,6 +23,14 @@ KERNEL_SEQ_LEN = 48
 # Boundaries per degree: C = 2 (24 tokens a rank) has a document starting one token before the rank boundary and
 # crossing it; C = 4 (12 a rank) adds one ending exactly at a rank boundary and one crossing into the last rank.
 PACKED = {2: [0, 5, 23, 30, 48], 4: [0, 5, 12, 23, 30, 48]}
+# The model cases: (dtype, T, document boundaries). fp32 at T = 1024: one document ending exactly at the C = 4 rank
+# boundary 256, one starting there, one starting one token before the boundary 512 (of both degrees) and crossing it,
+# one crossing 768. float64 at T = 128: the same layout scaled down, and one document spanning all ranks.
+MODEL_CASES = {
+    "fp32_packed": (torch.float32, 1024, [0, 37, 255, 256, 511, 700, 1024]),
+    "fp64_packed": (torch.float64, 128, [0, 5, 31, 32, 63, 90, 128]),
+    "fp64_spanning": (torch.float64, 128, [0, 128]),
+}
 
 
 def _max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -98,3 +108,46 @@ def test_delta_rule_and_conv_across_ranks_match_the_sequential_recurrence(world_
     for case, errors in results.items():
         for name, error in errors.items():
             assert error < 1e-10, (case, name, error)
+
+
+def _model_errors(dtype: torch.dtype, seq_len: int, cu_seqlens: list[int]) -> dict[str, float]:
+    """The tiny dense model (3 GDN layers, 1 attention layer): max |CP - one process| of this rank's logits, and of
+    each parameter gradient (summed over the ranks) relative to the largest gradient entry of the whole model. (Per
+    tensor relative errors are fp32 noise where a gradient cancels to ~1e-8: one process's own fp32 gradients differ
+    from float64 by 17% there. The float64 cases bound them per tensor; their norms and log-decays still compute
+    in fp32, so they are not exact to float64 rounding either.)"""
+    torch.manual_seed(0)
+    model = Qwen35ForCausalLM(tiny()).to(dtype)
+    cp_model = copy.deepcopy(model)
+    cp = apply_context_parallel(cp_model, dist.group.WORLD)
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=gen)
+    labels = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=gen)
+    cu = torch.tensor(cu_seqlens, dtype=torch.int32)
+
+    logits_ref = model(ids, cu_seqlens=cu)
+    (F.cross_entropy(logits_ref[0], labels[0], reduction="sum") / seq_len).backward()
+
+    shard = cp.shard(cu, seq_len)
+    window = slice(shard.start, shard.end)
+    logits = cp_model(ids[:, window], position_ids=shard.position_ids, cu_seqlens=shard.cu_seqlens)
+    (F.cross_entropy(logits[0], labels[0, window], reduction="sum") / seq_len).backward()
+    errors = {"logits": _max_error(logits, logits_ref[:, window])}
+    scale = max(p.grad.abs().max().item() for p in model.parameters())
+    for (name, p_ref), p in zip(model.named_parameters(), cp_model.parameters()):
+        dist.all_reduce(p.grad)  # each rank holds its tokens' share of every parameter gradient
+        reference_scale = scale if dtype == torch.float32 else p_ref.grad.abs().max().item()
+        errors[name] = _max_error(p.grad, p_ref.grad) / reference_scale
+    return errors
+
+
+def _model_checks() -> dict[str, dict[str, float]]:
+    return _worst_over_ranks({case: _model_errors(*args) for case, args in MODEL_CASES.items()})
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_model_across_ranks_matches_one_process(world_size):
+    results = run_distributed(_model_checks, world_size=world_size)
+    for case, errors in results.items():
+        for name, error in errors.items():
+            assert error < 1e-5, (case, name, error)
