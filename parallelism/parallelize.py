@@ -1,6 +1,6 @@
-"""Apply every parallelism and training transform to a Qwen35ForCausalLM, in torchtitan's order:
-TP/SP -> EP -> float8 -> activation checkpointing -> torch.compile -> FSDP2 (or, for mixed precision without
-FSDP, autocast)."""
+"""Apply every parallelism and training transform to a Qwen35ForCausalLM, in torchtitan's order: context
+parallelism -> TP/SP -> EP -> float8 -> activation checkpointing -> torch.compile -> FSDP2 (or, for mixed precision
+without FSDP, autocast)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from qwen35 import Qwen35ForCausalLM
 from .activation_checkpoint import AC_MODES, apply_activation_checkpointing
 from .autocast import apply_autocast, autocast_dtype
 from .compile import apply_compile
+from .context_parallel import apply_context_parallel
 from .expert_parallel import apply_expert_parallel
 from .float8 import apply_float8
 from .fsdp import apply_fsdp
@@ -25,11 +26,17 @@ def parallelize(model: Qwen35ForCausalLM, dims: ParallelDims, meshes: ParallelMe
     """Transform `model` in place (and return it). `meshes` comes from `dims.build_meshes(device_type)`
     (None for a single process). loss_parallel (TP only): the model returns vocab-sharded DTensor logits for a
     vocab-parallel loss instead of gathering them. mp_policy: FSDP's mixed precision; without FSDP its 16-bit
-    param_dtype is applied by autocast (`parallelism.autocast`).
+    param_dtype is applied by autocast (`parallelism.autocast`). With dims.cp > 1 the model gets a
+    `context_parallel` attribute (`parallelism.context_parallel.ContextParallel`) that must shard every batch.
     Raises ValueError naming the offending setting before touching the model."""
     dims.validate_for(model.config)
     if ac not in AC_MODES:
         raise ValueError(f"activation_checkpoint.mode must be one of {AC_MODES}, got {ac!r}")
+    if dims.cp > 1 and (compile or dims.tp > 1):
+        raise ValueError(f"parallelism.cp={dims.cp} does not compose with compile or tp yet")
+
+    if dims.cp > 1:
+        model.context_parallel = apply_context_parallel(model, meshes.cp.get_group())
 
     if dims.tp > 1:
         apply_tensor_parallel(model, meshes.tp, experts_on_ep=dims.ep > 1, loss_parallel=loss_parallel)

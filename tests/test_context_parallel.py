@@ -93,8 +93,24 @@ def _worst_over_ranks(results: dict[str, dict[str, float]]) -> dict[str, dict[st
             for case, errors in results.items()}
 
 
+def _bad_batches_raise(cp: ContextParallel) -> None:
+    for cu_seqlens, seq_len, message in (([0, 49], 49, "must be divisible by the context-parallel degree"),
+                                         ([0, 30, 20, 48], 48, "must rise strictly from 0 to the sequence length"),
+                                         ([0, 40], 48, "must rise strictly from 0 to the sequence length 48"),
+                                         ([0, 4 * cp.size], 4 * cp.size, "must cover a conv window")):
+        with pytest.raises(ValueError, match=message):
+            cp.shard(torch.tensor(cu_seqlens, dtype=torch.int32), seq_len)
+    shard = cp.shard(torch.tensor([0, 48], dtype=torch.int32), 48)
+    x = torch.zeros(1, shard.end - shard.start, 5)
+    with pytest.raises(ValueError, match="must be called with cu_seqlens=shard.cu_seqlens"):
+        cp.causal_conv1d(x, torch.zeros(5, 4), cu_seqlens=shard.cu_seqlens.clone())
+    with pytest.raises(ValueError, match="does not carry caller states"):
+        cp.causal_conv1d(x, torch.zeros(5, 4), cu_seqlens=shard.cu_seqlens, output_final_state=True)
+
+
 def _kernel_checks() -> dict[str, dict[str, float]]:
     cp = ContextParallel(dist.group.WORLD)
+    _bad_batches_raise(cp)
     results = {}
     for case, cu_seqlens in (("packed", PACKED[cp.size]), ("spanning", [0, KERNEL_SEQ_LEN])):
         results[f"delta_rule_{case}"] = _delta_rule_errors(cp, cu_seqlens)

@@ -38,11 +38,12 @@ def make_parallelize_fn(float8: Float8Settings | None):
 
     def parallelize_qwen35(model: Qwen35ForCausalLM, *, parallel_dims, training, parallelism, compile_config,
                            ac_config, dump_folder) -> Qwen35ForCausalLM:
-        if parallel_dims.pp_enabled or parallel_dims.cp_enabled:
-            raise NotImplementedError(f"{MODEL_NAME}: pipeline and context parallelism are not supported "
-                                      "(parallelism.pipeline_parallel_degree / context_parallel_degree must be 1)")
+        if parallel_dims.pp_enabled:
+            raise NotImplementedError(f"{MODEL_NAME}: pipeline parallelism is not supported "
+                                      "(parallelism.pipeline_parallel_degree must be 1)")
         dims = ParallelDims(dp_replicate=parallel_dims.dp_replicate, dp_shard=parallel_dims.dp_shard,
-                            tp=parallel_dims.tp, ep=parallel_dims.ep, world_size=parallel_dims.world_size)
+                            tp=parallel_dims.tp, ep=parallel_dims.ep, cp=parallel_dims.cp,
+                            world_size=parallel_dims.world_size)
         meshes = dims.build_meshes(device_type) if parallel_dims.world_size > 1 else None
         mp_policy = MixedPrecisionPolicy(param_dtype=TORCH_DTYPE_MAP[training.mixed_precision_param],
                                          reduce_dtype=TORCH_DTYPE_MAP[training.mixed_precision_reduce])
@@ -53,7 +54,7 @@ def make_parallelize_fn(float8: Float8Settings | None):
                     float8_emulate=float8 is not None and float8.emulate, mp_policy=mp_policy,
                     loss_parallel=dims.tp > 1)  # as torchtitan's models: its cross entropy takes vocab shards
         applied = [f"{k}={v}" for k, v in (("dp_replicate", dims.dp_replicate), ("dp_shard", dims.dp_shard),
-                                              ("tp", dims.tp), ("ep", dims.ep)) if v > 1]
+                                              ("cp", dims.cp), ("tp", dims.tp), ("ep", dims.ep)) if v > 1]
         if ac_config:
             applied.append(f"ac={_AC_MODES[type(ac_config)]}")
         if compile_config.enable and "model" in compile_config.components:

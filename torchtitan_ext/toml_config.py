@@ -32,6 +32,7 @@ from . import compat
 from .data import Qwen35DataLoader, SourceSpec, TitanTokenizer
 from .loss import Qwen35Loss
 from .model_spec import Float8Settings, model_registry
+from .trainer import Qwen35Trainer
 
 
 class ConfigError(ValueError):
@@ -292,7 +293,7 @@ _ACTIVATION_CHECKPOINTING = {"none": lambda: None, "selective": SelectiveAC.Conf
 def to_trainer_config(sections: dict[str, Any], config_path: Path) -> Trainer.Config:
     job, model, opt, data = sections["job"], sections["model"], sections["optimizer"], sections["data"]
     float8 = sections["float8"]
-    return Trainer.Config(
+    return Qwen35Trainer.Config(  # torchtitan's Trainer with Qwen3.5's context-parallel batch sharding
         model_spec=model_registry(
             model.flavor, float8=Float8Settings(emulate=float8.emulate) if float8.enable else None,
             architecture=model.architecture()),
