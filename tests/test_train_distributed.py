@@ -193,6 +193,7 @@ HSDP = (*DP4, "--parallelism.data_parallel_replicate_degree", "2", "--parallelis
     pytest.param(HSDP, (), "dp_replicate=2, dp_shard=2", id="hsdp2x2"),
     pytest.param((*DP2, "--parallelism.data_parallel_shard_degree", "2", "--parallelism.context_parallel_degree",
                   "2"), (), "dp_shard=2, cp=2", id="fsdp2-cp2"),
+    pytest.param((*TP2, "--parallelism.context_parallel_degree", "2"), (), "cp=2, tp=2, loss_parallel", id="cp2-tp2"),
     # EP borrows the data-parallel ranks (dp_shard = 2 = ep); MoE blocks are not split by TP
     pytest.param((*FSDP2_TP2, *MOE, *EP2), MOE, "dp_shard=2, tp=2, ep=2, loss_parallel", id="ep2-tp2-moe"),
 ])
