@@ -33,9 +33,6 @@ DP4 = ("--training.local_batch_size", "1")  # 4 data-parallel ranks x 1
 TP2 = ("--training.local_batch_size", "4", "--parallelism.data_parallel_shard_degree", "1",
        "--parallelism.tensor_parallel_degree", "2")
 ONE = ("--training.local_batch_size", "4")
-# Context parallelism: the CP ranks share their data (like TP), each holding half of every packed row.
-CP2 = ("--training.local_batch_size", "4", "--parallelism.data_parallel_shard_degree", "1",
-       "--parallelism.context_parallel_degree", "2")
 # The MoE runs compare cross entropy alone (no load-balancing term); the aux term has its own tests.
 MOE = ("--model.flavor", "debug-moe", "--model.router_aux_loss_coef", "0")
 TIED = ("--model.tie_word_embeddings", "true")
@@ -156,7 +153,6 @@ EP2 = ("--parallelism.expert_parallel_degree", "2")
 @pytest.mark.parametrize("overrides, reference, applied, dealt", [
     pytest.param(DP2, (), "dp_shard=2", True, id="fsdp2"),
     pytest.param(TP2, (), "tp=2, loss_parallel", False, id="tp2"),
-    pytest.param(CP2, (), "cp=2", False, id="cp2"),
     pytest.param((*DP2, *MOE, *EP2), MOE, "dp_shard=2, ep=2", True, id="ep2-moe"),
     # The MoE recipes' setting: EP with full AC and compile (blocks compiled around the experts; loss compiled).
     pytest.param((*DP2, *MOE, *EP2, "--activation_checkpoint.mode", "full", "--compile.enable", "true"), MOE,
@@ -191,8 +187,10 @@ HSDP = (*DP4, "--parallelism.data_parallel_replicate_degree", "2", "--parallelis
 @pytest.mark.parametrize("overrides, reference, applied", [
     pytest.param(FSDP2_TP2, (), "dp_shard=2, tp=2, loss_parallel", id="fsdp2-tp2"),
     pytest.param(HSDP, (), "dp_replicate=2, dp_shard=2", id="hsdp2x2"),
+    # Context parallelism: the CP ranks share their data (like TP), each holding half of every packed row.
     pytest.param((*DP2, "--parallelism.data_parallel_shard_degree", "2", "--parallelism.context_parallel_degree",
-                  "2"), (), "dp_shard=2, cp=2", id="fsdp2-cp2"),
+                  "2", "--activation_checkpoint.mode", "selective"), (), "dp_shard=2, cp=2, ac=selective",
+                 id="fsdp2-cp2-selective_ac"),
     pytest.param((*TP2, "--parallelism.context_parallel_degree", "2"), (), "cp=2, tp=2, loss_parallel", id="cp2-tp2"),
     # EP borrows the data-parallel ranks (dp_shard = 2 = ep); MoE blocks are not split by TP
     pytest.param((*FSDP2_TP2, *MOE, *EP2), MOE, "dp_shard=2, tp=2, ep=2, loss_parallel", id="ep2-tp2-moe"),
