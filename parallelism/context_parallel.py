@@ -83,7 +83,9 @@ class ContextParallelShard:
     position_ids: torch.Tensor  # [1, end - start]: positions within each document (they continue across ranks)
     continues: tuple[bool, ...]  # [r]: rank r's first token belongs to the document of rank r - 1's last token
     halo_valid: torch.Tensor  # bool [W_max]: which of the positions before `start` are in this rank's first document
-    attention_mask: torch.Tensor  # bool [1, 1, end - start, seq_len]: local queries x global keys, block-causal
+    # bool [1, 1, end - start, seq_len]: local queries x global keys, block-causal. Materialised: seq_len^2 / size
+    # bytes, fine up to tens of thousands of tokens; longer contexts need a per-document or flex attention kernel.
+    attention_mask: torch.Tensor
 
 
 def _halo_rows(first_document_start: int, start: int, rows: int, device) -> torch.Tensor:
@@ -140,11 +142,14 @@ class ContextParallel:
         )
         return self.current
 
-    def _shard_for(self, cu_seqlens, initial_state, output_final_state) -> ContextParallelShard:
-        shard = self.current
-        if shard is None:
+    def _current_shard(self) -> ContextParallelShard:
+        if self.current is None:
             raise RuntimeError("context parallelism: call ContextParallel.shard(cu_seqlens, seq_len) before the "
                                "model's forward")
+        return self.current
+
+    def _shard_for(self, cu_seqlens, initial_state, output_final_state) -> ContextParallelShard:
+        shard = self._current_shard()
         if cu_seqlens is not shard.cu_seqlens:
             raise ValueError("context parallelism: the model must be called with cu_seqlens=shard.cu_seqlens of "
                              "the current ContextParallel.shard")
@@ -204,7 +209,7 @@ class ContextParallel:
     def scaled_dot_product_attention(self, query, key, value, attn_mask=None, is_causal=False, enable_gqa=False):
         """query [B, H, T_local, D], key/value [B, H_kv, T_local, D]; attn_mask/is_causal (the single-process
         mask) are replaced by the shard's block-causal mask over the gathered keys."""
-        shard = self.current
+        shard = self._current_shard()
         keys, values = all_gather(key, self.group, dim=2), all_gather(value, self.group, dim=2)
         return F.scaled_dot_product_attention(query, keys, values, attn_mask=shard.attention_mask,
                                               enable_gqa=enable_gqa)
