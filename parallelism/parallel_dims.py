@@ -1,9 +1,10 @@
 """Parallel degrees, their validation against a Qwen3.5 config, and the device mesh they describe.
 
-Layout (torchtitan's): world = dp_replicate * dp_shard * tp. Expert parallelism borrows ranks from dp_shard,
-so dp_shard = efsdp * ep: an EP group is a set of data-parallel ranks that exchange tokens, and expert weights
-are FSDP-sharded over the remaining efsdp ranks only. The meshes are kept in a ParallelMeshes (slicing
-flattened dims out of the root mesh is deprecated in torch).
+Layout (torchtitan's): world = dp_replicate * dp_shard * cp * tp. Context parallelism (cp) splits each sequence
+over ranks that see the same batch; FSDP shards over dp_shard x cp, which sums the cp ranks' partial gradients.
+Expert parallelism borrows ranks from dp_shard, so dp_shard = efsdp * ep: an EP group is a set of data-parallel
+ranks that exchange tokens, and expert weights are FSDP-sharded over the remaining efsdp ranks only. The meshes
+are kept in a ParallelMeshes (slicing flattened dims out of the root mesh is deprecated in torch).
 """
 
 from __future__ import annotations
@@ -18,27 +19,32 @@ from qwen35 import Qwen35Config
 @dataclass(frozen=True)
 class ParallelDims:
     dp_replicate: int = 1
-    dp_shard: int = -1  # -1: the ranks left over after dp_replicate and tp
+    dp_shard: int = -1  # -1: the ranks left over after dp_replicate, cp and tp
     tp: int = 1
     ep: int = 1
     world_size: int = 1
+    cp: int = 1
 
     def __post_init__(self):
-        for key in ("dp_replicate", "tp", "ep", "world_size"):
+        for key in ("dp_replicate", "tp", "ep", "world_size", "cp"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"parallelism.{key} must be a positive integer, got {value!r}")
         if self.dp_shard == -1:
-            if self.world_size % (self.dp_replicate * self.tp):
-                raise ValueError(f"parallelism: world size {self.world_size} is not divisible by dp_replicate * tp = "
-                                 f"{self.dp_replicate} * {self.tp}, so dp_shard=-1 cannot fill it")
-            object.__setattr__(self, "dp_shard", self.world_size // (self.dp_replicate * self.tp))
+            others = self.dp_replicate * self.cp * self.tp
+            if self.world_size % others:
+                raise ValueError(f"parallelism: world size {self.world_size} is not divisible by dp_replicate * cp * "
+                                 f"tp = {self.dp_replicate} * {self.cp} * {self.tp}, so dp_shard=-1 cannot fill it")
+            object.__setattr__(self, "dp_shard", self.world_size // others)
         if not isinstance(self.dp_shard, int) or self.dp_shard < 1:
             raise ValueError(f"parallelism.dp_shard must be a positive integer or -1, got {self.dp_shard!r}")
-        product = self.dp_replicate * self.dp_shard * self.tp
+        product = self.dp_replicate * self.dp_shard * self.cp * self.tp
         if product != self.world_size:
-            raise ValueError(f"parallelism: dp_replicate * dp_shard * tp = {self.dp_replicate} * {self.dp_shard} * "
-                             f"{self.tp} = {product} must equal the world size {self.world_size}")
+            raise ValueError(f"parallelism: dp_replicate * dp_shard * cp * tp = {self.dp_replicate} * "
+                             f"{self.dp_shard} * {self.cp} * {self.tp} = {product} must equal the world size "
+                             f"{self.world_size}")
+        if self.cp > 1 and (self.dp_replicate > 1 or self.ep > 1):
+            raise ValueError(f"parallelism.cp={self.cp} does not compose with dp_replicate or ep yet (set them to 1)")
         if self.dp_shard % self.ep:
             raise ValueError(f"parallelism.ep={self.ep} must divide parallelism.dp_shard={self.dp_shard} "
                              "(expert parallelism borrows data-parallel ranks)")
@@ -55,7 +61,8 @@ class ParallelDims:
 
     @property
     def fsdp_enabled(self) -> bool:
-        return self.dp > 1
+        """FSDP also sums the gradients of the context-parallel ranks."""
+        return self.dp * self.cp > 1
 
     def validate_for(self, config: Qwen35Config) -> None:
         """Raise if the model cannot be split this way, naming the config key and the rule."""
@@ -77,17 +84,19 @@ class ParallelDims:
                                  f"{config.num_experts} (each rank holds the same number of experts)")
 
     def build_meshes(self, device_type: str) -> "ParallelMeshes":
-        world = init_device_mesh(device_type, (self.dp_replicate, self.dp_shard, self.tp),
-                                 mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
+        world = init_device_mesh(device_type, (self.dp_replicate, self.dp_shard, self.cp, self.tp),
+                                 mesh_dim_names=("dp_replicate", "dp_shard", "cp", "tp"))
         # dim by index: torch 2.11 rejects every dim given by name (its check is inverted)
         with_ep = world._unflatten(1, (self.efsdp, self.ep), ("efsdp", "ep"))
         hsdp = self.dp_replicate > 1
         return ParallelMeshes(
             dp=world["dp_replicate", "dp_shard"]._flatten("dp"),
-            fsdp=world["dp_replicate", "dp_shard"] if hsdp else world["dp_shard"],
+            fsdp=(world["dp_replicate", "dp_shard"] if hsdp
+                  else world["dp_shard", "cp"]._flatten("dp_shard_cp") if self.cp > 1 else world["dp_shard"]),
             expert_fsdp=with_ep["dp_replicate", "efsdp"] if hsdp else with_ep["efsdp"],
             ep=with_ep["ep"],
             tp=world["tp"],
+            cp=world["cp"],
         )
 
 
@@ -98,3 +107,4 @@ class ParallelMeshes:
     expert_fsdp: DeviceMesh  # expert parameters: efsdp, or dp_replicate x efsdp
     ep: DeviceMesh
     tp: DeviceMesh
+    cp: DeviceMesh  # ranks holding consecutive slices of the same sequences

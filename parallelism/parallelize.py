@@ -1,6 +1,6 @@
-"""Apply every parallelism and training transform to a Qwen35ForCausalLM, in torchtitan's order:
-TP/SP -> EP -> float8 -> activation checkpointing -> torch.compile -> FSDP2 (or, for mixed precision without
-FSDP, autocast)."""
+"""Apply every parallelism and training transform to a Qwen35ForCausalLM, in torchtitan's order: context
+parallelism -> TP/SP -> EP -> float8 -> activation checkpointing -> torch.compile -> FSDP2 (or, for mixed precision
+without FSDP, autocast)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from qwen35 import Qwen35ForCausalLM
 from .activation_checkpoint import AC_MODES, apply_activation_checkpointing
 from .autocast import apply_autocast, autocast_dtype
 from .compile import apply_compile
+from .context_parallel import apply_context_parallel
 from .expert_parallel import apply_expert_parallel
 from .float8 import apply_float8
 from .fsdp import apply_fsdp
@@ -53,7 +54,8 @@ class ParallelizeRecord:
     def __str__(self) -> str:
         dims, settings = self.dims, self.settings
         applied = [f"{name}={degree}" for name, degree in (("dp_replicate", dims.dp_replicate),
-                                                           ("dp_shard", dims.dp_shard), ("tp", dims.tp),
+                                                           ("dp_shard", dims.dp_shard), ("cp", dims.cp),
+                                                           ("tp", dims.tp),
                                                            ("ep", dims.ep)) if degree > 1]
         if settings.activation_checkpoint != "none":
             applied.append(f"ac={settings.activation_checkpoint}")
@@ -77,7 +79,12 @@ def parallelize(model: Qwen35ForCausalLM, dims: ParallelDims, meshes: ParallelMe
     `dims.build_meshes(device_type)` (None for a single process).
     Raises ValueError naming the offending setting before touching the model."""
     dims.validate_for(model.config)
+    if dims.cp > 1 and settings.compile:
+        raise ValueError(f"parallelism.cp={dims.cp} does not compose with compile yet")
     autocast = None if dims.fsdp_enabled else autocast_dtype(model, settings.mp_policy)
+
+    if dims.cp > 1:  # the model's `context_parallel` (parallelism.context_parallel) must shard every batch
+        model.context_parallel = apply_context_parallel(model, meshes.cp.get_group())
 
     if dims.tp > 1:
         apply_tensor_parallel(model, meshes.tp, experts_on_ep=dims.ep > 1, loss_parallel=settings.loss_parallel)

@@ -11,6 +11,10 @@ from .layers import RMSNorm, apply_rotary
 
 
 class GatedAttention(nn.Module):
+    # The attention core, F.scaled_dot_product_attention's signature (parallelism.context_parallel replaces it
+    # per module with attention over the keys of every rank).
+    attention_kernel = staticmethod(F.scaled_dot_product_attention)
+
     def __init__(self, config: Qwen35Config):
         super().__init__()
         self.num_heads = config.num_attention_heads
@@ -38,7 +42,7 @@ class GatedAttention(nn.Module):
         value = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if kv_cache is not None:
             key, value = kv_cache.update(key, value)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, is_causal=attn_mask is None,
-                                             enable_gqa=self.num_heads != self.num_kv_heads)
+        out = self.attention_kernel(query, key, value, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                    enable_gqa=self.num_heads != self.num_kv_heads)
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return self.o_proj(out * torch.sigmoid(gate))

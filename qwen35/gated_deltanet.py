@@ -13,6 +13,10 @@ from .layers import GatedRMSNorm
 
 
 class GatedDeltaNet(nn.Module):
+    # The sequence ops (causal_conv1d, chunk_gated_delta_rule): the kernels package, or an object with the same
+    # signatures that spreads the sequence over ranks (parallelism.context_parallel sets it per module).
+    sequence_kernels = kernels
+
     def __init__(self, config: Qwen35Config):
         super().__init__()
         self.num_k_heads = config.linear_num_key_heads
@@ -54,7 +58,7 @@ class GatedDeltaNet(nn.Module):
         if decode_step:
             mixed = kernels.causal_conv1d_update(mixed[:, 0], cache.conv_state, conv_weight)[:, None]
         else:
-            mixed, conv_state = kernels.causal_conv1d(
+            mixed, conv_state = self.sequence_kernels.causal_conv1d(
                 mixed, conv_weight, initial_state=cache.conv_state if cache is not None and cache.initialized else None,
                 output_final_state=cache is not None, cu_seqlens=cu_seqlens)
             if cache is not None:
@@ -68,7 +72,7 @@ class GatedDeltaNet(nn.Module):
         # Log-decay in fp32 even for low-precision models (exp(A_log) overflows fp16).
         g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)
 
-        rule = kernels.recurrent_gated_delta_rule if decode_step else kernels.chunk_gated_delta_rule
+        rule = kernels.recurrent_gated_delta_rule if decode_step else self.sequence_kernels.chunk_gated_delta_rule
         out, state = rule(query, key, value, g, beta,
                           initial_state=cache.recurrent_state if cache is not None and cache.initialized else None,
                           output_final_state=cache is not None, cu_seqlens=cu_seqlens, use_qk_l2norm=True)

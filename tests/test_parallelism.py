@@ -230,14 +230,21 @@ def test_impossible_model_splits_name_the_key_and_rule(flavor, overrides, degree
 
 
 @pytest.mark.parametrize("degrees, message", [
-    (dict(dp_shard=2, tp=2), r"dp_replicate \* dp_shard \* tp = 1 \* 2 \* 2 = 4 must equal the world size 2"),
-    (dict(tp=3), "world size 2 is not divisible by dp_replicate \\* tp = 1 \\* 3"),
+    (dict(dp_shard=2, tp=2),
+     r"dp_replicate \* dp_shard \* cp \* tp = 1 \* 2 \* 1 \* 2 = 4 must equal the world size 2"),
+    (dict(tp=3), "world size 2 is not divisible by dp_replicate \\* cp \\* tp = 1 \\* 1 \\* 3"),
+    (dict(dp_replicate=2, dp_shard=1, cp=2, world_size=4), r"parallelism\.cp=2 does not compose with dp_replicate"),
     (dict(dp_shard=1, ep=2, tp=2), r"parallelism\.ep=2 must divide parallelism\.dp_shard=1"),
     (dict(tp=0), r"parallelism\.tp must be a positive integer"),
 ])
 def test_degrees_must_multiply_to_world_size(degrees, message):
     with pytest.raises(ValueError, match=message):
-        ParallelDims(world_size=2, **degrees)
+        ParallelDims(**{"world_size": 2, **degrees})
+
+
+def test_context_parallel_rejects_compile_before_touching_the_model():
+    with pytest.raises(ValueError, match=r"parallelism\.cp=2 does not compose with compile"):
+        parallelize(_model("debug"), ParallelDims(world_size=2, cp=2), meshes=None, compile=True)
 
 
 def test_unknown_activation_checkpoint_mode():

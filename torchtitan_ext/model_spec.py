@@ -20,11 +20,12 @@ def make_parallelize_fn(settings: ParallelizeSettings):
     (built from the same configs by the TOML front end, where each decision is made once)."""
 
     def parallelize_qwen35(model: Qwen35ForCausalLM, *, parallel_dims, **torchtitan_configs) -> Qwen35ForCausalLM:
-        if parallel_dims.pp_enabled or parallel_dims.cp_enabled:
-            raise NotImplementedError(f"{MODEL_NAME}: pipeline and context parallelism are not supported "
-                                      "(parallelism.pipeline_parallel_degree / context_parallel_degree must be 1)")
+        if parallel_dims.pp_enabled:
+            raise NotImplementedError(f"{MODEL_NAME}: pipeline parallelism is not supported "
+                                      "(parallelism.pipeline_parallel_degree must be 1)")
         dims = ParallelDims(dp_replicate=parallel_dims.dp_replicate, dp_shard=parallel_dims.dp_shard,
-                            tp=parallel_dims.tp, ep=parallel_dims.ep, world_size=parallel_dims.world_size)
+                            tp=parallel_dims.tp, ep=parallel_dims.ep, cp=parallel_dims.cp,
+                            world_size=parallel_dims.world_size)
         meshes = dims.build_meshes(utils.device_type) if parallel_dims.world_size > 1 else None
         logger.info(f"{MODEL_NAME}: applied {parallelize(model, dims, meshes, settings)}")
         # torchtitan divides the summed loss by the global token count, so gradients must be summed over

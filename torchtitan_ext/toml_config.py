@@ -453,7 +453,8 @@ def to_trainer_config(sections: dict[str, Any], config_path: Path) -> Trainer.Co
     job, model, opt, data = sections["job"], sections["model"], sections["optimizer"], sections["data"]
     validator = sections["validator"]
     loader = derive(data, Qwen35DataLoader.Config, sources=data.source_specs(config_path), dataset_path=None)
-    return Qwen35Trainer.Config(  # torchtitan's Trainer with the non-finite-loss and resume checks
+    return Qwen35Trainer.Config(  # torchtitan's Trainer with the non-finite-loss and resume checks and
+        # Qwen3.5's context-parallel batch sharding
         model_spec=model_registry(model.flavor, settings=parallelize_settings(sections),
                                   architecture=model.architecture()),
         hf_assets_path=model.hf_assets_path,

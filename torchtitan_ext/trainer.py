@@ -1,4 +1,4 @@
-"""torchtitan's Trainer with two guards against silently wrong results:
+"""torchtitan's Trainer with what Qwen3.5 training needs on top:
 
 - non-finite loss: torchtitan checks the loss only on logging steps, so with log_freq 5 and interval 1 it saved
   checkpoints full of NaN and `keep_latest_k` then purged the last finite one. Every step's loss is checked on
@@ -6,12 +6,21 @@
   non-finite loss stops the run naming the first step that had one, before anything is saved.
 - resuming: the checkpoint torchtitan is about to resume from is checked first (torchtitan_ext.checkpoint), so a
   truncated file or a model-only final checkpoint fails with the folder, the file and what to do.
+- context parallelism: torchtitan shards a context-parallel batch with torch's `context_parallel` (round-robin load
+  balancing of the sequence), which fits attention but not a recurrence. Under `[parallelism]
+  context_parallel_degree = C`, the Qwen3.5 parallelize function gives the model a `context_parallel`
+  (`parallelism.context_parallel`) instead, and each CP rank gets its T / C consecutive tokens: input ids, labels,
+  positions and cu_seqlens of the packed row. Everything else is torchtitan's: the CP ranks read the same batch (its
+  data-parallel "batch" mesh excludes them), the loss is normalised by the valid tokens of the whole (unsplit)
+  global batch, FSDP shards over dp_shard x cp and sums their partial gradients, and the logged loss sums over the
+  data-parallel and CP ranks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,6 +44,23 @@ class Qwen35Trainer(Trainer):
         super().__init__(config)
         # The first step whose loss was NaN or inf on this rank (_NO_STEP: none), kept on device.
         self.first_nonfinite_step = torch.full((), _NO_STEP, dtype=torch.int64, device=self.device)
+
+    def post_dataloading_process(self, input_dict: dict[str, torch.Tensor],
+                                 labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        context_parallel = getattr(self.model_parts[0], "context_parallel", None)
+        if context_parallel is None:
+            return super().post_dataloading_process(input_dict, labels)
+        if self.config.parallelism.spmd_backend != "partial_dtensor":
+            raise ValueError("parallelism.context_parallel_degree > 1 needs parallelism.spmd_backend = "
+                             f"'partial_dtensor', got {self.config.parallelism.spmd_backend!r}")
+        inputs = input_dict["input"]
+        shard = context_parallel.shard(input_dict["cu_seqlens"], inputs.shape[1])
+        window = slice(shard.start, shard.end)
+        labels = labels[:, window]
+        self.ntokens_seen += labels.numel()  # as torchtitan counts: the tokens this rank processes
+        extra_kwargs = {k: v for k, v in input_dict.items() if k not in ("input", "cu_seqlens")}
+        extra_kwargs.update(cu_seqlens=shard.cu_seqlens, position_ids=shard.position_ids)
+        return inputs[:, window], labels, extra_kwargs
 
     def forward_backward_step(self, *, input_dict, labels, global_valid_tokens) -> torch.Tensor:
         loss = super().forward_backward_step(input_dict=input_dict, labels=labels,

@@ -1,0 +1,165 @@
+"""Context parallelism (parallelism.context_parallel) on 2 and 4 gloo processes against one process: the delta rule
+across ranks against the float64 sequential recurrence (values and gradients of every input), the causal conv with
+its halo, and the whole model (logits and every parameter gradient), over packed documents that start exactly at a
+rank boundary, one token before one, cross one or several boundaries, and one document spanning all ranks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import kernels
+from delta_rule_oracle import naive_gated_delta_rule_f64
+from distributed_utils import run_distributed
+from parallelism.context_parallel import ContextParallel, apply_context_parallel
+from qwen35 import Qwen35ForCausalLM
+from tiny_configs import tiny
+
+KERNEL_SEQ_LEN = 48
+# Boundaries per degree: C = 2 (24 tokens a rank) has a document starting one token before the rank boundary and
+# crossing it; C = 4 (12 a rank) adds one ending exactly at a rank boundary and one crossing into the last rank.
+PACKED = {2: [0, 5, 23, 30, 48], 4: [0, 5, 12, 23, 30, 48]}
+# The model cases: (dtype, T, document boundaries). fp32 at T = 1024: one document ending exactly at the C = 4 rank
+# boundary 256, one starting there, one starting one token before the boundary 512 (of both degrees) and crossing it,
+# one crossing 768. float64 at T = 128: the same layout scaled down, and one document spanning all ranks.
+MODEL_CASES = {
+    "fp32_packed": (torch.float32, 1024, [0, 37, 255, 256, 511, 700, 1024]),
+    "fp64_packed": (torch.float64, 128, [0, 5, 31, 32, 63, 90, 128]),
+    "fp64_spanning": (torch.float64, 128, [0, 128]),
+}
+
+
+def _max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return (actual.double() - expected.double()).abs().max().item()
+
+
+def _leaf(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().clone().requires_grad_()
+
+
+def _delta_rule_errors(cp: ContextParallel, cu_seqlens: list[int]) -> dict[str, float]:
+    """Max |CP - float64 recurrence| of this rank's outputs and of the gradients of its inputs."""
+    gen = torch.Generator().manual_seed(0)
+    T, H, HV, K, V = KERNEL_SEQ_LEN, 2, 4, 8, 6
+    q, k = (torch.randn(1, T, H, K, generator=gen, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(1, T, HV, V, generator=gen, dtype=torch.float64)
+    g = F.logsigmoid(torch.randn(1, T, HV, generator=gen, dtype=torch.float64)) * 0.5
+    beta = torch.rand(1, T, HV, generator=gen, dtype=torch.float64)
+    weight = torch.randn(1, T, HV, V, generator=gen, dtype=torch.float64)
+    cu = torch.tensor(cu_seqlens, dtype=torch.int32)
+
+    full = [_leaf(x) for x in (q, k, v, g, beta)]
+    o_ref, _ = naive_gated_delta_rule_f64(*full, cu_seqlens=cu, use_qk_l2norm=True)
+    (o_ref * weight).sum().backward()
+
+    shard = cp.shard(cu, T)
+    window = slice(shard.start, shard.end)
+    local = [_leaf(x[:, window]) for x in (q, k, v, g, beta)]
+    o, _ = cp.chunk_gated_delta_rule(*local, cu_seqlens=shard.cu_seqlens, use_qk_l2norm=True)
+    (o * weight[:, window]).sum().backward()
+    errors = {"o": _max_error(o, o_ref[:, window])}
+    for name, x_local, x_full in zip(("q", "k", "v", "g", "beta"), local, full):
+        errors[f"d{name}"] = _max_error(x_local.grad, x_full.grad[:, window])
+    return errors
+
+
+def _conv_errors(cp: ContextParallel, cu_seqlens: list[int]) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(1)
+    T, C, W = KERNEL_SEQ_LEN, 5, 4
+    x = torch.randn(1, T, C, generator=gen, dtype=torch.float64)
+    weight = torch.randn(C, W, generator=gen, dtype=torch.float64)
+    out_weight = torch.randn(1, T, C, generator=gen, dtype=torch.float64)
+    cu = torch.tensor(cu_seqlens, dtype=torch.int32)
+    x_full = _leaf(x)
+    y_ref, _ = kernels.causal_conv1d(x_full, weight, cu_seqlens=cu)
+    (y_ref * out_weight).sum().backward()
+    shard = cp.shard(cu, T)
+    window = slice(shard.start, shard.end)
+    x_local = _leaf(x[:, window])
+    y, _ = cp.causal_conv1d(x_local, weight, cu_seqlens=shard.cu_seqlens)
+    (y * out_weight[:, window]).sum().backward()
+    return {"y": _max_error(y, y_ref[:, window]), "dx": _max_error(x_local.grad, x_full.grad[:, window])}
+
+
+def _worst_over_ranks(results: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Each error's maximum over the ranks (run_distributed returns rank 0's value; rank 0 has no incoming state)."""
+    every_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(every_rank, results)
+    return {case: {name: max(r[case][name] for r in every_rank) for name in errors}
+            for case, errors in results.items()}
+
+
+def _bad_batches_raise(cp: ContextParallel) -> None:
+    for cu_seqlens, seq_len, message in (([0, 49], 49, "must be divisible by the context-parallel degree"),
+                                         ([0, 30, 20, 48], 48, "must rise strictly from 0 to the sequence length"),
+                                         ([0, 40], 48, "must rise strictly from 0 to the sequence length 48"),
+                                         ([0, 4 * cp.size], 4 * cp.size, "must cover a conv window")):
+        with pytest.raises(ValueError, match=message):
+            cp.shard(torch.tensor(cu_seqlens, dtype=torch.int32), seq_len)
+    shard = cp.shard(torch.tensor([0, 48], dtype=torch.int32), 48)
+    x = torch.zeros(1, shard.end - shard.start, 5)
+    with pytest.raises(ValueError, match="must be called with cu_seqlens=shard.cu_seqlens"):
+        cp.causal_conv1d(x, torch.zeros(5, 4), cu_seqlens=shard.cu_seqlens.clone())
+    with pytest.raises(ValueError, match="does not carry caller states"):
+        cp.causal_conv1d(x, torch.zeros(5, 4), cu_seqlens=shard.cu_seqlens, output_final_state=True)
+
+
+def _kernel_checks() -> dict[str, dict[str, float]]:
+    cp = ContextParallel(dist.group.WORLD)
+    _bad_batches_raise(cp)
+    results = {}
+    for case, cu_seqlens in (("packed", PACKED[cp.size]), ("spanning", [0, KERNEL_SEQ_LEN])):
+        results[f"delta_rule_{case}"] = _delta_rule_errors(cp, cu_seqlens)
+        results[f"conv_{case}"] = _conv_errors(cp, cu_seqlens)
+    return results
+
+
+def _model_errors(dtype: torch.dtype, seq_len: int, cu_seqlens: list[int]) -> dict[str, float]:
+    """The tiny dense model (3 GDN layers, 1 attention layer): max |CP - one process| of this rank's logits, and of
+    each parameter gradient (summed over the ranks) relative to the largest gradient entry of the whole model. (Per
+    tensor relative errors are fp32 noise where a gradient cancels to ~1e-8: one process's own fp32 gradients differ
+    from float64 by 17% there. The float64 cases bound them per tensor; their norms and log-decays still compute
+    in fp32, so they are not exact to float64 rounding either.)"""
+    torch.manual_seed(0)
+    model = Qwen35ForCausalLM(tiny()).to(dtype)
+    cp_model = copy.deepcopy(model)
+    cp = apply_context_parallel(cp_model, dist.group.WORLD)
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=gen)
+    labels = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=gen)
+    cu = torch.tensor(cu_seqlens, dtype=torch.int32)
+
+    logits_ref = model(ids, cu_seqlens=cu)
+    (F.cross_entropy(logits_ref[0], labels[0], reduction="sum") / seq_len).backward()
+
+    shard = cp.shard(cu, seq_len)
+    window = slice(shard.start, shard.end)
+    logits = cp_model(ids[:, window], position_ids=shard.position_ids, cu_seqlens=shard.cu_seqlens)
+    (F.cross_entropy(logits[0], labels[0, window], reduction="sum") / seq_len).backward()
+    errors = {"logits": _max_error(logits, logits_ref[:, window])}
+    scale = max(p.grad.abs().max().item() for p in model.parameters())
+    for (name, p_ref), p in zip(model.named_parameters(), cp_model.parameters()):
+        dist.all_reduce(p.grad)  # each rank holds its tokens' share of every parameter gradient
+        reference_scale = scale if dtype == torch.float32 else p_ref.grad.abs().max().item()
+        errors[name] = _max_error(p.grad, p_ref.grad) / reference_scale
+    return errors
+
+
+def _all_checks() -> dict[str, dict[str, float]]:
+    """One process group for every check (starting processes is most of the cost on two cores)."""
+    results = _kernel_checks()
+    results.update({f"model_{case}": _model_errors(*args) for case, args in MODEL_CASES.items()})
+    return _worst_over_ranks(results)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_context_parallel_matches_one_process(world_size):
+    """Kernels (float64 throughout) to 1e-10 absolute; the model to 1e-5 (see _model_errors)."""
+    for case, errors in run_distributed(_all_checks, world_size=world_size).items():
+        tolerance = 1e-5 if case.startswith("model_") else 1e-10
+        for name, error in errors.items():
+            assert error < tolerance, (case, name, error)
