@@ -60,9 +60,14 @@ def _triton_module(name: str, device: torch.device):
     return _interpreted_modules[name]
 
 
-def _uses_triton(device: torch.device, backend: str) -> bool:
+def check_backend(backend) -> None:
+    """The one backend vocabulary of the delta-rule entry points: "auto", "torch" or "triton" (not None)."""
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} (or None for 'auto'), got {backend!r}")
+        raise ValueError(f"backend must be one of {BACKENDS} ('auto' picks by device), got {backend!r}")
+
+
+def _uses_triton(device: torch.device, backend: str) -> bool:
+    check_backend(backend)
     return backend == "triton" or (backend == "auto" and device.type == "cuda")
 
 
@@ -260,28 +265,28 @@ def _recurrent_gated_delta_rule_inplace_fake(q, k, v, g, beta, state, scale, cu_
 
 
 def chunk_gated_delta_rule_op(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                              cu_seqlens=None, use_qk_l2norm=False, backend=None):
+                              cu_seqlens=None, use_qk_l2norm=False, backend="auto"):
     """Chunked gated delta rule through the registered op (differentiable). Returns (o, final_state or None).
-    backend: None (= "auto"), "torch" or "triton"; see the module docstring."""
+    backend: "auto", "torch" or "triton"; see the module docstring."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     o, final_state = torch.ops.qwen35.chunk_gated_delta_rule_fwd(
-        q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm, backend or "auto")
+        q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm, backend)
     return o, final_state if output_final_state else None
 
 
 def recurrent_gated_delta_rule_op(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                                  cu_seqlens=None, use_qk_l2norm=False, backend=None):
+                                  cu_seqlens=None, use_qk_l2norm=False, backend="auto"):
     """Token-by-token gated delta rule through the registered op (forward only). Returns (o, final_state or None)."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     o, final_state = torch.ops.qwen35.recurrent_gated_delta_rule(
-        q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm, backend or "auto")
+        q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm, backend)
     return o, final_state if output_final_state else None
 
 
 def recurrent_gated_delta_rule_inplace(q, k, v, g, beta, state, scale=None, cu_seqlens=None, use_qk_l2norm=False,
-                                       backend=None):
+                                       backend="auto"):
     """Decode step that advances `state` ([N, HV, K, V], fp32, contiguous) in place and returns o (forward only):
     no state is allocated per step."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return torch.ops.qwen35.recurrent_gated_delta_rule_(q, k, v, g, beta, state, scale, cu_seqlens, use_qk_l2norm,
-                                                        backend or "auto")
+                                                        backend)

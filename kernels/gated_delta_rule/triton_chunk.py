@@ -37,6 +37,10 @@ SUB_CHUNK = 16  # Tm is assembled from inverted 16x16 diagonal blocks merged wit
 # the interpreter maps onto numpy) and tl.full.
 _ADD = tl.standard._sum_combine
 
+# Chunk-table kinds besides a sequence index (see `chunk_layout`).
+PADDING = tl.constexpr(-1)
+TAIL = tl.constexpr(-2)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Device helpers
@@ -103,11 +107,11 @@ def _load_gamma(gcum_ptr, tok, valid, hv, HV, rows, last):
 
 @triton.jit
 def _sequence_of_program(cu_ptr, chunk_offsets_ptr, HV, K, V):
-    """What a state-walking program (grid axis 1 = sequence x value head) works on: (sequence n, value head hv,
-    its first token, end token, first global chunk, chunk count, offset of its [K, V] state in an [N, HV, K, V]
-    tensor)."""
-    n = (tl.program_id(1) // HV).to(tl.int64)  # int64: state offsets can pass 2^31 with many sequences
-    hv = tl.program_id(1) % HV
+    """What a state-walking program (grid axis 0 = sequence x value head, which may pass the 65,535 limit of the
+    other axes; axis 1 = V block) works on: (value head hv, its first token, end token, first global chunk, chunk
+    count, offset of its [K, V] state in an [N, HV, K, V] tensor)."""
+    n = (tl.program_id(0) // HV).to(tl.int64)  # int64: state offsets can pass 2^31 with many sequences
+    hv = tl.program_id(0) % HV
     bos = tl.load(cu_ptr + n).to(tl.int64)
     eos = tl.load(cu_ptr + n + 1).to(tl.int64)
     first_chunk = tl.load(chunk_offsets_ptr + n).to(tl.int64)
@@ -126,12 +130,22 @@ def _load_state_or_zeros(ptr, offset, rows_k, cols_v, K, V, LOAD: tl.constexpr, 
 
 
 @triton.jit
-def _chunk_of_program(chunks_ptr, cu_ptr, c):
-    """(first token, end of its sequence) of global chunk c; first token is -1 for the padding entries."""
-    seq = tl.load(chunks_ptr + 2 * c)
-    t0 = tl.load(chunks_ptr + 2 * c + 1).to(tl.int64)
-    eos = tl.load(cu_ptr + tl.maximum(seq, 0) + 1).to(tl.int64)
-    return tl.where(seq < 0, -1, t0), eos
+def _chunk_of_program(chunks_ptr, c):
+    """(kind, first token, end of its span) of entry c of the chunk table (`chunk_layout`): kind is the sequence
+    index (>= 0) for a chunk of a sequence, PADDING for the unused entries of the static bound, TAIL for a chunk of
+    the rows after cu_seqlens[-1] (whose outputs and gradients the kernels that write them set to zero)."""
+    kind = tl.load(chunks_ptr + 3 * c)
+    t0 = tl.load(chunks_ptr + 3 * c + 1).to(tl.int64)
+    end = tl.load(chunks_ptr + 3 * c + 2).to(tl.int64)
+    return kind, t0, end
+
+
+@triton.jit
+def _store_zero_rows(ptr, tok, tok_mask, row_stride, n_cols, BT: tl.constexpr, BN: tl.constexpr):
+    """Zero rows `tok` ([BT]) of a row-major tensor, columns 0..n_cols-1 in blocks of BN."""
+    for c0 in range(0, n_cols, BN):
+        cols = c0 + tl.arange(0, BN)
+        _store_rows(ptr, tok, tok_mask, row_stride, cols, n_cols, tl.full([BT, BN], 0.0, tl.float32))
 
 
 @triton.jit
@@ -212,7 +226,7 @@ def _load_sub_block(k_ptr, g_ptr, beta_ptr, tok, tok_mask, h, hv, H, HV, K, cols
 
 
 @triton.jit
-def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, gcum_ptr, tm_ptr, w_ptr, u_ptr, cu_ptr, chunks_ptr,
+def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, gcum_ptr, tm_ptr, w_ptr, u_ptr, chunks_ptr,
                     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                     L2NORM: tl.constexpr, PREC: tl.constexpr):
@@ -223,8 +237,8 @@ def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, gcum_ptr, tm_ptr, w_ptr, u_pt
     hv = tl.program_id(1)
     h = hv // (HV // H)
     DT = k_ptr.dtype.element_ty
-    t0, eos = _chunk_of_program(chunks_ptr, cu_ptr, c)
-    if t0 < 0:
+    kind, t0, eos = _chunk_of_program(chunks_ptr, c)
+    if kind < 0:
         return
     sub = tl.arange(0, BC)
     cols_k = tl.arange(0, BK)
@@ -329,14 +343,14 @@ def _state_kernel(k_ptr, w_ptr, u_ptr, gcum_ptr, h0_ptr, h_ptr, vnew_ptr, ht_ptr
                   H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   L2NORM: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
-    """Per (V block, sequence, value head): walk the chunks in order, keeping S [K, BV] in fp32. Stores the
+    """Per (sequence x value head, V block): walk the chunks in order, keeping S [K, BV] in fp32. Stores the
     entry state of every chunk (h) and V_new = U - W S; optionally the final state."""
     hv, bos, eos, first_chunk, num_chunks, state_offset = _sequence_of_program(cu_ptr, chunk_offsets_ptr, HV, K, V)
     h = hv // (HV // H)
     DT = k_ptr.dtype.element_ty
     rows = tl.arange(0, BT)
     rows_k = tl.arange(0, BK)
-    cols_v = tl.program_id(0) * BV + tl.arange(0, BV)
+    cols_v = tl.program_id(1) * BV + tl.arange(0, BV)
     s = _load_state_or_zeros(h0_ptr, state_offset, rows_k, cols_v, K, V, HAS_H0, BK, BV)
     for i in range(0, num_chunks):
         t0 = bos + i * BT
@@ -356,24 +370,28 @@ def _state_kernel(k_ptr, w_ptr, u_ptr, gcum_ptr, h0_ptr, h_ptr, vnew_ptr, ht_ptr
 
 
 @triton.jit
-def _output_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, vnew_ptr, o_ptr, cu_ptr, chunks_ptr, scale,
+def _output_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, vnew_ptr, o_ptr, chunks_ptr, scale,
                    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    L2NORM: tl.constexpr, PREC: tl.constexpr):
-    """Per (V block, chunk, value head): O = scale (diag(exp(gamma)) Q h + lower(Q K^T * Gamma) V_new)."""
-    vb = tl.program_id(0)
-    c = tl.program_id(1)
-    hv = tl.program_id(2)
+    """Per (chunk, value head, V block): O = scale (diag(exp(gamma)) Q h + lower(Q K^T * Gamma) V_new); zeros on
+    the rows after cu_seqlens[-1]."""
+    c = tl.program_id(0)
+    hv = tl.program_id(1)
+    vb = tl.program_id(2)
     h = hv // (HV // H)
     DT = k_ptr.dtype.element_ty
-    t0, eos = _chunk_of_program(chunks_ptr, cu_ptr, c)
-    if t0 < 0:
-        return
+    kind, t0, eos = _chunk_of_program(chunks_ptr, c)
     rows = tl.arange(0, BT)
     rows_k = tl.arange(0, BK)
     cols_v = vb * BV + tl.arange(0, BV)
     tok = t0 + rows
     valid = tok < eos
+    if kind == TAIL:
+        _store_rows(o_ptr + hv * V, tok, valid, HV * V, cols_v, V, tl.full([BT, BV], 0.0, tl.float32))
+        return
+    if kind < 0:
+        return
     q = _load_qk(q_ptr, tok, valid, h, H, K, rows_k, L2NORM)
     k = _load_qk(k_ptr, tok, valid, h, H, K, rows_k, L2NORM).to(DT)
     gam, _ = _load_gamma(gcum_ptr, tok, valid, hv, HV, rows, tl.minimum(eos - t0, BT) - 1)
@@ -393,18 +411,18 @@ def _output_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, vnew_ptr, o_ptr, cu_ptr, chunk
 
 
 @triton.jit
-def _local_dv_kernel(q_ptr, k_ptr, gcum_ptr, do_ptr, dv_local_ptr, cu_ptr, chunks_ptr, scale,
+def _local_dv_kernel(q_ptr, k_ptr, gcum_ptr, do_ptr, dv_local_ptr, chunks_ptr, scale,
                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      L2NORM: tl.constexpr, PREC: tl.constexpr):
-    """Per (V block, chunk, value head): the state-independent part of dV_new, scale lower(Q K^T * Gamma)^T dO."""
-    vb = tl.program_id(0)
-    c = tl.program_id(1)
-    hv = tl.program_id(2)
+    """Per (chunk, value head, V block): the state-independent part of dV_new, scale lower(Q K^T * Gamma)^T dO."""
+    c = tl.program_id(0)
+    hv = tl.program_id(1)
+    vb = tl.program_id(2)
     h = hv // (HV // H)
     DT = k_ptr.dtype.element_ty
-    t0, eos = _chunk_of_program(chunks_ptr, cu_ptr, c)
-    if t0 < 0:
+    kind, t0, eos = _chunk_of_program(chunks_ptr, c)
+    if kind < 0:
         return
     rows = tl.arange(0, BT)
     cols_k = tl.arange(0, BK)
@@ -430,14 +448,14 @@ def _state_bwd_kernel(q_ptr, k_ptr, w_ptr, gcum_ptr, do_ptr, dv_local_ptr, dht_p
                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                       BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       L2NORM: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr):
-    """Per (V block, sequence, value head): walk the chunks in reverse with dS = dL/dS at the chunk end.
+    """Per (sequence x value head, V block): walk the chunks in reverse with dS = dL/dS at the chunk end.
     Stores dS per chunk (dh), the full dV_new = dv_local + K~ dS, and dL/d(initial state)."""
     hv, bos, eos, first_chunk, num_chunks, state_offset = _sequence_of_program(cu_ptr, chunk_offsets_ptr, HV, K, V)
     h = hv // (HV // H)
     DT = k_ptr.dtype.element_ty
     rows = tl.arange(0, BT)
     rows_k = tl.arange(0, BK)
-    cols_v = tl.program_id(0) * BV + tl.arange(0, BV)
+    cols_v = tl.program_id(1) * BV + tl.arange(0, BV)
     ds = _load_state_or_zeros(dht_ptr, state_offset, rows_k, cols_v, K, V, HAS_DHT, BK, BV)
     for j in range(0, num_chunks):
         i = num_chunks - 1 - j
@@ -464,25 +482,30 @@ def _state_bwd_kernel(q_ptr, k_ptr, w_ptr, gcum_ptr, do_ptr, dv_local_ptr, dht_p
 
 @triton.jit
 def _wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gcum_ptr, tm_ptr, h_ptr, dvnew_ptr, dv_ptr, dk_ptr, dbeta_ptr,
-                   dgam_ptr, cu_ptr, chunks_ptr,
+                   dgam_ptr, chunks_ptr,
                    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    L2NORM: tl.constexpr, PREC: tl.constexpr):
     """Per (chunk, value head), the gradients through V_new = U - W h with U = Tm diag(beta) V,
     W = Tm diag(beta exp(gamma)) K and Tm = (I + A)^-1. With X = Tm^T dV_new (dU = dV_new, dW = -dV_new h^T):
         dv = diag(beta) X,   dTm = dV_new (diag(beta) (V - exp(gamma) K h))^T,   dA = -Tm^T dTm Tm^T.
-    Stores dv, dbeta, and the partial dk (w.r.t. normalised k) and dgamma that `_qk_bwd_kernel` completes."""
+    Stores dv, dbeta, and the partial dk (w.r.t. normalised k) and dgamma that `_qk_bwd_kernel` completes; on the
+    rows after cu_seqlens[-1], zero dv and dbeta."""
     c = tl.program_id(0)
     hv = tl.program_id(1)
     h = hv // (HV // H)
     DT = k_ptr.dtype.element_ty
-    t0, eos = _chunk_of_program(chunks_ptr, cu_ptr, c)
-    if t0 < 0:
-        return
+    kind, t0, eos = _chunk_of_program(chunks_ptr, c)
     rows = tl.arange(0, BT)
     rows_k = tl.arange(0, BK)
     tok = t0 + rows
     valid = tok < eos
+    if kind == TAIL:
+        _store_zero_rows(dv_ptr + hv * V, tok, valid, HV * V, V, BT, BV)
+        tl.store(dbeta_ptr + tok * HV + hv, tl.full([BT], 0.0, tl.float32), mask=valid)
+        return
+    if kind < 0:
+        return
     state_offset = (c.to(tl.int64) * HV + hv) * K * V
 
     k = _load_qk(k_ptr, tok, valid, h, H, K, rows_k, L2NORM).to(DT)
@@ -532,25 +555,31 @@ def _wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gcum_ptr, tm_ptr, h_ptr, dvnew_ptr, d
 
 @triton.jit
 def _qk_bwd_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, do_ptr, dq_ptr, dk_ptr, dgam_ptr, dg_ptr,
-                   cu_ptr, chunks_ptr, scale,
+                   chunks_ptr, scale,
                    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    L2NORM: tl.constexpr, PREC: tl.constexpr):
     """Per (chunk, value head), the gradients through O = scale (diag(exp(gamma)) Q h + lower(Q K^T * Gamma) V_new)
     and S' = exp(gamma_last) h + (diag(exp(gamma_last - gamma)) K)^T V_new, added to the partial dk and dgamma of
     `_wy_bwd_kernel` (dk is read and overwritten in place). Finishes dq, dk (per value head, through the L2 norm)
-    and dg (reverse cumsum of dgamma)."""
+    and dg (reverse cumsum of dgamma); zeros on the rows after cu_seqlens[-1]."""
     c = tl.program_id(0)
     hv = tl.program_id(1)
     h = hv // (HV // H)
     DT = k_ptr.dtype.element_ty
-    t0, eos = _chunk_of_program(chunks_ptr, cu_ptr, c)
-    if t0 < 0:
-        return
+    kind, t0, eos = _chunk_of_program(chunks_ptr, c)
     rows = tl.arange(0, BT)
     rows_k = tl.arange(0, BK)
     tok = t0 + rows
     valid = tok < eos
+    if kind == TAIL:
+        zeros = tl.full([BT, BK], 0.0, tl.float32)
+        _store_rows(dq_ptr + hv * K, tok, valid, HV * K, rows_k, K, zeros)
+        _store_rows(dk_ptr + hv * K, tok, valid, HV * K, rows_k, K, zeros)
+        tl.store(dg_ptr + tok * HV + hv, tl.full([BT], 0.0, tl.float32), mask=valid)
+        return
+    if kind < 0:
+        return
     last = tl.minimum(eos - t0, BT) - 1
     state_offset = (c.to(tl.int64) * HV + hv) * K * V
 
@@ -640,29 +669,45 @@ _WARPS = dict(prepare=8, state=4, output=8, local_dv=8, state_bwd=4, wy_bwd=8, q
 _SEQUENTIAL_STAGES = 1  # the chunk loops of the state kernels: no software pipelining (it only adds spills)
 
 
-def chunk_layout(cu_seqlens, batch, seqlen, device):
-    """(cu [N+1], chunk_offsets [N+1], chunks [NC, 2]) as int32 on `device`, for flattened tokens.
+# CUDA grids allow 2^31 - 1 programs on axis 0 but only 65,535 on axes 1 and 2: the axes that grow with the data
+# (chunks; sequences x value heads) go on axis 0.
+MAX_GRID_YZ = 65535
 
-    chunk_offsets[n] is the index of the first chunk of sequence n; chunks[c] = (sequence, first token) of chunk
-    c, or (-1, -1) for the trailing entries of the static upper bound NC (ceil(T/64) + N - 1 for varlen).
-    Pure device ops with static shapes: no host sync, traceable.
+
+def launch_grid(*axes):
+    """A launch grid, refused (with its sizes) if an axis other than the first passes MAX_GRID_YZ."""
+    if any(n > MAX_GRID_YZ for n in axes[1:]):
+        raise ValueError(f"grid {axes}: only axis 0 may have more than {MAX_GRID_YZ} programs")
+    return axes
+
+
+def chunk_layout(cu_seqlens, batch, seqlen, device):
+    """(cu [N+1], chunk_offsets [N+1], chunks [NC, 3]) as int32 on `device`, for flattened tokens.
+
+    chunk_offsets[n] is the index of the first chunk of sequence n; chunks[c] = (kind, first token, end token) of
+    table entry c, kind being the sequence index for a chunk of a sequence, TAIL for a chunk of the rows after
+    cu_seqlens[-1] (the rows a packed batch leaves unused: their outputs and gradients are written as zeros) and
+    PADDING for the trailing entries of the static bound NC (ceil(T/64) + N for varlen: the tail counts as one
+    more span). Pure device ops with static shapes: no host sync, traceable.
     """
+    total = batch * seqlen
     if cu_seqlens is None:
         cu = torch.arange(0, batch + 1, dtype=torch.int32, device=device) * seqlen
         num_chunks_bound = batch * triton.cdiv(seqlen, CHUNK)
     else:
         cu = cu_seqlens.to(device=device, dtype=torch.int32)
-        num_chunks_bound = triton.cdiv(seqlen, CHUNK) + cu.shape[0] - 2
+        num_chunks_bound = triton.cdiv(seqlen, CHUNK) + cu.shape[0] - 1
     num_seqs = cu.shape[0] - 1
-    chunks_per_seq = (cu[1:] - cu[:-1] + CHUNK - 1) // CHUNK
-    chunk_offsets = torch.cat([cu.new_zeros(1), chunks_per_seq.cumsum(0, dtype=torch.int32)])
+    spans = torch.cat([cu, cu.new_full((1,), total)])  # the sequences, then the tail (empty without one)
+    chunks_per_span = (spans[1:] - spans[:-1] + CHUNK - 1) // CHUNK
+    span_offsets = torch.cat([cu.new_zeros(1), chunks_per_span.cumsum(0, dtype=torch.int32)])
     chunk_ids = torch.arange(num_chunks_bound, dtype=torch.int32, device=device)
-    seq = torch.searchsorted(chunk_offsets[1:], chunk_ids, right=True).to(torch.int32)
-    in_range = chunk_ids < chunk_offsets[-1]
-    seq_clamped = seq.clamp(max=num_seqs - 1)
-    first_token = cu[seq_clamped] + (chunk_ids - chunk_offsets[seq_clamped]) * CHUNK
-    chunks = torch.stack([torch.where(in_range, seq, -1), torch.where(in_range, first_token, -1)], 1)
-    return cu, chunk_offsets, chunks.contiguous()
+    span = torch.searchsorted(span_offsets[1:], chunk_ids, right=True).to(torch.int32).clamp(max=num_seqs)
+    first_token = spans[span] + (chunk_ids - span_offsets[span]) * CHUNK
+    kind = torch.where(span == num_seqs, TAIL.value, span)
+    kind = torch.where(chunk_ids < span_offsets[-1], kind, PADDING.value)
+    chunks = torch.stack([kind, first_token, spans[span + 1]], 1).to(torch.int32)
+    return cu, span_offsets[:-1].contiguous(), chunks.contiguous()
 
 
 class _Problem:
@@ -700,8 +745,8 @@ class _Problem:
         tm = torch.empty(tokens, HV, CHUNK, dtype=torch.float32, device=self.q.device)
         w = torch.empty(tokens, HV, self.K, dtype=self.dtype, device=self.q.device)
         u = torch.empty_like(self.v)
-        _prepare_kernel[(self.NC, HV)](self.k, self.v, self.g, self.beta, gcum, tm, w, u, self.cu, self.chunks,
-                                       BC=SUB_CHUNK, BV=self.BV, **self.consts(), num_warps=_WARPS["prepare"])
+        _prepare_kernel[launch_grid(self.NC, HV)](self.k, self.v, self.g, self.beta, gcum, tm, w, u, self.chunks,
+                                                  BC=SUB_CHUNK, BV=self.BV, **self.consts(), num_warps=_WARPS["prepare"])
         return gcum, tm, w, u
 
     def states(self, w, u, gcum, initial_state, store_final):
@@ -711,7 +756,7 @@ class _Problem:
         final = (torch.empty(self.N, self.HV, self.K, self.V, dtype=torch.float32, device=self.q.device)
                  if store_final else None)
         h0 = initial_state.contiguous() if initial_state is not None else None
-        grid = (triton.cdiv(self.V, self.BV), self.N * self.HV)
+        grid = launch_grid(self.N * self.HV, triton.cdiv(self.V, self.BV))
         _state_kernel[grid](self.k, w, u, gcum, h0, h, v_new, final, self.cu, self.chunk_offsets,
                             BV=self.BV, HAS_H0=h0 is not None, STORE_HT=store_final, **self.consts(),
                             num_warps=_WARPS["state"], num_stages=_SEQUENTIAL_STAGES)
@@ -726,8 +771,8 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale=None, initial_state=None,
     gcum, tm, w, u = p.prepare()
     h, v_new, final = p.states(w, u, gcum, initial_state, output_final_state)
     o = torch.empty(p.B * p.T, p.HV, p.V, dtype=v.dtype, device=v.device)
-    grid = (triton.cdiv(p.V, p.BV), p.NC, p.HV)
-    _output_kernel[grid](p.q, p.k, gcum, h, v_new, o, p.cu, p.chunks, p.scale, BV=p.BV, **p.consts(),
+    grid = launch_grid(p.NC, p.HV, triton.cdiv(p.V, p.BV))
+    _output_kernel[grid](p.q, p.k, gcum, h, v_new, o, p.chunks, p.scale, BV=p.BV, **p.consts(),
                          num_warps=_WARPS["output"])
     return o.view(p.B, p.T, p.HV, p.V), final
 
@@ -744,15 +789,15 @@ def chunk_gated_delta_rule_bwd(do, dht, q, k, v, g, beta, scale=None, initial_st
     tokens, HV, K, V = p.q.shape[0], p.HV, p.K, p.V
 
     dv_local = torch.empty_like(p.v)
-    _local_dv_kernel[(triton.cdiv(V, p.BV), p.NC, HV)](p.q, p.k, gcum, do, dv_local, p.cu, p.chunks, p.scale,
-                                                        BV=p.BV, **p.consts(), num_warps=_WARPS["local_dv"])
+    _local_dv_kernel[launch_grid(p.NC, HV, triton.cdiv(V, p.BV))](
+        p.q, p.k, gcum, do, dv_local, p.chunks, p.scale, BV=p.BV, **p.consts(), num_warps=_WARPS["local_dv"])
 
     dh = torch.empty_like(h)
     dv_new = torch.empty_like(p.v)
     dh0 = (torch.empty(initial_state.shape, dtype=torch.float32, device=q.device)
            if initial_state is not None else None)
     dht = dht.contiguous() if dht is not None else None
-    _state_bwd_kernel[(triton.cdiv(V, p.BV), p.N * HV)](
+    _state_bwd_kernel[launch_grid(p.N * HV, triton.cdiv(V, p.BV))](
         p.q, p.k, w, gcum, do, dv_local, dht, dh, dv_new, dh0, p.cu, p.chunk_offsets, p.scale, BV=p.BV,
         HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, **p.consts(), num_warps=_WARPS["state_bwd"],
         num_stages=_SEQUENTIAL_STAGES)
@@ -765,10 +810,10 @@ def chunk_gated_delta_rule_bwd(do, dht, q, k, v, g, beta, scale=None, initial_st
     dg = torch.empty(tokens, HV, dtype=torch.float32, device=q.device)
     dgam = torch.empty_like(dg)
     dbeta = torch.empty_like(dg)
-    _wy_bwd_kernel[(p.NC, HV)](p.k, p.v, p.beta, gcum, tm, h, dv_new, dv, dk, dbeta, dgam, p.cu, p.chunks,
-                               BV=p.BV, **p.consts(), num_warps=_WARPS["wy_bwd"])
-    _qk_bwd_kernel[(p.NC, HV)](p.q, p.k, gcum, h, dh, v_new, do, dq, dk, dgam, dg, p.cu, p.chunks, p.scale,
-                               BV=p.BV, **p.consts(), num_warps=_WARPS["qk_bwd"])
+    _wy_bwd_kernel[launch_grid(p.NC, HV)](p.k, p.v, p.beta, gcum, tm, h, dv_new, dv, dk, dbeta, dgam, p.chunks,
+                                          BV=p.BV, **p.consts(), num_warps=_WARPS["wy_bwd"])
+    _qk_bwd_kernel[launch_grid(p.NC, HV)](p.q, p.k, gcum, h, dh, v_new, do, dq, dk, dgam, dg, p.chunks, p.scale,
+                                          BV=p.BV, **p.consts(), num_warps=_WARPS["qk_bwd"])
     group_shape = (p.B, p.T, p.H, HV // p.H, K)
     dq = dq.view(group_shape).sum(3).to(q.dtype)
     dk = dk.view(group_shape).sum(3).to(k.dtype)
