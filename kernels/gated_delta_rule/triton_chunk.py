@@ -512,12 +512,18 @@ def _wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gcum_ptr, tm_ptr, h_ptr, dvnew_ptr, d
     beta = _load_head_scalar(beta_ptr, tok, valid, hv, HV)
     gam, _ = _load_gamma(gcum_ptr, tok, valid, hv, HV, rows, tl.minimum(eos - t0, BT) - 1)
     decay_in = tl.exp(gam)
-    tm_t = tl.trans(tl.load(tm_ptr + (tok * HV + hv)[:, None] * BT + rows[None, :],
-                            mask=valid[:, None] & (rows[None, :] <= rows[:, None]), other=0.0)).to(DT)
+    # Hopper miscompile fla #640 (Triton 3.4 to 3.7.1; the GPU image has 3.6): tl.trans of a tl.dot result cast to
+    # 16 bits and fed to another tl.dot gives wrong dk / dbeta / dg. Here only loaded tiles are transposed; the
+    # transposes of dot results (dTm^T, dA^T) come from their own products.
+    tm = tl.load(tm_ptr + (tok * HV + hv)[:, None] * BT + rows[None, :],
+                 mask=valid[:, None] & (rows[None, :] <= rows[:, None]), other=0.0).to(DT)
+    tm_t = tl.trans(tm)
     k_in = (k * decay_in[:, None]).to(DT)
+    k_in_t = tl.trans(k_in)
 
     dk = tl.full([BT, BK], 0.0, tl.float32)
     dtm = tl.full([BT, BT], 0.0, tl.float32)
+    dtm_t = tl.full([BT, BT], 0.0, tl.float32)
     dbeta = tl.full([BT], 0.0, tl.float32)
     x_dot_kh = tl.full([BT], 0.0, tl.float32)  # rows of X . (exp(gamma) K h)
     for v0 in range(0, V, BV):
@@ -530,21 +536,27 @@ def _wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gcum_ptr, tm_ptr, h_ptr, dvnew_ptr, d
         kh = tl.dot(k_in, s, input_precision=PREC)
         dbeta += tl.reduce(x * (v - kh), 1, _ADD)
         x_dot_kh += tl.reduce(x * kh, 1, _ADD)
-        dtm = tl.dot(dv_new, tl.trans(((v - kh) * beta[:, None]).to(DT)), dtm, input_precision=PREC)
+        # dTm = dV_new (diag(beta) (V - K_in h))^T and its transpose, each from loaded tiles (fla #640)
+        kh_t = tl.dot(tl.trans(s), k_in_t, input_precision=PREC)
+        dtm = tl.dot(dv_new, ((tl.trans(v) - kh_t) * beta[None, :]).to(DT), dtm, input_precision=PREC)
+        dtm_t = tl.dot(((v - kh) * beta[:, None]).to(DT), tl.trans(dv_new), dtm_t, input_precision=PREC)
         # dk -= diag(beta exp(gamma)) X h^T (the row factors go on the left operand)
         dk = tl.dot((x * (-beta * decay_in)[:, None]).to(DT), tl.trans(s), dk, input_precision=PREC)
     dgam = -beta * x_dot_kh
 
-    # A_ij = beta_i k_i . k_j Gamma_ij (j < i)
+    # A_ij = beta_i k_i . k_j Gamma_ij (j < i); dA = -Tm^T dTm Tm^T and dA^T = -Tm dTm^T Tm.
     strict = rows[:, None] > rows[None, :]
+    strict_t = rows[:, None] < rows[None, :]
     decay = tl.exp(tl.where(strict, gam[:, None] - gam[None, :], 0.0))
+    decay_t = tl.exp(tl.where(strict_t, gam[None, :] - gam[:, None], 0.0))
     da = tl.dot(tl.dot(tm_t, dtm.to(DT), input_precision=PREC).to(DT), tm_t, input_precision=PREC)
     da = tl.where(strict, -da, 0.0)
+    da_t = tl.dot(tl.dot(tm, dtm_t.to(DT), input_precision=PREC).to(DT), tm, input_precision=PREC)
+    da_t = tl.where(strict_t, -da_t, 0.0)
     kk_decayed = tl.where(strict, tl.dot(k, tl.trans(k), input_precision=PREC) * decay, 0.0)
     dbeta += tl.reduce(da * kk_decayed, 1, _ADD)
-    da_beta = (da * decay * beta[:, None]).to(DT)
-    dk = tl.dot(da_beta, k, dk, input_precision=PREC)
-    dk = tl.dot(tl.trans(da_beta), k, dk, input_precision=PREC)
+    dk = tl.dot((da * decay * beta[:, None]).to(DT), k, dk, input_precision=PREC)
+    dk = tl.dot((da_t * decay_t * beta[None, :]).to(DT), k, dk, input_precision=PREC)
     da_a = da * kk_decayed * beta[:, None]
     dgam += tl.reduce(da_a, 1, _ADD) - tl.reduce(da_a, 0, _ADD)
 
@@ -601,6 +613,7 @@ def _qk_bwd_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, do_ptr, dq_p
     dq = tl.full([BT, BK], 0.0, tl.float32)
     dk = tl.full([BT, BK], 0.0, tl.float32)
     do_vnew = tl.full([BT, BT], 0.0, tl.float32)  # dO V_new^T
+    vnew_do = tl.full([BT, BT], 0.0, tl.float32)  # its transpose, from its own product (fla #640: see below)
     k_dot_end = tl.full([BT], 0.0, tl.float32)  # exp(gamma_last - gamma_i) k_i . (V_new dS^T)_i
     s_dot_ds = tl.full([BK], 0.0, tl.float32)  # <h, dS>, per row of K
     for v0 in range(0, V, BV):
@@ -613,6 +626,7 @@ def _qk_bwd_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, do_ptr, dq_p
         v_new = _load_rows(vnew_ptr + hv * V, tok, valid, HV * V, cols_v, V)
         dq = tl.dot(do, tl.trans(s.to(DT)), dq, input_precision=PREC)
         do_vnew = tl.dot(do, tl.trans(v_new.to(DT)), do_vnew, input_precision=PREC)
+        vnew_do = tl.dot(v_new.to(DT), tl.trans(do), vnew_do, input_precision=PREC)
         # dk += diag(exp(gamma_last - gamma)) V_new dS^T (the row factors go on the left operand)
         k_dot_end += tl.reduce(v_new * tl.dot(k, ds, input_precision=PREC), 1, _ADD) * decay_out
         dk = tl.dot((v_new * decay_out[:, None]).to(DT), tl.trans(ds), dk, input_precision=PREC)
@@ -621,14 +635,18 @@ def _qk_bwd_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, do_ptr, dq_p
     dq = dq * (scale * decay_in)[:, None]
     dgam = tl.load(dgam_ptr + tok * HV + hv, mask=valid, other=0.0) + tl.reduce(dq * q.to(tl.float32), 1, _ADD)
 
-    # Intra-chunk scores M = lower(Q K^T * Gamma), dM = scale dO V_new^T.
+    # Intra-chunk scores M = lower(Q K^T * Gamma), dM = scale dO V_new^T. dk takes (dM * Gamma)^T from the
+    # product V_new dO^T: a tl.trans of the 16-bit dM fed to tl.dot is the Hopper miscompile of fla #640 (wrong
+    # dk / dbeta / dg with Triton 3.4 to 3.7.1).
     causal = rows[:, None] >= rows[None, :]
+    anticausal = rows[:, None] <= rows[None, :]
     decay = tl.exp(tl.where(causal, gam[:, None] - gam[None, :], 0.0))
+    decay_t = tl.exp(tl.where(anticausal, gam[None, :] - gam[:, None], 0.0))
     scores = tl.where(causal, tl.dot(q, tl.trans(k), input_precision=PREC) * decay, 0.0)
     dscores = tl.where(causal, do_vnew * scale, 0.0)
-    dscores_decayed = (dscores * decay).to(DT)
-    dq = tl.dot(dscores_decayed, k, dq, input_precision=PREC)
-    dk = tl.dot(tl.trans(dscores_decayed), q, dk, input_precision=PREC)
+    dq = tl.dot((dscores * decay).to(DT), k, dq, input_precision=PREC)
+    dscores_t = tl.where(anticausal, vnew_do * (scale * decay_t), 0.0)
+    dk = tl.dot(dscores_t.to(DT), q, dk, input_precision=PREC)
     ds_s = dscores * scores
     dgam += tl.reduce(ds_s, 1, _ADD) - tl.reduce(ds_s, 0, _ADD)
 
@@ -665,7 +683,11 @@ def _block_sizes(K, V):
 # Launch configurations (fixed: no autotuning, which needs a GPU driver and would not run in the interpreter).
 # Chosen from offline sm_90 compiles at K = V = 128, bf16, as the settings with the fewest ptxas spills; they
 # are a starting point, not timed.
+# Hopper traps: `_wy_bwd_kernel` must not run at 4 warps (fla #984 / #988: the WY backward at chunk 64 and 4 warps
+# gives wrong dk / dbeta or an illegal access on sm_90); `_state_bwd_kernel` is the kernel fla PR #1262 saw
+# miscompiled by ptxas 12.8 / 13.0 on Hopper, which tests/test_cuda.py checks with scale = 1 on a GPU.
 _WARPS = dict(prepare=8, state=4, output=8, local_dv=8, state_bwd=4, wy_bwd=8, qk_bwd=8)
+assert _WARPS["wy_bwd"] != 4, "fla #984 / #988"
 _SEQUENTIAL_STAGES = 1  # the chunk loops of the state kernels: no software pipelining (it only adds spills)
 
 
