@@ -173,8 +173,9 @@ def test_launch_grids_keep_axes_1_and_2_within_cuda_limits(monkeypatch):
                 monkeypatch.setattr(module, name, _LaunchRecorder(name, grids))
     docs, HV = 5000, 16
     (q, k, v, g, beta), _, cu_seqlens = _inputs(1, [3] * docs, None, 1, HV, 16, 16, False, False)
-    triton_chunk.chunk_gated_delta_rule_fwd(q, k, v, g, beta, cu_seqlens=cu_seqlens)
-    triton_chunk.chunk_gated_delta_rule_bwd(torch.randn_like(v), None, q, k, v, g, beta, cu_seqlens=cu_seqlens)
+    _, _, residuals = triton_chunk.chunk_gated_delta_rule_fwd(q, k, v, g, beta, cu_seqlens=cu_seqlens)
+    triton_chunk.chunk_gated_delta_rule_bwd(torch.randn_like(v), None, q, k, v, g, beta, residuals,
+                                            cu_seqlens=cu_seqlens)
     decode = [x[:, :docs].reshape(docs, 1, *x.shape[2:]) for x in (q, k, v, g, beta)]
     triton_recurrent.recurrent_gated_delta_rule_fwd(*decode)
     assert {name for name, _ in grids} == {name for name in dir(triton_chunk) if name.endswith("_kernel")} | {
@@ -224,10 +225,12 @@ def test_opcheck_chunk_ops(backend):
                           (*leaves, 0.25, h0.clone().requires_grad_(), True, cu_seqlens, True, backend))
     do = torch.randn_like(v)
     dht = torch.randn_like(h0)
-    torch.library.opcheck(torch.ops.qwen35.chunk_gated_delta_rule_bwd,
-                          (do, dht, q, k, v, g, beta, 0.25, h0, cu_seqlens, True, backend))
-    torch.library.opcheck(torch.ops.qwen35.chunk_gated_delta_rule_bwd,
-                          (do, None, q, k, v, g, beta, 0.25, None, cu_seqlens, False, backend))
+    for initial_state, l2norm, grad_final in ((h0, True, dht), (None, False, None)):
+        _, _, residuals = torch.ops.qwen35.chunk_gated_delta_rule_fwd(q, k, v, g, beta, 0.25, initial_state, True,
+                                                                      cu_seqlens, l2norm, backend)
+        torch.library.opcheck(torch.ops.qwen35.chunk_gated_delta_rule_bwd,
+                              (do, grad_final, q, k, v, g, beta, 0.25, initial_state, cu_seqlens, l2norm, backend,
+                               residuals))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

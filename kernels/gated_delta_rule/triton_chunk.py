@@ -238,8 +238,8 @@ def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, gcum_ptr, tm_ptr, w_ptr, u_pt
     h = hv // (HV // H)
     DT = k_ptr.dtype.element_ty
     kind, t0, eos = _chunk_of_program(chunks_ptr, c)
-    if kind < 0:
-        return
+    if kind == PADDING:
+        return  # TAIL chunks are prepared like a sequence's: the residuals saved for the backward are all defined
     sub = tl.arange(0, BC)
     cols_k = tl.arange(0, BK)
     tok0 = t0 + sub
@@ -296,9 +296,16 @@ def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, gcum_ptr, tm_ptr, w_ptr, u_pt
     acc = tl.dot(a32, t20, acc, input_precision="ieee")
     t30 = -tl.dot(t33, acc, input_precision="ieee")
 
-    # Tm rows [tokens, HV, BT]; blocks above the diagonal are never stored (readers mask them).
+    # Tm rows [tokens, HV, BT], zero above the diagonal blocks.
     tm_row = HV * BT
     tm_head = tm_ptr + hv * BT
+    zero = tl.full([BC, BC], 0.0, tl.float32)
+    _store_rows(tm_head + BC, tok0, m0, tm_row, sub, BC, zero)
+    _store_rows(tm_head + 2 * BC, tok0, m0, tm_row, sub, BC, zero)
+    _store_rows(tm_head + 3 * BC, tok0, m0, tm_row, sub, BC, zero)
+    _store_rows(tm_head + 2 * BC, tok1, m1, tm_row, sub, BC, zero)
+    _store_rows(tm_head + 3 * BC, tok1, m1, tm_row, sub, BC, zero)
+    _store_rows(tm_head + 3 * BC, tok2, m2, tm_row, sub, BC, zero)
     _store_rows(tm_head, tok0, m0, tm_row, sub, BC, t00)
     _store_rows(tm_head, tok1, m1, tm_row, sub, BC, t10)
     _store_rows(tm_head + BC, tok1, m1, tm_row, sub, BC, t11)
@@ -375,7 +382,7 @@ def _output_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, vnew_ptr, o_ptr, chunks_ptr, s
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    L2NORM: tl.constexpr, PREC: tl.constexpr):
     """Per (chunk, value head, V block): O = scale (diag(exp(gamma)) Q h + lower(Q K^T * Gamma) V_new); zeros on
-    the rows after cu_seqlens[-1]."""
+    the rows after cu_seqlens[-1] (and in their h and V_new)."""
     c = tl.program_id(0)
     hv = tl.program_id(1)
     vb = tl.program_id(2)
@@ -387,10 +394,15 @@ def _output_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, vnew_ptr, o_ptr, chunks_ptr, s
     cols_v = vb * BV + tl.arange(0, BV)
     tok = t0 + rows
     valid = tok < eos
-    if kind == TAIL:
-        _store_rows(o_ptr + hv * V, tok, valid, HV * V, cols_v, V, tl.full([BT, BV], 0.0, tl.float32))
-        return
     if kind < 0:
+        # No state walk visits the table entries of the tail and padding: their h and V_new (saved for the
+        # backward) are set here, as is the output of the tail rows.
+        _store_state(h_ptr + (c.to(tl.int64) * HV + hv) * K * V, rows_k, cols_v, K, V,
+                     tl.full([BK, BV], 0.0, tl.float32))
+        if kind == TAIL:
+            zeros = tl.full([BT, BV], 0.0, tl.float32)
+            _store_rows(o_ptr + hv * V, tok, valid, HV * V, cols_v, V, zeros)
+            _store_rows(vnew_ptr + hv * V, tok, valid, HV * V, cols_v, V, zeros)
         return
     q = _load_qk(q_ptr, tok, valid, h, H, K, rows_k, L2NORM)
     k = _load_qk(k_ptr, tok, valid, h, H, K, rows_k, L2NORM).to(DT)
@@ -703,6 +715,13 @@ def launch_grid(*axes):
     return axes
 
 
+def sequence_starts(cu_seqlens, batch, seqlen, device):
+    """cu_seqlens as int32 on `device` (possibly the same tensor), or [0, T, 2T, ...] for a fixed-length batch."""
+    if cu_seqlens is None:
+        return torch.arange(0, batch + 1, dtype=torch.int32, device=device) * seqlen
+    return cu_seqlens.to(device=device, dtype=torch.int32)
+
+
 def chunk_layout(cu_seqlens, batch, seqlen, device):
     """(cu [N+1], chunk_offsets [N+1], chunks [NC, 3]) as int32 on `device`, for flattened tokens.
 
@@ -713,11 +732,10 @@ def chunk_layout(cu_seqlens, batch, seqlen, device):
     more span). Pure device ops with static shapes: no host sync, traceable.
     """
     total = batch * seqlen
+    cu = sequence_starts(cu_seqlens, batch, seqlen, device)
     if cu_seqlens is None:
-        cu = torch.arange(0, batch + 1, dtype=torch.int32, device=device) * seqlen
         num_chunks_bound = batch * triton.cdiv(seqlen, CHUNK)
     else:
-        cu = cu_seqlens.to(device=device, dtype=torch.int32)
         num_chunks_bound = triton.cdiv(seqlen, CHUNK) + cu.shape[0] - 1
     num_seqs = cu.shape[0] - 1
     spans = torch.cat([cu, cu.new_full((1,), total)])  # the sequences, then the tail (empty without one)
@@ -735,7 +753,7 @@ def chunk_layout(cu_seqlens, batch, seqlen, device):
 class _Problem:
     """Shapes, flattened contiguous inputs and launch constants shared by the forward and backward."""
 
-    def __init__(self, q, k, v, g, beta, scale, cu_seqlens, use_qk_l2norm):
+    def __init__(self, q, k, v, g, beta, scale, cu_seqlens, use_qk_l2norm, layout=None):
         B, T, H, K = q.shape
         HV, V = v.shape[2:]
         if HV % H:
@@ -748,7 +766,7 @@ class _Problem:
         self.B, self.T, self.H, self.HV, self.K, self.V = B, T, H, HV, K, V
         self.dtype = dtype
         self.scale = K ** -0.5 if scale is None else float(scale)
-        self.cu, self.chunk_offsets, self.chunks = chunk_layout(cu_seqlens, B, T, q.device)
+        self.cu, self.chunk_offsets, self.chunks = layout or chunk_layout(cu_seqlens, B, T, q.device)
         self.N = self.cu.shape[0] - 1
         self.NC = self.chunks.shape[0]
         self.BK, self.BV = _block_sizes(K, V)
@@ -761,10 +779,11 @@ class _Problem:
                     PREC=self.prec)
 
     def prepare(self):
-        """gamma [B*T, HV] fp32, Tm [B*T, HV, 64] fp32, W [B*T, HV, K] and U [B*T, HV, V] (input dtype)."""
+        """gamma [B*T, HV] fp32; Tm [B*T, HV, 64], W [B*T, HV, K] and U [B*T, HV, V] in the input dtype (Tm is
+        inverted in fp32 and only ever read as a matmul operand in the input dtype)."""
         tokens, HV = self.q.shape[0], self.HV
         gcum = torch.empty(tokens, HV, dtype=torch.float32, device=self.q.device)
-        tm = torch.empty(tokens, HV, CHUNK, dtype=torch.float32, device=self.q.device)
+        tm = torch.empty(tokens, HV, CHUNK, dtype=self.dtype, device=self.q.device)
         w = torch.empty(tokens, HV, self.K, dtype=self.dtype, device=self.q.device)
         u = torch.empty_like(self.v)
         _prepare_kernel[launch_grid(self.NC, HV)](self.k, self.v, self.g, self.beta, gcum, tm, w, u, self.chunks,
@@ -785,10 +804,24 @@ class _Problem:
         return h, v_new, final
 
 
+def residual_shapes(batch, seqlen, H, HV, K, V, num_seqs=None):
+    """(shape, dtype) of the residuals the forward saves for the backward, dtype None for the input dtype:
+    gamma, Tm, W, the chunk entry states h, V_new and the chunk table (chunk_offsets, chunks) of `chunk_layout`,
+    num_seqs given for a packed row. Static: they depend on the shapes of the inputs, not on cu_seqlens' values."""
+    tokens = batch * seqlen
+    if num_seqs is None:
+        num_seqs, num_chunks_bound = batch, batch * triton.cdiv(seqlen, CHUNK)
+    else:
+        num_chunks_bound = triton.cdiv(seqlen, CHUNK) + num_seqs
+    return [((tokens, HV), torch.float32), ((tokens, HV, CHUNK), None), ((tokens, HV, K), None),
+            ((num_chunks_bound, HV, K, V), None), ((tokens, HV, V), None), ((num_seqs + 1,), torch.int32),
+            ((num_chunks_bound, 3), torch.int32)]
+
+
 def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                                cu_seqlens=None, use_qk_l2norm=False):
     """Triton forward. Shapes as `kernels.chunk_gated_delta_rule`; returns (o [B, T, HV, V] in v's dtype,
-    final state [N, HV, K, V] fp32 or None)."""
+    final state [N, HV, K, V] fp32 or None, the residuals of `residual_shapes` for the backward)."""
     p = _Problem(q, k, v, g, beta, scale, cu_seqlens, use_qk_l2norm)
     gcum, tm, w, u = p.prepare()
     h, v_new, final = p.states(w, u, gcum, initial_state, output_final_state)
@@ -796,17 +829,17 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale=None, initial_state=None,
     grid = launch_grid(p.NC, p.HV, triton.cdiv(p.V, p.BV))
     _output_kernel[grid](p.q, p.k, gcum, h, v_new, o, p.chunks, p.scale, BV=p.BV, **p.consts(),
                          num_warps=_WARPS["output"])
-    return o.view(p.B, p.T, p.HV, p.V), final
+    return o.view(p.B, p.T, p.HV, p.V), final, [gcum, tm, w, h, v_new, p.chunk_offsets, p.chunks]
 
 
-def chunk_gated_delta_rule_bwd(do, dht, q, k, v, g, beta, scale=None, initial_state=None, cu_seqlens=None,
-                               use_qk_l2norm=False):
+def chunk_gated_delta_rule_bwd(do, dht, q, k, v, g, beta, residuals, scale=None, initial_state=None,
+                               cu_seqlens=None, use_qk_l2norm=False):
     """Triton backward: gradients (dq, dk, dv, dg, dbeta, dh0) in the dtypes of their inputs (dh0 None without
-    an initial state), given do [B, T, HV, V] and dht (gradient of the final state, or None).
-    Recomputes gamma, Tm, W, U, the chunk states and V_new from the inputs (nothing else is saved)."""
-    p = _Problem(q, k, v, g, beta, scale, cu_seqlens, use_qk_l2norm)
-    gcum, tm, w, u = p.prepare()
-    h, v_new, _ = p.states(w, u, gcum, initial_state, store_final=False)
+    an initial state), given do [B, T, HV, V], dht (gradient of the final state, or None) and the residuals of
+    the forward, from which nothing of the forward is recomputed."""
+    gcum, tm, w, h, v_new, chunk_offsets, chunks = residuals
+    cu = sequence_starts(cu_seqlens, q.shape[0], q.shape[1], q.device)
+    p = _Problem(q, k, v, g, beta, scale, cu_seqlens, use_qk_l2norm, (cu, chunk_offsets, chunks))
     do = do.to(p.dtype).reshape(p.B * p.T, p.HV, p.V).contiguous()
     tokens, HV, K, V = p.q.shape[0], p.HV, p.K, p.V
 
