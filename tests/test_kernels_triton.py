@@ -56,10 +56,10 @@ def _run_with_grads(fn, tensors, h0, output_final_state, seed=1):
     h0_leaf = h0.detach().clone().requires_grad_() if h0 is not None else None
     o, final = fn(*leaves, h0_leaf)
     gen = torch.Generator().manual_seed(seed)
-    outputs, grads_out = [o], [torch.randn(o.shape, generator=gen).to(o.dtype)]
+    outputs, grads_out = [o], [torch.randn(o.shape, generator=gen).to(o.device, o.dtype)]
     if output_final_state:
         outputs.append(final)
-        grads_out.append(torch.randn(final.shape, generator=gen).to(final.dtype))
+        grads_out.append(torch.randn(final.shape, generator=gen).to(final.device, final.dtype))
     wrt = leaves + ([h0_leaf] if h0_leaf is not None else [])
     grads = torch.autograd.grad(outputs, wrt, grads_out)
     return o.detach(), (final.detach() if output_final_state else None), grads
