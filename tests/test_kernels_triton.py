@@ -262,7 +262,7 @@ def test_op_compiles_fullgraph_without_breaks():
 
 
 # Pointer arguments that are not in the input dtype.
-_FP32_POINTERS = {"g_ptr", "gcum_ptr", "tm_ptr", "h0_ptr", "ht_ptr", "dht_ptr", "dh0_ptr", "dq_ptr", "dk_ptr",
+_FP32_POINTERS = {"g_ptr", "gcum_ptr", "h0_ptr", "ht_ptr", "dht_ptr", "dh0_ptr", "dq_ptr", "dk_ptr",
                   "dg_ptr", "dbeta_ptr", "dgam_ptr"}
 _INT32_POINTERS = {"cu_ptr", "chunks_ptr", "chunk_offsets_ptr"}
 
@@ -293,8 +293,11 @@ def test_kernels_compile_for_sm90(features):
         flags.update({pointer: None for pointer in _OPTIONAL_POINTERS})
     kernels = [getattr(triton_chunk, name) for name in dir(triton_chunk) if name.endswith("_kernel")]
     kernels.append(triton_recurrent._recurrent_kernel)
+    wide_v_blocks = {triton_chunk._output_kernel: "output", triton_chunk._local_dv_kernel: "local_dv"}
     for kernel in kernels:
-        constexprs = {name: flags[name] for name in kernel.arg_names if name in flags}
+        kernel_flags = dict(flags, BV=triton_chunk._wide_block_v(wide_v_blocks[kernel], 128)) \
+            if kernel in wide_v_blocks else flags
+        constexprs = {name: kernel_flags[name] for name in kernel.arg_names if name in kernel_flags}
         signature = {name: "constexpr" if name in constexprs else
                      "fp32" if name == "scale" else
                      "*fp32" if name in _FP32_POINTERS else

@@ -692,6 +692,16 @@ def _block_sizes(K, V):
     return BK, BV
 
 
+# V-block width of the chunk-parallel kernels that recompute Q K^T per V block: wider blocks recompute it fewer
+# times (V = 128: the output kernel twice instead of 4 times, local dv once); the widest without ptxas spills at
+# K = V = 128 on sm_90 (the output kernel spills 1 KB at 128).
+_WIDE_BV = dict(output=64, local_dv=128)
+
+
+def _wide_block_v(kernel, V):
+    return min(_WIDE_BV[kernel], max(16, triton.next_power_of_2(V)))
+
+
 # Launch configurations (fixed: no autotuning, which needs a GPU driver and would not run in the interpreter).
 # Chosen from offline sm_90 compiles at K = V = 128, bf16, as the settings with the fewest ptxas spills; they
 # are a starting point, not timed.
@@ -826,9 +836,9 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale=None, initial_state=None,
     gcum, tm, w, u = p.prepare()
     h, v_new, final = p.states(w, u, gcum, initial_state, output_final_state)
     o = torch.empty(p.B * p.T, p.HV, p.V, dtype=v.dtype, device=v.device)
-    grid = launch_grid(p.NC, p.HV, triton.cdiv(p.V, p.BV))
-    _output_kernel[grid](p.q, p.k, gcum, h, v_new, o, p.chunks, p.scale, BV=p.BV, **p.consts(),
-                         num_warps=_WARPS["output"])
+    BV = _wide_block_v("output", p.V)
+    _output_kernel[launch_grid(p.NC, p.HV, triton.cdiv(p.V, BV))](
+        p.q, p.k, gcum, h, v_new, o, p.chunks, p.scale, BV=BV, **p.consts(), num_warps=_WARPS["output"])
     return o.view(p.B, p.T, p.HV, p.V), final, [gcum, tm, w, h, v_new, p.chunk_offsets, p.chunks]
 
 
@@ -844,8 +854,9 @@ def chunk_gated_delta_rule_bwd(do, dht, q, k, v, g, beta, residuals, scale=None,
     tokens, HV, K, V = p.q.shape[0], p.HV, p.K, p.V
 
     dv_local = torch.empty_like(p.v)
-    _local_dv_kernel[launch_grid(p.NC, HV, triton.cdiv(V, p.BV))](
-        p.q, p.k, gcum, do, dv_local, p.chunks, p.scale, BV=p.BV, **p.consts(), num_warps=_WARPS["local_dv"])
+    BV = _wide_block_v("local_dv", V)
+    _local_dv_kernel[launch_grid(p.NC, HV, triton.cdiv(V, BV))](
+        p.q, p.k, gcum, do, dv_local, p.chunks, p.scale, BV=BV, **p.consts(), num_warps=_WARPS["local_dv"])
 
     dh = torch.empty_like(h)
     dv_new = torch.empty_like(p.v)
