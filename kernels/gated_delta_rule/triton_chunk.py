@@ -710,7 +710,11 @@ def _wide_block_v(kernel, V):
 # miscompiled by ptxas 12.8 / 13.0 on Hopper, which tests/test_cuda.py checks with scale = 1 on a GPU.
 _WARPS = dict(prepare=8, state=4, output=8, local_dv=8, state_bwd=4, wy_bwd=8, qk_bwd=8)
 assert _WARPS["wy_bwd"] != 4, "fla #984 / #988"
-_SEQUENTIAL_STAGES = 1  # the chunk loops of the state kernels: no software pipelining (it only adds spills)
+# Software pipelining of the state walks' chunk loops (cp.async prefetch of the next chunk). Offline sm_90 compiles
+# at K = V = 128, bf16 (stack bytes of the forward / backward walk): Triton 3.9 at 2 stages 56 / 184 with prefetch
+# against 96 / 304 without at 1 stage (3 stages: 744 / 192); Triton 3.6 (the GPU image's) at 2 stages 264 / 1,080
+# against 0 / 208 at 1 stage, so it keeps 1 stage.
+_SEQUENTIAL_STAGES = 2 if tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9) else 1
 
 
 # CUDA grids allow 2^31 - 1 programs on axis 0 but only 65,535 on axes 1 and 2: the axes that grow with the data
