@@ -147,6 +147,9 @@ def test_rows_after_last_sequence_get_zero_output_and_gradients():
         torch.testing.assert_close(grad.double(), ref, rtol=0, atol=1e-4, msg=lambda m: f"{name}: {m}")
     with pytest.raises(ValueError, match="cu_seqlens must be non-decreasing from 0 to T=150"):
         ops.chunk_gated_delta_rule_op(q, k, v, g, beta, cu_seqlens=cu_seqlens, backend="torch")
+    o_recurrent, _ = ops.recurrent_gated_delta_rule_op(q, k, v, g, beta, initial_state=h0, cu_seqlens=cu_seqlens,
+                                                       use_qk_l2norm=True, backend="triton")
+    torch.testing.assert_close(o_recurrent.double(), ref_o, rtol=0, atol=1e-5)  # zeros after the end included
 
 
 class _LaunchRecorder:

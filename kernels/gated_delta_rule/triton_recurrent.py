@@ -83,7 +83,8 @@ def recurrent_gated_delta_rule_fwd(q, k, v, g, beta, scale=None, initial_state=N
         final = None
     h0 = initial_state.contiguous() if initial_state is not None else None
     flat = [x.reshape(B * T, *x.shape[2:]).contiguous() for x in (q, k, v, g, beta)]
-    o = torch.empty(B * T, HV, V, dtype=v.dtype, device=v.device)
+    # zeros: the rows after cu_seqlens[-1], which no program visits, are part of o
+    o = (torch.empty if cu_seqlens is None else torch.zeros)(B * T, HV, V, dtype=v.dtype, device=v.device)
     BK = triton.next_power_of_2(K)
     BV = min(32, triton.next_power_of_2(V))
     _recurrent_kernel[launch_grid(N * HV, triton.cdiv(V, BV))](
