@@ -131,7 +131,7 @@ def chunk_gated_delta_rule_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta:
     return o.contiguous(), _final_state_or_empty(final_state, q), [r.contiguous() for r in residuals]
 
 
-def _residual_specs(q, k, v, cu_seqlens, backend):
+def _residual_specs(q, k, v, cu_seqlens, use_qk_l2norm, backend):
     """(shape, dtype) of each residual the forward op returns for the backward op, the Triton kernels' or the
     reference's: static in the input shapes."""
     (B, T, H, K), (HV, V) = q.shape, v.shape[2:]
@@ -140,7 +140,7 @@ def _residual_specs(q, k, v, cu_seqlens, backend):
     if _chunk_uses_triton(q, k, v, backend):
         triton_chunk = importlib.import_module(f"{__package__}.triton_chunk")
         return [(shape, spec_dtype or dtype)
-                for shape, spec_dtype in triton_chunk.residual_shapes(B, T, H, HV, K, V, num_seqs)]
+                for shape, spec_dtype in triton_chunk.residual_shapes(B, T, H, HV, K, V, num_seqs, use_qk_l2norm)]
     return [(shape, _state_dtype(q, k, v)) for shape in reference.residual_shapes(B, T, H, HV, K, V, num_seqs)]
 
 
@@ -149,7 +149,7 @@ def _chunk_gated_delta_rule_fwd_fake(q, k, v, g, beta, scale, initial_state, out
                                      use_qk_l2norm, backend):
     o, final_state = _forward_fake(q, k, v, output_final_state, cu_seqlens)
     return o, final_state, [q.new_empty(shape, dtype=dtype)
-                            for shape, dtype in _residual_specs(q, k, v, cu_seqlens, backend)]
+                            for shape, dtype in _residual_specs(q, k, v, cu_seqlens, use_qk_l2norm, backend)]
 
 
 def _forward_fake(q, k, v, output_final_state, cu_seqlens):

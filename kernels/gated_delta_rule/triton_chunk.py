@@ -11,8 +11,9 @@ Per value head, a chunk of C = 64 tokens entering with state S [K, V] is process
 
 Forward, three launches: `_prepare_kernel` (gamma, Tm, W, U; chunk-parallel) -> `_state_kernel` (walks the
 chunks of a sequence: per-chunk entry states h and V_new) -> `_output_kernel` (O; chunk-parallel).
-Backward: only the inputs are saved; it re-runs `_prepare_kernel` and `_state_kernel`, then `_local_dv_kernel`
-(the part of dV_new that does not depend on the state), `_state_bwd_kernel` (walks the chunks in reverse:
+q and k are L2-normalised (when asked) once, before the kernels, which read them normalised in the input dtype.
+Backward: from the forward's residuals (gamma, Tm, W, h, V_new, the norms, the chunk table: nothing of the forward
+is recomputed), `_local_dv_kernel` (the part of dV_new that does not depend on the state), `_state_bwd_kernel` (walks the chunks in reverse:
 per-chunk dS at the chunk end and the full dV_new), `_wy_bwd_kernel` (through U, W and Tm: dv, dbeta, part of
 dk and dgamma) and `_qk_bwd_kernel` (through O and the state update: dq, the rest of dk, dg).
 
@@ -20,7 +21,7 @@ Layout: tokens are flattened ([B, T, ...] -> [B*T, ...]), sequences are spans of
 use cu_seqlens = [0, T, 2T, ...]). A chunk table gives each chunk-parallel program its (sequence, first token);
 it is built on the device with shapes known from the inputs, so varlen launches never sync with the host.
 Everything uses plain pointer arithmetic with masks (no block pointers: they are gone in Triton 3.9).
-Intermediates (W, U, V_new, h, dh) are stored in the input dtype like the inputs of a bf16 matmul; gamma, Tm,
+Intermediates (Tm, W, U, V_new, h, dh) are stored in the input dtype like the inputs of a bf16 matmul; gamma,
 states and gradients of q, k, g, beta stay fp32.
 """
 
@@ -73,12 +74,9 @@ def _store_state(ptr, rows_k, cols_v, K, V, x):
 
 
 @triton.jit
-def _load_qk(ptr, tok, tok_mask, head, H, K, cols, L2NORM: tl.constexpr):
-    """q or k rows of one head in fp32, L2-normalised (x * rsqrt(sum x^2 + 1e-6)) when L2NORM."""
-    x = _load_rows(ptr + head * K, tok, tok_mask, H * K, cols, K)
-    if L2NORM:
-        x = x * tl.rsqrt(tl.reduce(x * x, 1, _ADD) + 1e-6)[:, None]
-    return x
+def _load_qk(ptr, tok, tok_mask, head, H, K, cols):
+    """q or k rows of one head in fp32 (already L2-normalised by the launcher when asked)."""
+    return _load_rows(ptr + head * K, tok, tok_mask, H * K, cols, K)
 
 
 @triton.jit
@@ -210,15 +208,13 @@ def _store_lower_blocks_product(out_ptr, row_stride, cols, n_cols, tok0, tok1, t
 
 
 @triton.jit
-def _load_sub_block(k_ptr, g_ptr, beta_ptr, tok, tok_mask, h, hv, H, HV, K, cols_k, L2NORM: tl.constexpr):
-    """k rows (normalised in fp32 when L2NORM, returned in the input dtype), g and beta of a 16-token sub-block."""
+def _load_sub_block(k_ptr, g_ptr, beta_ptr, tok, tok_mask, h, hv, H, HV, K, cols_k):
+    """k rows (in the input dtype), g and beta of a 16-token sub-block."""
     k = tl.load(k_ptr + (tok * H + h)[:, None] * K + cols_k[None, :],
-                mask=tok_mask[:, None] & (cols_k < K)[None, :], other=0.0).to(tl.float32)
-    if L2NORM:
-        k = k * tl.rsqrt(tl.reduce(k * k, 1, _ADD) + 1e-6)[:, None]
+                mask=tok_mask[:, None] & (cols_k < K)[None, :], other=0.0)
     g = tl.load(g_ptr + tok * HV + hv, mask=tok_mask, other=0.0).to(tl.float32)
     beta = tl.load(beta_ptr + tok * HV + hv, mask=tok_mask, other=0.0).to(tl.float32)
-    return k.to(k_ptr.dtype.element_ty), g, beta
+    return k, g, beta
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -229,7 +225,7 @@ def _load_sub_block(k_ptr, g_ptr, beta_ptr, tok, tok_mask, h, hv, H, HV, K, cols
 def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, gcum_ptr, tm_ptr, w_ptr, u_ptr, chunks_ptr,
                     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                    L2NORM: tl.constexpr, PREC: tl.constexpr):
+                    PREC: tl.constexpr):
     """Per (chunk, value head): gamma, Tm = (I + A)^-1, W and U. The 64-row chunk is handled as four 16-row
     sub-blocks so that Tm can be assembled from inverted 16x16 diagonal blocks."""
     tl.static_assert(BT == 4 * BC)
@@ -251,10 +247,10 @@ def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, gcum_ptr, tm_ptr, w_ptr, u_pt
     m2 = tok2 < eos
     m3 = tok3 < eos
 
-    kc0, g0, b0 = _load_sub_block(k_ptr, g_ptr, beta_ptr, tok0, m0, h, hv, H, HV, K, cols_k, L2NORM)
-    kc1, g1, b1 = _load_sub_block(k_ptr, g_ptr, beta_ptr, tok1, m1, h, hv, H, HV, K, cols_k, L2NORM)
-    kc2, g2, b2 = _load_sub_block(k_ptr, g_ptr, beta_ptr, tok2, m2, h, hv, H, HV, K, cols_k, L2NORM)
-    kc3, g3, b3 = _load_sub_block(k_ptr, g_ptr, beta_ptr, tok3, m3, h, hv, H, HV, K, cols_k, L2NORM)
+    kc0, g0, b0 = _load_sub_block(k_ptr, g_ptr, beta_ptr, tok0, m0, h, hv, H, HV, K, cols_k)
+    kc1, g1, b1 = _load_sub_block(k_ptr, g_ptr, beta_ptr, tok1, m1, h, hv, H, HV, K, cols_k)
+    kc2, g2, b2 = _load_sub_block(k_ptr, g_ptr, beta_ptr, tok2, m2, h, hv, H, HV, K, cols_k)
+    kc3, g3, b3 = _load_sub_block(k_ptr, g_ptr, beta_ptr, tok3, m3, h, hv, H, HV, K, cols_k)
 
     # gamma: cumsum of g from the chunk start, carried across the sub-blocks.
     gam0 = tl.associative_scan(g0, 0, _ADD)
@@ -349,7 +345,7 @@ def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, gcum_ptr, tm_ptr, w_ptr, u_pt
 def _state_kernel(k_ptr, w_ptr, u_ptr, gcum_ptr, h0_ptr, h_ptr, vnew_ptr, ht_ptr, cu_ptr, chunk_offsets_ptr,
                   H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                  L2NORM: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
+                  HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
     """Per (sequence x value head, V block): walk the chunks in order, keeping S [K, BV] in fp32. Stores the
     entry state of every chunk (h) and V_new = U - W S; optionally the final state."""
     hv, bos, eos, first_chunk, num_chunks, state_offset = _sequence_of_program(cu_ptr, chunk_offsets_ptr, HV, K, V)
@@ -369,7 +365,7 @@ def _state_kernel(k_ptr, w_ptr, u_ptr, gcum_ptr, h0_ptr, h_ptr, vnew_ptr, ht_ptr
         v_new = (u - tl.dot(w, s.to(DT), input_precision=PREC)).to(DT)
         _store_rows(vnew_ptr + hv * V, tok, valid, HV * V, cols_v, V, v_new)
         gam, gam_last = _load_gamma(gcum_ptr, tok, valid, hv, HV, rows, tl.minimum(eos - t0, BT) - 1)
-        k = _load_qk(k_ptr, tok, valid, h, H, K, rows_k, L2NORM)
+        k = _load_qk(k_ptr, tok, valid, h, H, K, rows_k)
         k_to_end = (k * tl.where(valid, tl.exp(gam_last - gam), 0.0)[:, None]).to(DT)
         s = tl.dot(tl.trans(k_to_end), v_new, s * tl.exp(gam_last), input_precision=PREC)
     if STORE_HT:
@@ -380,7 +376,7 @@ def _state_kernel(k_ptr, w_ptr, u_ptr, gcum_ptr, h0_ptr, h_ptr, vnew_ptr, ht_ptr
 def _output_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, vnew_ptr, o_ptr, chunks_ptr, scale,
                    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                   L2NORM: tl.constexpr, PREC: tl.constexpr):
+                   PREC: tl.constexpr):
     """Per (chunk, value head, V block): O = scale (diag(exp(gamma)) Q h + lower(Q K^T * Gamma) V_new); zeros on
     the rows after cu_seqlens[-1] (and in their h and V_new)."""
     c = tl.program_id(0)
@@ -404,8 +400,8 @@ def _output_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, vnew_ptr, o_ptr, chunks_ptr, s
             _store_rows(o_ptr + hv * V, tok, valid, HV * V, cols_v, V, zeros)
             _store_rows(vnew_ptr + hv * V, tok, valid, HV * V, cols_v, V, zeros)
         return
-    q = _load_qk(q_ptr, tok, valid, h, H, K, rows_k, L2NORM)
-    k = _load_qk(k_ptr, tok, valid, h, H, K, rows_k, L2NORM).to(DT)
+    q = _load_qk(q_ptr, tok, valid, h, H, K, rows_k)
+    k = _load_qk(k_ptr, tok, valid, h, H, K, rows_k).to(DT)
     gam, _ = _load_gamma(gcum_ptr, tok, valid, hv, HV, rows, tl.minimum(eos - t0, BT) - 1)
     causal = rows[:, None] >= rows[None, :]
     decay = tl.exp(tl.where(causal, gam[:, None] - gam[None, :], 0.0))
@@ -426,7 +422,7 @@ def _output_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, vnew_ptr, o_ptr, chunks_ptr, s
 def _local_dv_kernel(q_ptr, k_ptr, gcum_ptr, do_ptr, dv_local_ptr, chunks_ptr, scale,
                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                     L2NORM: tl.constexpr, PREC: tl.constexpr):
+                     PREC: tl.constexpr):
     """Per (chunk, value head, V block): the state-independent part of dV_new, scale lower(Q K^T * Gamma)^T dO."""
     c = tl.program_id(0)
     hv = tl.program_id(1)
@@ -441,8 +437,8 @@ def _local_dv_kernel(q_ptr, k_ptr, gcum_ptr, do_ptr, dv_local_ptr, chunks_ptr, s
     cols_v = vb * BV + tl.arange(0, BV)
     tok = t0 + rows
     valid = tok < eos
-    q = _load_qk(q_ptr, tok, valid, h, H, K, cols_k, L2NORM).to(DT)
-    k = _load_qk(k_ptr, tok, valid, h, H, K, cols_k, L2NORM).to(DT)
+    q = _load_qk(q_ptr, tok, valid, h, H, K, cols_k).to(DT)
+    k = _load_qk(k_ptr, tok, valid, h, H, K, cols_k).to(DT)
     gam, _ = _load_gamma(gcum_ptr, tok, valid, hv, HV, rows, tl.minimum(eos - t0, BT) - 1)
     # Transposed scores: entry (j, i) = q_i . k_j Gamma_ij for j <= i.
     anticausal = rows[:, None] <= rows[None, :]
@@ -459,7 +455,7 @@ def _state_bwd_kernel(q_ptr, k_ptr, w_ptr, gcum_ptr, do_ptr, dv_local_ptr, dht_p
                       cu_ptr, chunk_offsets_ptr, scale,
                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                       BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      L2NORM: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr):
+                      HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr):
     """Per (sequence x value head, V block): walk the chunks in reverse with dS = dL/dS at the chunk end.
     Stores dS per chunk (dh), the full dV_new = dv_local + K~ dS, and dL/d(initial state)."""
     hv, bos, eos, first_chunk, num_chunks, state_offset = _sequence_of_program(cu_ptr, chunk_offsets_ptr, HV, K, V)
@@ -476,13 +472,13 @@ def _state_bwd_kernel(q_ptr, k_ptr, w_ptr, gcum_ptr, do_ptr, dv_local_ptr, dht_p
         valid = tok < eos
         _store_state(dh_ptr + ((first_chunk + i) * HV + hv) * K * V, rows_k, cols_v, K, V, ds)
         gam, gam_last = _load_gamma(gcum_ptr, tok, valid, hv, HV, rows, tl.minimum(eos - t0, BT) - 1)
-        k = _load_qk(k_ptr, tok, valid, h, H, K, rows_k, L2NORM)
+        k = _load_qk(k_ptr, tok, valid, h, H, K, rows_k)
         k_to_end = (k * tl.where(valid, tl.exp(gam_last - gam), 0.0)[:, None]).to(DT)
         ds_c = ds.to(DT)
         dv_local = _load_rows(dv_local_ptr + hv * V, tok, valid, HV * V, cols_v, V)
         dv_new = tl.dot(k_to_end, ds_c, dv_local, input_precision=PREC).to(DT)
         _store_rows(dvnew_ptr + hv * V, tok, valid, HV * V, cols_v, V, dv_new)
-        q = _load_qk(q_ptr, tok, valid, h, H, K, rows_k, L2NORM)
+        q = _load_qk(q_ptr, tok, valid, h, H, K, rows_k)
         q_from_start = (q * (scale * tl.exp(gam))[:, None]).to(DT)
         do = _load_rows(do_ptr + hv * V, tok, valid, HV * V, cols_v, V).to(DT)
         w = _load_rows(w_ptr + hv * K, tok, valid, HV * K, rows_k, K).to(DT)
@@ -497,7 +493,7 @@ def _wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gcum_ptr, tm_ptr, h_ptr, dvnew_ptr, d
                    dgam_ptr, chunks_ptr,
                    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                   L2NORM: tl.constexpr, PREC: tl.constexpr):
+                   PREC: tl.constexpr):
     """Per (chunk, value head), the gradients through V_new = U - W h with U = Tm diag(beta) V,
     W = Tm diag(beta exp(gamma)) K and Tm = (I + A)^-1. With X = Tm^T dV_new (dU = dV_new, dW = -dV_new h^T):
         dv = diag(beta) X,   dTm = dV_new (diag(beta) (V - exp(gamma) K h))^T,   dA = -Tm^T dTm Tm^T.
@@ -520,7 +516,7 @@ def _wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gcum_ptr, tm_ptr, h_ptr, dvnew_ptr, d
         return
     state_offset = (c.to(tl.int64) * HV + hv) * K * V
 
-    k = _load_qk(k_ptr, tok, valid, h, H, K, rows_k, L2NORM).to(DT)
+    k = _load_qk(k_ptr, tok, valid, h, H, K, rows_k).to(DT)
     beta = _load_head_scalar(beta_ptr, tok, valid, hv, HV)
     gam, _ = _load_gamma(gcum_ptr, tok, valid, hv, HV, rows, tl.minimum(eos - t0, BT) - 1)
     decay_in = tl.exp(gam)
@@ -582,11 +578,11 @@ def _qk_bwd_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, do_ptr, dq_p
                    chunks_ptr, scale,
                    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                   L2NORM: tl.constexpr, PREC: tl.constexpr):
+                   PREC: tl.constexpr):
     """Per (chunk, value head), the gradients through O = scale (diag(exp(gamma)) Q h + lower(Q K^T * Gamma) V_new)
     and S' = exp(gamma_last) h + (diag(exp(gamma_last - gamma)) K)^T V_new, added to the partial dk and dgamma of
-    `_wy_bwd_kernel` (dk is read and overwritten in place). Finishes dq, dk (per value head, through the L2 norm)
-    and dg (reverse cumsum of dgamma); zeros on the rows after cu_seqlens[-1]."""
+    `_wy_bwd_kernel` (dk is read and overwritten in place). Finishes dq, dk (per value head, w.r.t. the normalised
+    q, k) and dg (reverse cumsum of dgamma); zeros on the rows after cu_seqlens[-1]."""
     c = tl.program_id(0)
     hv = tl.program_id(1)
     h = hv // (HV // H)
@@ -607,17 +603,8 @@ def _qk_bwd_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, do_ptr, dq_p
     last = tl.minimum(eos - t0, BT) - 1
     state_offset = (c.to(tl.int64) * HV + hv) * K * V
 
-    # Only input-dtype copies of (normalised) q and k stay live, plus the L2 norm's row factors.
-    q_raw = _load_rows(q_ptr + h * K, tok, valid, H * K, rows_k, K)
-    k_raw = _load_rows(k_ptr + h * K, tok, valid, H * K, rows_k, K)
-    if L2NORM:
-        q_rstd = tl.rsqrt(tl.reduce(q_raw * q_raw, 1, _ADD) + 1e-6)
-        k_rstd = tl.rsqrt(tl.reduce(k_raw * k_raw, 1, _ADD) + 1e-6)
-        q = (q_raw * q_rstd[:, None]).to(DT)
-        k = (k_raw * k_rstd[:, None]).to(DT)
-    else:
-        q = q_raw.to(DT)
-        k = k_raw.to(DT)
+    q = _load_qk(q_ptr, tok, valid, h, H, K, rows_k).to(DT)
+    k = _load_qk(k_ptr, tok, valid, h, H, K, rows_k).to(DT)
     gam, gam_last = _load_gamma(gcum_ptr, tok, valid, hv, HV, rows, last)
     decay_in = tl.exp(gam)
     decay_out = tl.where(valid, tl.exp(gam_last - gam), 0.0)
@@ -671,12 +658,6 @@ def _qk_bwd_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, do_ptr, dq_p
     tl.store(dg_ptr + tok * HV + hv, dg, mask=valid)
 
     dk += _load_rows(dk_ptr + hv * K, tok, valid, HV * K, rows_k, K)
-    if L2NORM:
-        # Through x / ||x||: d raw = rstd (d normed - normed (normed . d normed)).
-        q_f = q.to(tl.float32)
-        k_f = k.to(tl.float32)
-        dq = (dq - q_f * tl.reduce(q_f * dq, 1, _ADD)[:, None]) * q_rstd[:, None]
-        dk = (dk - k_f * tl.reduce(k_f * dk, 1, _ADD)[:, None]) * k_rstd[:, None]
     _store_rows(dq_ptr + hv * K, tok, valid, HV * K, rows_k, K, dq)
     _store_rows(dk_ptr + hv * K, tok, valid, HV * K, rows_k, K, dk)
 
@@ -711,9 +692,9 @@ def _wide_block_v(kernel, V):
 _WARPS = dict(prepare=8, state=4, output=8, local_dv=8, state_bwd=4, wy_bwd=8, qk_bwd=8)
 assert _WARPS["wy_bwd"] != 4, "fla #984 / #988"
 # Software pipelining of the state walks' chunk loops (cp.async prefetch of the next chunk). Offline sm_90 compiles
-# at K = V = 128, bf16 (stack bytes of the forward / backward walk): Triton 3.9 at 2 stages 56 / 184 with prefetch
-# against 96 / 304 without at 1 stage (3 stages: 744 / 192); Triton 3.6 (the GPU image's) at 2 stages 264 / 1,080
-# against 0 / 208 at 1 stage, so it keeps 1 stage.
+# at K = V = 128, bf16 (stack bytes of the forward / backward walk): Triton 3.9 at 2 stages 8 / 88 with prefetch
+# (3 stages: 768 / 96); Triton 3.6 (the GPU image's) at 2 stages 208 / 848 against 0 / 160 at 1 stage, so it keeps
+# 1 stage.
 _SEQUENTIAL_STAGES = 2 if tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9) else 1
 
 
@@ -767,7 +748,7 @@ def chunk_layout(cu_seqlens, batch, seqlen, device):
 class _Problem:
     """Shapes, flattened contiguous inputs and launch constants shared by the forward and backward."""
 
-    def __init__(self, q, k, v, g, beta, scale, cu_seqlens, use_qk_l2norm, layout=None):
+    def __init__(self, q, k, v, g, beta, scale, cu_seqlens, use_qk_l2norm, layout=None, rstd=None):
         B, T, H, K = q.shape
         HV, V = v.shape[2:]
         if HV % H:
@@ -776,6 +757,12 @@ class _Problem:
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise TypeError(f"the Triton gated delta rule takes fp16 / bf16 / fp32 q, k, v, got {dtype}")
         self.q, self.k, self.v = (x.to(dtype).reshape(B * T, *x.shape[2:]).contiguous() for x in (q, k, v))
+        # q and k are L2-normalised here, once, in fp32 and stored in the input dtype (the kernels, the state walks
+        # included, read them as they are); their 1 / norms [B*T, H] are saved for the backward (`rstd` there).
+        self.rstd = None
+        if use_qk_l2norm:
+            self.rstd = rstd or tuple(torch.rsqrt(x.float().square().sum(-1) + 1e-6) for x in (self.q, self.k))
+            self.q, self.k = ((x.float() * r[..., None]).to(dtype) for x, r in zip((self.q, self.k), self.rstd))
         self.g, self.beta = (x.reshape(B * T, HV).contiguous() for x in (g, beta))
         self.B, self.T, self.H, self.HV, self.K, self.V = B, T, H, HV, K, V
         self.dtype = dtype
@@ -784,13 +771,11 @@ class _Problem:
         self.N = self.cu.shape[0] - 1
         self.NC = self.chunks.shape[0]
         self.BK, self.BV = _block_sizes(K, V)
-        self.l2norm = bool(use_qk_l2norm)
         # fp32 inputs get true fp32 matmuls (tf32 would cost ~1e-3 relative error); 16-bit ones use tensor cores.
         self.prec = "ieee" if dtype == torch.float32 else "tf32"
 
     def consts(self):
-        return dict(H=self.H, HV=self.HV, K=self.K, V=self.V, BT=CHUNK, BK=self.BK, L2NORM=self.l2norm,
-                    PREC=self.prec)
+        return dict(H=self.H, HV=self.HV, K=self.K, V=self.V, BT=CHUNK, BK=self.BK, PREC=self.prec)
 
     def prepare(self):
         """gamma [B*T, HV] fp32; Tm [B*T, HV, 64], W [B*T, HV, K] and U [B*T, HV, V] in the input dtype (Tm is
@@ -818,18 +803,20 @@ class _Problem:
         return h, v_new, final
 
 
-def residual_shapes(batch, seqlen, H, HV, K, V, num_seqs=None):
+def residual_shapes(batch, seqlen, H, HV, K, V, num_seqs=None, l2norm=False):
     """(shape, dtype) of the residuals the forward saves for the backward, dtype None for the input dtype:
-    gamma, Tm, W, the chunk entry states h, V_new and the chunk table (chunk_offsets, chunks) of `chunk_layout`,
-    num_seqs given for a packed row. Static: they depend on the shapes of the inputs, not on cu_seqlens' values."""
+    gamma, Tm, W, the chunk entry states h, V_new, the 1 / norms of q and k (empty without l2norm) and the chunk
+    table (chunk_offsets, chunks) of `chunk_layout`, num_seqs given for a packed row. Static: they depend on the
+    shapes of the inputs, not on cu_seqlens' values."""
     tokens = batch * seqlen
     if num_seqs is None:
         num_seqs, num_chunks_bound = batch, batch * triton.cdiv(seqlen, CHUNK)
     else:
         num_chunks_bound = triton.cdiv(seqlen, CHUNK) + num_seqs
     return [((tokens, HV), torch.float32), ((tokens, HV, CHUNK), None), ((tokens, HV, K), None),
-            ((num_chunks_bound, HV, K, V), None), ((tokens, HV, V), None), ((num_seqs + 1,), torch.int32),
-            ((num_chunks_bound, 3), torch.int32)]
+            ((num_chunks_bound, HV, K, V), None), ((tokens, HV, V), None)] + \
+        [((tokens, H) if l2norm else (0,), torch.float32)] * 2 + \
+        [((num_seqs + 1,), torch.int32), ((num_chunks_bound, 3), torch.int32)]
 
 
 def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
@@ -843,7 +830,8 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale=None, initial_state=None,
     BV = _wide_block_v("output", p.V)
     _output_kernel[launch_grid(p.NC, p.HV, triton.cdiv(p.V, BV))](
         p.q, p.k, gcum, h, v_new, o, p.chunks, p.scale, BV=BV, **p.consts(), num_warps=_WARPS["output"])
-    return o.view(p.B, p.T, p.HV, p.V), final, [gcum, tm, w, h, v_new, p.chunk_offsets, p.chunks]
+    rstd = p.rstd or [q.new_empty(0, dtype=torch.float32) for _ in range(2)]
+    return o.view(p.B, p.T, p.HV, p.V), final, [gcum, tm, w, h, v_new, *rstd, p.chunk_offsets, p.chunks]
 
 
 def chunk_gated_delta_rule_bwd(do, dht, q, k, v, g, beta, residuals, scale=None, initial_state=None,
@@ -851,9 +839,10 @@ def chunk_gated_delta_rule_bwd(do, dht, q, k, v, g, beta, residuals, scale=None,
     """Triton backward: gradients (dq, dk, dv, dg, dbeta, dh0) in the dtypes of their inputs (dh0 None without
     an initial state), given do [B, T, HV, V], dht (gradient of the final state, or None) and the residuals of
     the forward, from which nothing of the forward is recomputed."""
-    gcum, tm, w, h, v_new, chunk_offsets, chunks = residuals
+    gcum, tm, w, h, v_new, q_rstd, k_rstd, chunk_offsets, chunks = residuals
     cu = sequence_starts(cu_seqlens, q.shape[0], q.shape[1], q.device)
-    p = _Problem(q, k, v, g, beta, scale, cu_seqlens, use_qk_l2norm, (cu, chunk_offsets, chunks))
+    p = _Problem(q, k, v, g, beta, scale, cu_seqlens, use_qk_l2norm, (cu, chunk_offsets, chunks),
+                 (q_rstd, k_rstd) if use_qk_l2norm else None)
     do = do.to(p.dtype).reshape(p.B * p.T, p.HV, p.V).contiguous()
     tokens, HV, K, V = p.q.shape[0], p.HV, p.K, p.V
 
@@ -885,7 +874,11 @@ def chunk_gated_delta_rule_bwd(do, dht, q, k, v, g, beta, residuals, scale=None,
     _qk_bwd_kernel[launch_grid(p.NC, HV)](p.q, p.k, gcum, h, dh, v_new, do, dq, dk, dgam, dg, p.chunks, p.scale,
                                           BV=p.BV, **p.consts(), num_warps=_WARPS["qk_bwd"])
     group_shape = (p.B, p.T, p.H, HV // p.H, K)
-    dq = dq.view(group_shape).sum(3).to(q.dtype)
-    dk = dk.view(group_shape).sum(3).to(k.dtype)
-    return (dq, dk, dv.view(v.shape), dg.view(g.shape).to(g.dtype), dbeta.view(beta.shape).to(beta.dtype),
+    dq, dk = (d.view(group_shape).sum(3) for d in (dq, dk))
+    if p.rstd:
+        # Through x / ||x||: d raw = rstd (d normed - normed (normed . d normed)).
+        normed = (x.view(dq.shape).float() for x in (p.q, p.k))
+        dq, dk = ((d - x * (x * d).sum(-1, keepdim=True)) * r.view(*dq.shape[:3], 1)
+                  for d, x, r in zip((dq, dk), normed, p.rstd))
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.view(v.shape), dg.view(g.shape).to(g.dtype), dbeta.view(beta.shape).to(beta.dtype),
             dh0.to(initial_state.dtype) if dh0 is not None else None)
