@@ -12,8 +12,8 @@ import qwen35
 from delta_rule_oracle import naive_gated_delta_rule_f64
 from kernels.gated_delta_rule import ops
 from parallelism import ParallelDims, ParallelizeSettings, parallelize
-from test_kernels_triton import (CASES, FAST_DECAY_CASE, _compare, _inputs, _ours_and_oracle, loss_and_grads,
-                                 packed_batch)
+from test_kernels_triton import (CASES, FAST_DECAY_CASE, _compare, _inputs, _ours_and_oracle, _run_with_grads,
+                                 loss_and_grads, packed_batch)
 from tiny_configs import TINY_CONFIGS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_session.sh)")
@@ -39,6 +39,92 @@ def test_triton_recurrent_cuda_matches_oracle():
                                                  cu_seqlens=cu_seqlens.to(CUDA), use_qk_l2norm=True)
     torch.testing.assert_close(o.cpu().double(), ref_o, rtol=0, atol=1e-5)
     torch.testing.assert_close(final.cpu().double(), ref_final, rtol=0, atol=1e-5)
+
+
+def _rms_error_ratio(x, ref):
+    """fla's metric (tests/ops/test_gdn.py, get_err_ratio): RMS of the error over the RMS of the reference."""
+    return ((x.double() - ref).square().mean().sqrt() / ref.square().mean().sqrt().clamp_min(1e-30)).item()
+
+
+# fla's tolerances for the chunk rule in 16 bits against a full-precision recurrence.
+FLA_TOLERANCES = dict(o=0.005, final=0.005, dq=0.008, dk=0.008, dv=0.008, dh0=0.008, dbeta=0.02, dg=0.02)
+
+# (name, lengths of the packed documents, H, HV, K = V, scale, log-decay multiplier, fraction of zeroed gates)
+FLA_MATRIX_CASES = [
+    ("mid_chunk_ends_k128", [130, 64, 93], 2, 4, 128, None, 1.0, 0.0),
+    ("mid_chunk_ends_k64", [75, 1, 63, 161], 2, 4, 64, None, 1.0, 0.5),
+    # Log decay down to about -70 per token (fla's extreme gate normaliser): gamma passes -88 within a chunk.
+    ("extreme_decay_k128", [100, 37], 1, 2, 128, None, 30.0, 0.0),
+    ("extreme_decay_k64", [65, 70], 2, 2, 64, None, 30.0, 0.5),
+    # scale = 1: how fla PR #1262 caught ptxas 12.8 / 13.0 miscompiling the Hopper state backward.
+    ("scale_1_k128_no_decay", [200], 1, 1, 128, 1.0, 1.0, 1.0),
+    ("scale_1_k64", [64, 136], 1, 4, 64, 1.0, 1.0, 0.0),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", FLA_MATRIX_CASES, ids=[c[0] for c in FLA_MATRIX_CASES])
+def test_triton_chunk_16bit_cuda_meets_fla_tolerances(case, dtype):
+    """16-bit inputs on tensor cores against the float64 recurrence, with fla's metric and tolerances: initial and
+    final states, in-kernel L2 norm, grouped value heads, packed documents ending inside chunks."""
+    _, lengths, H, HV, D, scale, decay_scale, zero_gates = case
+    (q, k, v, g, beta), _, cu_seqlens = _inputs(1, lengths, None, H, HV, D, D, False, True, dtype,
+                                                decay_scale=decay_scale)
+    gen = torch.Generator().manual_seed(3)
+    g = torch.where(torch.rand(g.shape, generator=gen) < zero_gates, torch.zeros_like(g), g)
+    h0 = torch.randn(len(lengths), HV, D, D, generator=gen)
+    tensors = (q, k, v, g, beta)
+
+    def ours(q, k, v, g, beta, h0):
+        o, final = ops.chunk_gated_delta_rule_op(*(x.to(CUDA) for x in (q, k, v, g, beta)), scale=scale,
+                                                 initial_state=h0.to(CUDA), output_final_state=True,
+                                                 cu_seqlens=cu_seqlens.to(CUDA), use_qk_l2norm=True,
+                                                 backend="triton")
+        return o.cpu(), final.cpu()
+
+    def oracle(q, k, v, g, beta, h0):
+        return naive_gated_delta_rule_f64(q, k, v, g, beta, scale=scale, initial_state=h0, cu_seqlens=cu_seqlens,
+                                          use_qk_l2norm=True)
+
+    o, final, grads = _run_with_grads(ours, tensors, h0, True)
+    ref_o, ref_final, ref_grads = _run_with_grads(oracle, [x.double() for x in tensors], h0.double(), True)
+    errors = {"o": _rms_error_ratio(o, ref_o), "final": _rms_error_ratio(final, ref_final)}
+    errors.update({name: _rms_error_ratio(grad, ref) for name, grad, ref in
+                   zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], grads, ref_grads)})
+    assert all(errors[name] <= tol for name, tol in FLA_TOLERANCES.items()), errors
+
+
+def test_triton_more_than_65535_programs_cuda_matches_reference():
+    """5,000 packed documents x 16 value heads (forward and backward: the state walks launch 80,000 programs) and a
+    decode batch of 5,000 rows: only grid axis 0 may pass 65,535 programs. Against the torch reference in float64
+    on the same device (the float64 loop oracle would take minutes at this size)."""
+    docs, HV = 5000, 16
+    (q, k, v, g, beta), _, cu_seqlens = _inputs(1, [3] * docs, None, 4, HV, 32, 32, False, True, torch.float32)
+    tensors = [x.to(CUDA) for x in (q, k, v, g, beta)]
+    cu_seqlens = cu_seqlens.to(CUDA)
+
+    def ours(q, k, v, g, beta, h0):
+        return ops.chunk_gated_delta_rule_op(q, k, v, g, beta, output_final_state=True, cu_seqlens=cu_seqlens,
+                                             use_qk_l2norm=True, backend="triton")
+
+    def reference(q, k, v, g, beta, h0):
+        return ops.chunk_gated_delta_rule_op(q, k, v, g, beta, output_final_state=True, cu_seqlens=cu_seqlens,
+                                             use_qk_l2norm=True, backend="torch")
+
+    o, final, grads = _run_with_grads(ours, tensors, None, True)
+    ref_o, ref_final, ref_grads = _run_with_grads(reference, [x.double() for x in tensors], None, True)
+    for name, x, ref in zip(["o", "final", "dq", "dk", "dv", "dg", "dbeta"], [o, final, *grads],
+                            [ref_o, ref_final, *ref_grads]):
+        torch.testing.assert_close(x.double(), ref, rtol=0, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+    decode = [x[:, :docs].reshape(docs, 1, *x.shape[2:]) for x in tensors]
+    state = torch.randn(docs, HV, 32, 32, device=CUDA)
+    o, final = ops.recurrent_gated_delta_rule_op(*decode, initial_state=state, output_final_state=True,
+                                                 use_qk_l2norm=True, backend="triton")
+    ref_o, ref_final = ops.recurrent_gated_delta_rule_op(*(x.double() for x in decode), initial_state=state.double(),
+                                                         output_final_state=True, use_qk_l2norm=True, backend="torch")
+    torch.testing.assert_close(o.double(), ref_o, rtol=0, atol=1e-5)
+    torch.testing.assert_close(final.double(), ref_final, rtol=0, atol=1e-5)
 
 
 # A compiled fp32 MoE block is not among them: torch._grouped_mm's fake kernel takes bf16 only (README caveat).

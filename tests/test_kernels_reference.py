@@ -194,8 +194,9 @@ def test_delta_rule_errors():
         rule(q[:1], k[:1], v[:1], g[:1], beta[:1], cu_seqlens=torch.tensor([0, 4, 9]))
     with pytest.raises(ValueError, match="cu_seqlens must be a 1-D int32/int64"):
         rule(q[:1], k[:1], v[:1], g[:1], beta[:1], cu_seqlens=torch.tensor([0.0, 10.0]))
-    with pytest.raises(ValueError, match=r"backend must be one of \(None, 'torch', 'triton'\)"):
-        rule(q, k, v, g, beta, backend="cuda")
+    for backend in ("cuda", None):  # one vocabulary: "auto", not None, picks by device
+        with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'torch', 'triton'\)"):
+            rule(q, k, v, g, beta, backend=backend)
     o, _ = rule(q, k, v, g, beta, backend="torch")
     assert o.shape == v.shape
     o_triton, _ = rule(q, k, v, g, beta, backend="triton")  # the Triton kernels, interpreted on CPU

@@ -56,10 +56,10 @@ def _run_with_grads(fn, tensors, h0, output_final_state, seed=1):
     h0_leaf = h0.detach().clone().requires_grad_() if h0 is not None else None
     o, final = fn(*leaves, h0_leaf)
     gen = torch.Generator().manual_seed(seed)
-    outputs, grads_out = [o], [torch.randn(o.shape, generator=gen).to(o.dtype)]
+    outputs, grads_out = [o], [torch.randn(o.shape, generator=gen).to(o.device, o.dtype)]
     if output_final_state:
         outputs.append(final)
-        grads_out.append(torch.randn(final.shape, generator=gen).to(final.dtype))
+        grads_out.append(torch.randn(final.shape, generator=gen).to(final.device, final.dtype))
     wrt = leaves + ([h0_leaf] if h0_leaf is not None else [])
     grads = torch.autograd.grad(outputs, wrt, grads_out)
     return o.detach(), (final.detach() if output_final_state else None), grads
@@ -116,6 +116,78 @@ def test_triton_chunk_fast_decay_matches_oracle():
     _compare(FAST_DECAY_CASE, "triton", torch.float32, atol_out=1e-5, atol_grad=1e-4, decay_scale=30.0)
 
 
+def test_rows_after_last_sequence_get_zero_output_and_gradients():
+    """A packed row whose cu_seqlens end before T (the unused end of a packed batch): the Triton kernels write
+    zeros there for o and every gradient (never uninitialised memory) and match the oracle on the packed rows;
+    the torch path, which reads cu_seqlens on the host, refuses such input."""
+    (q, k, v, g, beta), _, _ = _inputs(1, None, 150, 1, 2, 16, 16, False, True)
+    cu_seqlens = torch.tensor([0, 37, 70], dtype=torch.int32)  # rows 70..149: two tail chunks, one partial
+    end = int(cu_seqlens[-1])
+    h0 = torch.randn(2, 2, 16, 16, generator=torch.Generator().manual_seed(2))
+
+    def ours(q, k, v, g, beta, h0):
+        return ops.chunk_gated_delta_rule_op(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                                             cu_seqlens=cu_seqlens, use_qk_l2norm=True, backend="triton")
+
+    def oracle_on_packed_rows(q, k, v, g, beta, h0):
+        o, final = naive_gated_delta_rule_f64(*(x[:, :end] for x in (q, k, v, g, beta)), initial_state=h0,
+                                              cu_seqlens=cu_seqlens, use_qk_l2norm=True)
+        return F.pad(o, (0, 0, 0, 0, 0, q.shape[1] - end)), final
+
+    tensors = (q, k, v, g, beta)
+    o, final, grads = _run_with_grads(ours, tensors, h0, True)
+    ref_o, ref_final, ref_grads = _run_with_grads(oracle_on_packed_rows, [x.double() for x in tensors],
+                                                  h0.double(), True)
+    assert torch.equal(o[:, end:], torch.zeros_like(o[:, end:]))
+    torch.testing.assert_close(o.double(), ref_o, rtol=0, atol=1e-5)
+    torch.testing.assert_close(final.double(), ref_final, rtol=0, atol=1e-5)
+    for name, grad, ref in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], grads, ref_grads):
+        if name != "dh0":
+            assert torch.equal(grad[:, end:], torch.zeros_like(grad[:, end:])), name
+        torch.testing.assert_close(grad.double(), ref, rtol=0, atol=1e-4, msg=lambda m: f"{name}: {m}")
+    with pytest.raises(ValueError, match="cu_seqlens must be non-decreasing from 0 to T=150"):
+        ops.chunk_gated_delta_rule_op(q, k, v, g, beta, cu_seqlens=cu_seqlens, backend="torch")
+    o_recurrent, _ = ops.recurrent_gated_delta_rule_op(q, k, v, g, beta, initial_state=h0, cu_seqlens=cu_seqlens,
+                                                       use_qk_l2norm=True, backend="triton")
+    torch.testing.assert_close(o_recurrent.double(), ref_o, rtol=0, atol=1e-5)  # zeros after the end included
+
+
+class _LaunchRecorder:
+    """Stands in for a Triton kernel: records the grid of each launch and runs nothing."""
+
+    def __init__(self, name, grids):
+        self.name, self.grids = name, grids
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.grids.append((self.name, grid))
+
+
+def test_launch_grids_keep_axes_1_and_2_within_cuda_limits(monkeypatch):
+    """5,000 packed documents x 16 value heads (forward and backward) and a decode batch of 5,000 rows: only grid
+    axis 0 may pass 65,535 programs on CUDA. The interpreter does not enforce that limit (and would take hours
+    over these grids), so the launches are recorded, not run; the kernels' indexing from axis 0 is what every
+    other test here exercises, and tests/test_cuda.py runs this shape on a GPU."""
+    from kernels.gated_delta_rule import triton_chunk, triton_recurrent
+
+    grids = []
+    for module in (triton_chunk, triton_recurrent):
+        for name in dir(module):
+            if name.endswith("_kernel"):
+                monkeypatch.setattr(module, name, _LaunchRecorder(name, grids))
+    docs, HV = 5000, 16
+    (q, k, v, g, beta), _, cu_seqlens = _inputs(1, [3] * docs, None, 1, HV, 16, 16, False, False)
+    _, _, residuals = triton_chunk.chunk_gated_delta_rule_fwd(q, k, v, g, beta, cu_seqlens=cu_seqlens)
+    triton_chunk.chunk_gated_delta_rule_bwd(torch.randn_like(v), None, q, k, v, g, beta, residuals,
+                                            cu_seqlens=cu_seqlens)
+    decode = [x[:, :docs].reshape(docs, 1, *x.shape[2:]) for x in (q, k, v, g, beta)]
+    triton_recurrent.recurrent_gated_delta_rule_fwd(*decode)
+    assert {name for name, _ in grids} == {name for name in dir(triton_chunk) if name.endswith("_kernel")} | {
+        "_recurrent_kernel"}
+    assert all(grid[0] >= docs and all(n <= 65535 for n in grid[1:]) for _, grid in grids), grids
+    with pytest.raises(ValueError, match="only axis 0 may have more than 65535 programs"):
+        triton_chunk.launch_grid(4, 65536)
+
+
 def test_triton_chunk_fp16_matches_oracle():
     # fp16 q/k/v (g, beta fp32): the matmuls take fp16 operands, intermediates are stored in fp16.
     _compare(CASES[1], "triton", torch.float16, atol_out=5e-3, atol_grad=3e-2)
@@ -156,10 +228,12 @@ def test_opcheck_chunk_ops(backend):
                           (*leaves, 0.25, h0.clone().requires_grad_(), True, cu_seqlens, True, backend))
     do = torch.randn_like(v)
     dht = torch.randn_like(h0)
-    torch.library.opcheck(torch.ops.qwen35.chunk_gated_delta_rule_bwd,
-                          (do, dht, q, k, v, g, beta, 0.25, h0, cu_seqlens, True, backend))
-    torch.library.opcheck(torch.ops.qwen35.chunk_gated_delta_rule_bwd,
-                          (do, None, q, k, v, g, beta, 0.25, None, cu_seqlens, False, backend))
+    for initial_state, l2norm, grad_final in ((h0, True, dht), (None, False, None)):
+        _, _, residuals = torch.ops.qwen35.chunk_gated_delta_rule_fwd(q, k, v, g, beta, 0.25, initial_state, True,
+                                                                      cu_seqlens, l2norm, backend)
+        torch.library.opcheck(torch.ops.qwen35.chunk_gated_delta_rule_bwd,
+                              (do, grad_final, q, k, v, g, beta, 0.25, initial_state, cu_seqlens, l2norm, backend,
+                               residuals))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -191,7 +265,7 @@ def test_op_compiles_fullgraph_without_breaks():
 
 
 # Pointer arguments that are not in the input dtype.
-_FP32_POINTERS = {"g_ptr", "gcum_ptr", "tm_ptr", "h0_ptr", "ht_ptr", "dht_ptr", "dh0_ptr", "dq_ptr", "dk_ptr",
+_FP32_POINTERS = {"g_ptr", "gcum_ptr", "h0_ptr", "ht_ptr", "dht_ptr", "dh0_ptr", "dq_ptr", "dk_ptr",
                   "dg_ptr", "dbeta_ptr", "dgam_ptr"}
 _INT32_POINTERS = {"cu_ptr", "chunks_ptr", "chunk_offsets_ptr"}
 
@@ -222,8 +296,11 @@ def test_kernels_compile_for_sm90(features):
         flags.update({pointer: None for pointer in _OPTIONAL_POINTERS})
     kernels = [getattr(triton_chunk, name) for name in dir(triton_chunk) if name.endswith("_kernel")]
     kernels.append(triton_recurrent._recurrent_kernel)
+    wide_v_blocks = {triton_chunk._output_kernel: "output", triton_chunk._local_dv_kernel: "local_dv"}
     for kernel in kernels:
-        constexprs = {name: flags[name] for name in kernel.arg_names if name in flags}
+        kernel_flags = dict(flags, BV=triton_chunk._wide_block_v(wide_v_blocks[kernel], 128)) \
+            if kernel in wide_v_blocks else flags
+        constexprs = {name: kernel_flags[name] for name in kernel.arg_names if name in kernel_flags}
         signature = {name: "constexpr" if name in constexprs else
                      "fp32" if name == "scale" else
                      "*fp32" if name in _FP32_POINTERS else

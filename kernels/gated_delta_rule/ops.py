@@ -2,15 +2,17 @@
 
 Ops (namespace `qwen35`):
   chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
-                             use_qk_l2norm, backend) -> (o, final_state)
+                             use_qk_l2norm, backend) -> (o, final_state, residuals)
   chunk_gated_delta_rule_bwd(do, dht, q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm,
-                             backend) -> (dq, dk, dv, dg, dbeta, dh0)
+                             backend, residuals) -> (dq, dk, dv, dg, dbeta, dh0)
   recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
                              use_qk_l2norm, backend) -> (o, final_state)          (decoding; no autograd)
   recurrent_gated_delta_rule_(q, k, v, g, beta, state, scale, cu_seqlens, use_qk_l2norm, backend) -> o
                              (decoding, advances `state` in place; no autograd)
 Optional outputs that were not asked for (final_state, dh0 without an initial state) are empty tensors, since
-an op's outputs must be tensors.
+an op's outputs must be tensors. `residuals` is what the backend's backward reads instead of recomputing the
+forward (Triton: gamma, the inverse Tm, W, U and the chunk table; torch: the reference's own saved tensors), with
+shapes that depend only on the input shapes (a packed row's are padded to a bound), so fake kernels can state them.
 
 `backend` is an op argument so that a compiled graph keeps the choice: "auto" runs Triton on CUDA tensors and the
 torch reference elsewhere; "torch" / "triton" force one. One exception, `triton_chunk_supported`: 16-bit CUDA
@@ -60,9 +62,14 @@ def _triton_module(name: str, device: torch.device):
     return _interpreted_modules[name]
 
 
-def _uses_triton(device: torch.device, backend: str) -> bool:
+def check_backend(backend) -> None:
+    """The one backend vocabulary of the delta-rule entry points: "auto", "torch" or "triton" (not None)."""
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} (or None for 'auto'), got {backend!r}")
+        raise ValueError(f"backend must be one of {BACKENDS} ('auto' picks by device), got {backend!r}")
+
+
+def _uses_triton(device: torch.device, backend: str) -> bool:
+    check_backend(backend)
     return backend == "triton" or (backend == "auto" and device.type == "cuda")
 
 
@@ -104,20 +111,6 @@ def _final_state_or_empty(final_state: Optional[Tensor], q: Tensor) -> Tensor:
     return final_state.contiguous() if final_state is not None else q.new_empty(0, dtype=torch.float32)
 
 
-def _forward(use_triton: bool, triton_impl: tuple[str, str], reference_impl, q, k, v, g, beta, scale,
-             initial_state, output_final_state, cu_seqlens, use_qk_l2norm) -> tuple[Tensor, Tensor]:
-    """Shared body of the forward ops: run Triton (module, function) or the reference."""
-    if use_triton:
-        module_name, function_name = triton_impl
-        impl = getattr(_triton_module(module_name, q.device), function_name)
-    else:
-        impl = reference_impl
-    o, final_state = impl(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                          output_final_state=output_final_state, cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm)
-    # outputs must have the contiguous strides the fake kernels promise (the reference may return views)
-    return o.contiguous(), _final_state_or_empty(final_state, q)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Chunked forward / backward
 
@@ -126,15 +119,40 @@ def _forward(use_triton: bool, triton_impl: tuple[str, str], reference_impl, q, 
 def chunk_gated_delta_rule_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float,
                                initial_state: Optional[Tensor], output_final_state: bool,
                                cu_seqlens: Optional[Tensor], use_qk_l2norm: bool,
-                               backend: str) -> tuple[Tensor, Tensor]:
-    return _forward(_chunk_uses_triton(q, k, v, backend), ("triton_chunk", "chunk_gated_delta_rule_fwd"),
-                    reference.chunk_gated_delta_rule, q, k, v, g, beta, scale, initial_state, output_final_state,
-                    cu_seqlens, use_qk_l2norm)
+                               backend: str) -> tuple[Tensor, Tensor, list[Tensor]]:
+    if _chunk_uses_triton(q, k, v, backend):
+        impl = _triton_module("triton_chunk", q.device).chunk_gated_delta_rule_fwd
+    else:
+        impl = reference.chunk_gated_delta_rule_with_residuals
+    o, final_state, residuals = impl(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                                     output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                                     use_qk_l2norm=use_qk_l2norm)
+    # outputs must have the contiguous strides the fake kernels promise (the reference may return views)
+    return o.contiguous(), _final_state_or_empty(final_state, q), [r.contiguous() for r in residuals]
+
+
+def _residual_specs(q, k, v, cu_seqlens, use_qk_l2norm, backend):
+    """(shape, dtype) of each residual the forward op returns for the backward op, the Triton kernels' or the
+    reference's: static in the input shapes."""
+    (B, T, H, K), (HV, V) = q.shape, v.shape[2:]
+    num_seqs = None if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    if _chunk_uses_triton(q, k, v, backend):
+        triton_chunk = importlib.import_module(f"{__package__}.triton_chunk")
+        return [(shape, spec_dtype or dtype)
+                for shape, spec_dtype in triton_chunk.residual_shapes(B, T, H, HV, K, V, num_seqs, use_qk_l2norm)]
+    return [(shape, _state_dtype(q, k, v)) for shape in reference.residual_shapes(B, T, H, HV, K, V, num_seqs)]
 
 
 @chunk_gated_delta_rule_fwd.register_fake
 def _chunk_gated_delta_rule_fwd_fake(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
                                      use_qk_l2norm, backend):
+    o, final_state = _forward_fake(q, k, v, output_final_state, cu_seqlens)
+    return o, final_state, [q.new_empty(shape, dtype=dtype)
+                            for shape, dtype in _residual_specs(q, k, v, cu_seqlens, use_qk_l2norm, backend)]
+
+
+def _forward_fake(q, k, v, output_final_state, cu_seqlens):
     HV, K, V = v.shape[2], q.shape[3], v.shape[3]
     final_shape = (_num_states(q, cu_seqlens), HV, K, V) if output_final_state else (0,)
     dtype = _state_dtype(q, k, v) if output_final_state else torch.float32
@@ -144,14 +162,16 @@ def _chunk_gated_delta_rule_fwd_fake(q, k, v, g, beta, scale, initial_state, out
 @torch.library.custom_op("qwen35::chunk_gated_delta_rule_bwd", mutates_args=())
 def chunk_gated_delta_rule_bwd(do: Tensor, dht: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, g: Tensor,
                                beta: Tensor, scale: float, initial_state: Optional[Tensor],
-                               cu_seqlens: Optional[Tensor], use_qk_l2norm: bool,
-                               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                               cu_seqlens: Optional[Tensor], use_qk_l2norm: bool, backend: str,
+                               residuals: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients from the residuals the forward op returned: no backend recomputes its forward."""
     if _chunk_uses_triton(q, k, v, backend):
         grads = _triton_module("triton_chunk", q.device).chunk_gated_delta_rule_bwd(
-            do, dht, q, k, v, g, beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
+            do, dht, q, k, v, g, beta, residuals, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
             use_qk_l2norm=use_qk_l2norm)
     else:
-        grads = _reference_chunk_bwd(do, dht, q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm)
+        grads = _reference_chunk_bwd(do, dht, q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm,
+                                     residuals)
     *input_grads, dh0 = grads
     return (*(d.contiguous() for d in input_grads), _final_state_or_empty(dh0, q))
 
@@ -172,14 +192,15 @@ def _autograd_enabled():
         yield
 
 
-def _reference_chunk_bwd(do, dht, q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm):
-    """Vector-Jacobian product of the torch reference: recompute its forward under autograd."""
+def _reference_chunk_bwd(do, dht, q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm, residuals):
+    """Vector-Jacobian product of the torch reference: autograd through its replay on the forward's residuals
+    (the chunked core is not recomputed; its hand-written backward reads the residuals)."""
     inputs = [x.detach().requires_grad_() for x in (q, k, v, g, beta)]
     if initial_state is not None:
         inputs.append(initial_state.detach().requires_grad_())
     with _autograd_enabled():
-        o, final_state = reference.chunk_gated_delta_rule(
-            *inputs[:5], scale=scale, initial_state=inputs[5] if initial_state is not None else None,
+        o, final_state = reference.chunk_gated_delta_rule_replay(
+            residuals, *inputs[:5], scale=scale, initial_state=inputs[5] if initial_state is not None else None,
             output_final_state=dht is not None, cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm)
         outputs, output_grads = [o], [do]
         if dht is not None:
@@ -192,7 +213,7 @@ def _reference_chunk_bwd(do, dht, q, k, v, g, beta, scale, initial_state, cu_seq
 
 @chunk_gated_delta_rule_bwd.register_fake
 def _chunk_gated_delta_rule_bwd_fake(do, dht, q, k, v, g, beta, scale, initial_state, cu_seqlens,
-                                     use_qk_l2norm, backend):
+                                     use_qk_l2norm, backend, residuals):
     dh0 = initial_state.new_empty(initial_state.shape) if initial_state is not None \
         else q.new_empty(0, dtype=torch.float32)
     return tuple(x.new_empty(x.shape) for x in (q, k, v, g, beta)) + (dh0,)
@@ -200,17 +221,17 @@ def _chunk_gated_delta_rule_bwd_fake(do, dht, q, k, v, g, beta, scale, initial_s
 
 def _setup_context(ctx, inputs, output):
     q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm, backend = inputs
-    ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens)
+    ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens, *output[2])
     ctx.scale, ctx.output_final_state, ctx.use_qk_l2norm, ctx.backend = (scale, output_final_state,
                                                                           use_qk_l2norm, backend)
 
 
-def _backward(ctx, do, dht):
-    q, k, v, g, beta, initial_state, cu_seqlens = ctx.saved_tensors
+def _backward(ctx, do, dht, _residual_grads):
+    q, k, v, g, beta, initial_state, cu_seqlens, *residuals = ctx.saved_tensors
     if not ctx.output_final_state:
         dht = None
     dq, dk, dv, dg, dbeta, dh0 = chunk_gated_delta_rule_bwd(
-        do, dht, q, k, v, g, beta, ctx.scale, initial_state, cu_seqlens, ctx.use_qk_l2norm, ctx.backend)
+        do, dht, q, k, v, g, beta, ctx.scale, initial_state, cu_seqlens, ctx.use_qk_l2norm, ctx.backend, residuals)
     return dq, dk, dv, dg, dbeta, None, dh0 if initial_state is not None else None, None, None, None, None
 
 
@@ -226,12 +247,19 @@ def recurrent_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta:
                                initial_state: Optional[Tensor], output_final_state: bool,
                                cu_seqlens: Optional[Tensor], use_qk_l2norm: bool,
                                backend: str) -> tuple[Tensor, Tensor]:
-    return _forward(_uses_triton(q.device, backend), ("triton_recurrent", "recurrent_gated_delta_rule_fwd"),
-                    reference.recurrent_gated_delta_rule, q, k, v, g, beta, scale, initial_state, output_final_state,
-                    cu_seqlens, use_qk_l2norm)
+    if _uses_triton(q.device, backend):
+        impl = _triton_module("triton_recurrent", q.device).recurrent_gated_delta_rule_fwd
+    else:
+        impl = reference.recurrent_gated_delta_rule
+    o, final_state = impl(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                          output_final_state=output_final_state, cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm)
+    return o.contiguous(), _final_state_or_empty(final_state, q)
 
 
-recurrent_gated_delta_rule.register_fake(_chunk_gated_delta_rule_fwd_fake)
+@recurrent_gated_delta_rule.register_fake
+def _recurrent_gated_delta_rule_fake(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                                     use_qk_l2norm, backend):
+    return _forward_fake(q, k, v, output_final_state, cu_seqlens)
 
 
 @torch.library.custom_op("qwen35::recurrent_gated_delta_rule_", mutates_args=("state",))
@@ -260,28 +288,28 @@ def _recurrent_gated_delta_rule_inplace_fake(q, k, v, g, beta, state, scale, cu_
 
 
 def chunk_gated_delta_rule_op(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                              cu_seqlens=None, use_qk_l2norm=False, backend=None):
+                              cu_seqlens=None, use_qk_l2norm=False, backend="auto"):
     """Chunked gated delta rule through the registered op (differentiable). Returns (o, final_state or None).
-    backend: None (= "auto"), "torch" or "triton"; see the module docstring."""
+    backend: "auto", "torch" or "triton"; see the module docstring."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    o, final_state = torch.ops.qwen35.chunk_gated_delta_rule_fwd(
-        q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm, backend or "auto")
+    o, final_state, _ = torch.ops.qwen35.chunk_gated_delta_rule_fwd(
+        q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm, backend)
     return o, final_state if output_final_state else None
 
 
 def recurrent_gated_delta_rule_op(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                                  cu_seqlens=None, use_qk_l2norm=False, backend=None):
+                                  cu_seqlens=None, use_qk_l2norm=False, backend="auto"):
     """Token-by-token gated delta rule through the registered op (forward only). Returns (o, final_state or None)."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     o, final_state = torch.ops.qwen35.recurrent_gated_delta_rule(
-        q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm, backend or "auto")
+        q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm, backend)
     return o, final_state if output_final_state else None
 
 
 def recurrent_gated_delta_rule_inplace(q, k, v, g, beta, state, scale=None, cu_seqlens=None, use_qk_l2norm=False,
-                                       backend=None):
+                                       backend="auto"):
     """Decode step that advances `state` ([N, HV, K, V], fp32, contiguous) in place and returns o (forward only):
     no state is allocated per step."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return torch.ops.qwen35.recurrent_gated_delta_rule_(q, k, v, g, beta, state, scale, cu_seqlens, use_qk_l2norm,
-                                                        backend or "auto")
+                                                        backend)

@@ -11,8 +11,9 @@ Per value head, a chunk of C = 64 tokens entering with state S [K, V] is process
 
 Forward, three launches: `_prepare_kernel` (gamma, Tm, W, U; chunk-parallel) -> `_state_kernel` (walks the
 chunks of a sequence: per-chunk entry states h and V_new) -> `_output_kernel` (O; chunk-parallel).
-Backward: only the inputs are saved; it re-runs `_prepare_kernel` and `_state_kernel`, then `_local_dv_kernel`
-(the part of dV_new that does not depend on the state), `_state_bwd_kernel` (walks the chunks in reverse:
+q and k are L2-normalised (when asked) once, before the kernels, which read them normalised in the input dtype.
+Backward: from the forward's residuals (gamma, Tm, W, h, V_new, the norms, the chunk table: nothing of the forward
+is recomputed), `_local_dv_kernel` (the part of dV_new that does not depend on the state), `_state_bwd_kernel` (walks the chunks in reverse:
 per-chunk dS at the chunk end and the full dV_new), `_wy_bwd_kernel` (through U, W and Tm: dv, dbeta, part of
 dk and dgamma) and `_qk_bwd_kernel` (through O and the state update: dq, the rest of dk, dg).
 
@@ -20,7 +21,7 @@ Layout: tokens are flattened ([B, T, ...] -> [B*T, ...]), sequences are spans of
 use cu_seqlens = [0, T, 2T, ...]). A chunk table gives each chunk-parallel program its (sequence, first token);
 it is built on the device with shapes known from the inputs, so varlen launches never sync with the host.
 Everything uses plain pointer arithmetic with masks (no block pointers: they are gone in Triton 3.9).
-Intermediates (W, U, V_new, h, dh) are stored in the input dtype like the inputs of a bf16 matmul; gamma, Tm,
+Intermediates (Tm, W, U, V_new, h, dh) are stored in the input dtype like the inputs of a bf16 matmul; gamma,
 states and gradients of q, k, g, beta stay fp32.
 """
 
@@ -36,6 +37,10 @@ SUB_CHUNK = 16  # Tm is assembled from inverted 16x16 diagonal blocks merged wit
 # the kernels use the builtins underneath: tl.reduce / tl.associative_scan with triton's own add combiner (which
 # the interpreter maps onto numpy) and tl.full.
 _ADD = tl.standard._sum_combine
+
+# Chunk-table kinds besides a sequence index (see `chunk_layout`).
+PADDING = tl.constexpr(-1)
+TAIL = tl.constexpr(-2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -69,12 +74,9 @@ def _store_state(ptr, rows_k, cols_v, K, V, x):
 
 
 @triton.jit
-def _load_qk(ptr, tok, tok_mask, head, H, K, cols, L2NORM: tl.constexpr):
-    """q or k rows of one head in fp32, L2-normalised (x * rsqrt(sum x^2 + 1e-6)) when L2NORM."""
-    x = _load_rows(ptr + head * K, tok, tok_mask, H * K, cols, K)
-    if L2NORM:
-        x = x * tl.rsqrt(tl.reduce(x * x, 1, _ADD) + 1e-6)[:, None]
-    return x
+def _load_qk(ptr, tok, tok_mask, head, H, K, cols):
+    """q or k rows of one head in fp32 (already L2-normalised by the launcher when asked)."""
+    return _load_rows(ptr + head * K, tok, tok_mask, H * K, cols, K)
 
 
 @triton.jit
@@ -103,11 +105,11 @@ def _load_gamma(gcum_ptr, tok, valid, hv, HV, rows, last):
 
 @triton.jit
 def _sequence_of_program(cu_ptr, chunk_offsets_ptr, HV, K, V):
-    """What a state-walking program (grid axis 1 = sequence x value head) works on: (sequence n, value head hv,
-    its first token, end token, first global chunk, chunk count, offset of its [K, V] state in an [N, HV, K, V]
-    tensor)."""
-    n = (tl.program_id(1) // HV).to(tl.int64)  # int64: state offsets can pass 2^31 with many sequences
-    hv = tl.program_id(1) % HV
+    """What a state-walking program (grid axis 0 = sequence x value head, which may pass the 65,535 limit of the
+    other axes; axis 1 = V block) works on: (value head hv, its first token, end token, first global chunk, chunk
+    count, offset of its [K, V] state in an [N, HV, K, V] tensor)."""
+    n = (tl.program_id(0) // HV).to(tl.int64)  # int64: state offsets can pass 2^31 with many sequences
+    hv = tl.program_id(0) % HV
     bos = tl.load(cu_ptr + n).to(tl.int64)
     eos = tl.load(cu_ptr + n + 1).to(tl.int64)
     first_chunk = tl.load(chunk_offsets_ptr + n).to(tl.int64)
@@ -126,12 +128,22 @@ def _load_state_or_zeros(ptr, offset, rows_k, cols_v, K, V, LOAD: tl.constexpr, 
 
 
 @triton.jit
-def _chunk_of_program(chunks_ptr, cu_ptr, c):
-    """(first token, end of its sequence) of global chunk c; first token is -1 for the padding entries."""
-    seq = tl.load(chunks_ptr + 2 * c)
-    t0 = tl.load(chunks_ptr + 2 * c + 1).to(tl.int64)
-    eos = tl.load(cu_ptr + tl.maximum(seq, 0) + 1).to(tl.int64)
-    return tl.where(seq < 0, -1, t0), eos
+def _chunk_of_program(chunks_ptr, c):
+    """(kind, first token, end of its span) of entry c of the chunk table (`chunk_layout`): kind is the sequence
+    index (>= 0) for a chunk of a sequence, PADDING for the unused entries of the static bound, TAIL for a chunk of
+    the rows after cu_seqlens[-1] (whose outputs and gradients the kernels that write them set to zero)."""
+    kind = tl.load(chunks_ptr + 3 * c)
+    t0 = tl.load(chunks_ptr + 3 * c + 1).to(tl.int64)
+    end = tl.load(chunks_ptr + 3 * c + 2).to(tl.int64)
+    return kind, t0, end
+
+
+@triton.jit
+def _store_zero_rows(ptr, tok, tok_mask, row_stride, n_cols, BT: tl.constexpr, BN: tl.constexpr):
+    """Zero rows `tok` ([BT]) of a row-major tensor, columns 0..n_cols-1 in blocks of BN."""
+    for c0 in range(0, n_cols, BN):
+        cols = c0 + tl.arange(0, BN)
+        _store_rows(ptr, tok, tok_mask, row_stride, cols, n_cols, tl.full([BT, BN], 0.0, tl.float32))
 
 
 @triton.jit
@@ -196,15 +208,13 @@ def _store_lower_blocks_product(out_ptr, row_stride, cols, n_cols, tok0, tok1, t
 
 
 @triton.jit
-def _load_sub_block(k_ptr, g_ptr, beta_ptr, tok, tok_mask, h, hv, H, HV, K, cols_k, L2NORM: tl.constexpr):
-    """k rows (normalised in fp32 when L2NORM, returned in the input dtype), g and beta of a 16-token sub-block."""
+def _load_sub_block(k_ptr, g_ptr, beta_ptr, tok, tok_mask, h, hv, H, HV, K, cols_k):
+    """k rows (in the input dtype), g and beta of a 16-token sub-block."""
     k = tl.load(k_ptr + (tok * H + h)[:, None] * K + cols_k[None, :],
-                mask=tok_mask[:, None] & (cols_k < K)[None, :], other=0.0).to(tl.float32)
-    if L2NORM:
-        k = k * tl.rsqrt(tl.reduce(k * k, 1, _ADD) + 1e-6)[:, None]
+                mask=tok_mask[:, None] & (cols_k < K)[None, :], other=0.0)
     g = tl.load(g_ptr + tok * HV + hv, mask=tok_mask, other=0.0).to(tl.float32)
     beta = tl.load(beta_ptr + tok * HV + hv, mask=tok_mask, other=0.0).to(tl.float32)
-    return k.to(k_ptr.dtype.element_ty), g, beta
+    return k, g, beta
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -212,10 +222,10 @@ def _load_sub_block(k_ptr, g_ptr, beta_ptr, tok, tok_mask, h, hv, H, HV, K, cols
 
 
 @triton.jit
-def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, gcum_ptr, tm_ptr, w_ptr, u_ptr, cu_ptr, chunks_ptr,
+def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, gcum_ptr, tm_ptr, w_ptr, u_ptr, chunks_ptr,
                     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                    L2NORM: tl.constexpr, PREC: tl.constexpr):
+                    PREC: tl.constexpr):
     """Per (chunk, value head): gamma, Tm = (I + A)^-1, W and U. The 64-row chunk is handled as four 16-row
     sub-blocks so that Tm can be assembled from inverted 16x16 diagonal blocks."""
     tl.static_assert(BT == 4 * BC)
@@ -223,9 +233,9 @@ def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, gcum_ptr, tm_ptr, w_ptr, u_pt
     hv = tl.program_id(1)
     h = hv // (HV // H)
     DT = k_ptr.dtype.element_ty
-    t0, eos = _chunk_of_program(chunks_ptr, cu_ptr, c)
-    if t0 < 0:
-        return
+    kind, t0, eos = _chunk_of_program(chunks_ptr, c)
+    if kind == PADDING:
+        return  # TAIL chunks are prepared like a sequence's: the residuals saved for the backward are all defined
     sub = tl.arange(0, BC)
     cols_k = tl.arange(0, BK)
     tok0 = t0 + sub
@@ -237,10 +247,10 @@ def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, gcum_ptr, tm_ptr, w_ptr, u_pt
     m2 = tok2 < eos
     m3 = tok3 < eos
 
-    kc0, g0, b0 = _load_sub_block(k_ptr, g_ptr, beta_ptr, tok0, m0, h, hv, H, HV, K, cols_k, L2NORM)
-    kc1, g1, b1 = _load_sub_block(k_ptr, g_ptr, beta_ptr, tok1, m1, h, hv, H, HV, K, cols_k, L2NORM)
-    kc2, g2, b2 = _load_sub_block(k_ptr, g_ptr, beta_ptr, tok2, m2, h, hv, H, HV, K, cols_k, L2NORM)
-    kc3, g3, b3 = _load_sub_block(k_ptr, g_ptr, beta_ptr, tok3, m3, h, hv, H, HV, K, cols_k, L2NORM)
+    kc0, g0, b0 = _load_sub_block(k_ptr, g_ptr, beta_ptr, tok0, m0, h, hv, H, HV, K, cols_k)
+    kc1, g1, b1 = _load_sub_block(k_ptr, g_ptr, beta_ptr, tok1, m1, h, hv, H, HV, K, cols_k)
+    kc2, g2, b2 = _load_sub_block(k_ptr, g_ptr, beta_ptr, tok2, m2, h, hv, H, HV, K, cols_k)
+    kc3, g3, b3 = _load_sub_block(k_ptr, g_ptr, beta_ptr, tok3, m3, h, hv, H, HV, K, cols_k)
 
     # gamma: cumsum of g from the chunk start, carried across the sub-blocks.
     gam0 = tl.associative_scan(g0, 0, _ADD)
@@ -282,9 +292,16 @@ def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, gcum_ptr, tm_ptr, w_ptr, u_pt
     acc = tl.dot(a32, t20, acc, input_precision="ieee")
     t30 = -tl.dot(t33, acc, input_precision="ieee")
 
-    # Tm rows [tokens, HV, BT]; blocks above the diagonal are never stored (readers mask them).
+    # Tm rows [tokens, HV, BT], zero above the diagonal blocks.
     tm_row = HV * BT
     tm_head = tm_ptr + hv * BT
+    zero = tl.full([BC, BC], 0.0, tl.float32)
+    _store_rows(tm_head + BC, tok0, m0, tm_row, sub, BC, zero)
+    _store_rows(tm_head + 2 * BC, tok0, m0, tm_row, sub, BC, zero)
+    _store_rows(tm_head + 3 * BC, tok0, m0, tm_row, sub, BC, zero)
+    _store_rows(tm_head + 2 * BC, tok1, m1, tm_row, sub, BC, zero)
+    _store_rows(tm_head + 3 * BC, tok1, m1, tm_row, sub, BC, zero)
+    _store_rows(tm_head + 3 * BC, tok2, m2, tm_row, sub, BC, zero)
     _store_rows(tm_head, tok0, m0, tm_row, sub, BC, t00)
     _store_rows(tm_head, tok1, m1, tm_row, sub, BC, t10)
     _store_rows(tm_head + BC, tok1, m1, tm_row, sub, BC, t11)
@@ -328,15 +345,15 @@ def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, gcum_ptr, tm_ptr, w_ptr, u_pt
 def _state_kernel(k_ptr, w_ptr, u_ptr, gcum_ptr, h0_ptr, h_ptr, vnew_ptr, ht_ptr, cu_ptr, chunk_offsets_ptr,
                   H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                  L2NORM: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
-    """Per (V block, sequence, value head): walk the chunks in order, keeping S [K, BV] in fp32. Stores the
+                  HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
+    """Per (sequence x value head, V block): walk the chunks in order, keeping S [K, BV] in fp32. Stores the
     entry state of every chunk (h) and V_new = U - W S; optionally the final state."""
     hv, bos, eos, first_chunk, num_chunks, state_offset = _sequence_of_program(cu_ptr, chunk_offsets_ptr, HV, K, V)
     h = hv // (HV // H)
     DT = k_ptr.dtype.element_ty
     rows = tl.arange(0, BT)
     rows_k = tl.arange(0, BK)
-    cols_v = tl.program_id(0) * BV + tl.arange(0, BV)
+    cols_v = tl.program_id(1) * BV + tl.arange(0, BV)
     s = _load_state_or_zeros(h0_ptr, state_offset, rows_k, cols_v, K, V, HAS_H0, BK, BV)
     for i in range(0, num_chunks):
         t0 = bos + i * BT
@@ -348,7 +365,7 @@ def _state_kernel(k_ptr, w_ptr, u_ptr, gcum_ptr, h0_ptr, h_ptr, vnew_ptr, ht_ptr
         v_new = (u - tl.dot(w, s.to(DT), input_precision=PREC)).to(DT)
         _store_rows(vnew_ptr + hv * V, tok, valid, HV * V, cols_v, V, v_new)
         gam, gam_last = _load_gamma(gcum_ptr, tok, valid, hv, HV, rows, tl.minimum(eos - t0, BT) - 1)
-        k = _load_qk(k_ptr, tok, valid, h, H, K, rows_k, L2NORM)
+        k = _load_qk(k_ptr, tok, valid, h, H, K, rows_k)
         k_to_end = (k * tl.where(valid, tl.exp(gam_last - gam), 0.0)[:, None]).to(DT)
         s = tl.dot(tl.trans(k_to_end), v_new, s * tl.exp(gam_last), input_precision=PREC)
     if STORE_HT:
@@ -356,26 +373,35 @@ def _state_kernel(k_ptr, w_ptr, u_ptr, gcum_ptr, h0_ptr, h_ptr, vnew_ptr, ht_ptr
 
 
 @triton.jit
-def _output_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, vnew_ptr, o_ptr, cu_ptr, chunks_ptr, scale,
+def _output_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, vnew_ptr, o_ptr, chunks_ptr, scale,
                    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                   L2NORM: tl.constexpr, PREC: tl.constexpr):
-    """Per (V block, chunk, value head): O = scale (diag(exp(gamma)) Q h + lower(Q K^T * Gamma) V_new)."""
-    vb = tl.program_id(0)
-    c = tl.program_id(1)
-    hv = tl.program_id(2)
+                   PREC: tl.constexpr):
+    """Per (chunk, value head, V block): O = scale (diag(exp(gamma)) Q h + lower(Q K^T * Gamma) V_new); zeros on
+    the rows after cu_seqlens[-1] (and in their h and V_new)."""
+    c = tl.program_id(0)
+    hv = tl.program_id(1)
+    vb = tl.program_id(2)
     h = hv // (HV // H)
     DT = k_ptr.dtype.element_ty
-    t0, eos = _chunk_of_program(chunks_ptr, cu_ptr, c)
-    if t0 < 0:
-        return
+    kind, t0, eos = _chunk_of_program(chunks_ptr, c)
     rows = tl.arange(0, BT)
     rows_k = tl.arange(0, BK)
     cols_v = vb * BV + tl.arange(0, BV)
     tok = t0 + rows
     valid = tok < eos
-    q = _load_qk(q_ptr, tok, valid, h, H, K, rows_k, L2NORM)
-    k = _load_qk(k_ptr, tok, valid, h, H, K, rows_k, L2NORM).to(DT)
+    if kind < 0:
+        # No state walk visits the table entries of the tail and padding: their h and V_new (saved for the
+        # backward) are set here, as is the output of the tail rows.
+        _store_state(h_ptr + (c.to(tl.int64) * HV + hv) * K * V, rows_k, cols_v, K, V,
+                     tl.full([BK, BV], 0.0, tl.float32))
+        if kind == TAIL:
+            zeros = tl.full([BT, BV], 0.0, tl.float32)
+            _store_rows(o_ptr + hv * V, tok, valid, HV * V, cols_v, V, zeros)
+            _store_rows(vnew_ptr + hv * V, tok, valid, HV * V, cols_v, V, zeros)
+        return
+    q = _load_qk(q_ptr, tok, valid, h, H, K, rows_k)
+    k = _load_qk(k_ptr, tok, valid, h, H, K, rows_k).to(DT)
     gam, _ = _load_gamma(gcum_ptr, tok, valid, hv, HV, rows, tl.minimum(eos - t0, BT) - 1)
     causal = rows[:, None] >= rows[None, :]
     decay = tl.exp(tl.where(causal, gam[:, None] - gam[None, :], 0.0))
@@ -393,26 +419,26 @@ def _output_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, vnew_ptr, o_ptr, cu_ptr, chunk
 
 
 @triton.jit
-def _local_dv_kernel(q_ptr, k_ptr, gcum_ptr, do_ptr, dv_local_ptr, cu_ptr, chunks_ptr, scale,
+def _local_dv_kernel(q_ptr, k_ptr, gcum_ptr, do_ptr, dv_local_ptr, chunks_ptr, scale,
                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                     L2NORM: tl.constexpr, PREC: tl.constexpr):
-    """Per (V block, chunk, value head): the state-independent part of dV_new, scale lower(Q K^T * Gamma)^T dO."""
-    vb = tl.program_id(0)
-    c = tl.program_id(1)
-    hv = tl.program_id(2)
+                     PREC: tl.constexpr):
+    """Per (chunk, value head, V block): the state-independent part of dV_new, scale lower(Q K^T * Gamma)^T dO."""
+    c = tl.program_id(0)
+    hv = tl.program_id(1)
+    vb = tl.program_id(2)
     h = hv // (HV // H)
     DT = k_ptr.dtype.element_ty
-    t0, eos = _chunk_of_program(chunks_ptr, cu_ptr, c)
-    if t0 < 0:
+    kind, t0, eos = _chunk_of_program(chunks_ptr, c)
+    if kind < 0:
         return
     rows = tl.arange(0, BT)
     cols_k = tl.arange(0, BK)
     cols_v = vb * BV + tl.arange(0, BV)
     tok = t0 + rows
     valid = tok < eos
-    q = _load_qk(q_ptr, tok, valid, h, H, K, cols_k, L2NORM).to(DT)
-    k = _load_qk(k_ptr, tok, valid, h, H, K, cols_k, L2NORM).to(DT)
+    q = _load_qk(q_ptr, tok, valid, h, H, K, cols_k).to(DT)
+    k = _load_qk(k_ptr, tok, valid, h, H, K, cols_k).to(DT)
     gam, _ = _load_gamma(gcum_ptr, tok, valid, hv, HV, rows, tl.minimum(eos - t0, BT) - 1)
     # Transposed scores: entry (j, i) = q_i . k_j Gamma_ij for j <= i.
     anticausal = rows[:, None] <= rows[None, :]
@@ -429,15 +455,15 @@ def _state_bwd_kernel(q_ptr, k_ptr, w_ptr, gcum_ptr, do_ptr, dv_local_ptr, dht_p
                       cu_ptr, chunk_offsets_ptr, scale,
                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                       BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      L2NORM: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr):
-    """Per (V block, sequence, value head): walk the chunks in reverse with dS = dL/dS at the chunk end.
+                      HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr):
+    """Per (sequence x value head, V block): walk the chunks in reverse with dS = dL/dS at the chunk end.
     Stores dS per chunk (dh), the full dV_new = dv_local + K~ dS, and dL/d(initial state)."""
     hv, bos, eos, first_chunk, num_chunks, state_offset = _sequence_of_program(cu_ptr, chunk_offsets_ptr, HV, K, V)
     h = hv // (HV // H)
     DT = k_ptr.dtype.element_ty
     rows = tl.arange(0, BT)
     rows_k = tl.arange(0, BK)
-    cols_v = tl.program_id(0) * BV + tl.arange(0, BV)
+    cols_v = tl.program_id(1) * BV + tl.arange(0, BV)
     ds = _load_state_or_zeros(dht_ptr, state_offset, rows_k, cols_v, K, V, HAS_DHT, BK, BV)
     for j in range(0, num_chunks):
         i = num_chunks - 1 - j
@@ -446,13 +472,13 @@ def _state_bwd_kernel(q_ptr, k_ptr, w_ptr, gcum_ptr, do_ptr, dv_local_ptr, dht_p
         valid = tok < eos
         _store_state(dh_ptr + ((first_chunk + i) * HV + hv) * K * V, rows_k, cols_v, K, V, ds)
         gam, gam_last = _load_gamma(gcum_ptr, tok, valid, hv, HV, rows, tl.minimum(eos - t0, BT) - 1)
-        k = _load_qk(k_ptr, tok, valid, h, H, K, rows_k, L2NORM)
+        k = _load_qk(k_ptr, tok, valid, h, H, K, rows_k)
         k_to_end = (k * tl.where(valid, tl.exp(gam_last - gam), 0.0)[:, None]).to(DT)
         ds_c = ds.to(DT)
         dv_local = _load_rows(dv_local_ptr + hv * V, tok, valid, HV * V, cols_v, V)
         dv_new = tl.dot(k_to_end, ds_c, dv_local, input_precision=PREC).to(DT)
         _store_rows(dvnew_ptr + hv * V, tok, valid, HV * V, cols_v, V, dv_new)
-        q = _load_qk(q_ptr, tok, valid, h, H, K, rows_k, L2NORM)
+        q = _load_qk(q_ptr, tok, valid, h, H, K, rows_k)
         q_from_start = (q * (scale * tl.exp(gam))[:, None]).to(DT)
         do = _load_rows(do_ptr + hv * V, tok, valid, HV * V, cols_v, V).to(DT)
         w = _load_rows(w_ptr + hv * K, tok, valid, HV * K, rows_k, K).to(DT)
@@ -464,37 +490,48 @@ def _state_bwd_kernel(q_ptr, k_ptr, w_ptr, gcum_ptr, do_ptr, dv_local_ptr, dht_p
 
 @triton.jit
 def _wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gcum_ptr, tm_ptr, h_ptr, dvnew_ptr, dv_ptr, dk_ptr, dbeta_ptr,
-                   dgam_ptr, cu_ptr, chunks_ptr,
+                   dgam_ptr, chunks_ptr,
                    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                   L2NORM: tl.constexpr, PREC: tl.constexpr):
+                   PREC: tl.constexpr):
     """Per (chunk, value head), the gradients through V_new = U - W h with U = Tm diag(beta) V,
     W = Tm diag(beta exp(gamma)) K and Tm = (I + A)^-1. With X = Tm^T dV_new (dU = dV_new, dW = -dV_new h^T):
         dv = diag(beta) X,   dTm = dV_new (diag(beta) (V - exp(gamma) K h))^T,   dA = -Tm^T dTm Tm^T.
-    Stores dv, dbeta, and the partial dk (w.r.t. normalised k) and dgamma that `_qk_bwd_kernel` completes."""
+    Stores dv, dbeta, and the partial dk (w.r.t. normalised k) and dgamma that `_qk_bwd_kernel` completes; on the
+    rows after cu_seqlens[-1], zero dv and dbeta."""
     c = tl.program_id(0)
     hv = tl.program_id(1)
     h = hv // (HV // H)
     DT = k_ptr.dtype.element_ty
-    t0, eos = _chunk_of_program(chunks_ptr, cu_ptr, c)
-    if t0 < 0:
-        return
+    kind, t0, eos = _chunk_of_program(chunks_ptr, c)
     rows = tl.arange(0, BT)
     rows_k = tl.arange(0, BK)
     tok = t0 + rows
     valid = tok < eos
+    if kind == TAIL:
+        _store_zero_rows(dv_ptr + hv * V, tok, valid, HV * V, V, BT, BV)
+        tl.store(dbeta_ptr + tok * HV + hv, tl.full([BT], 0.0, tl.float32), mask=valid)
+        return
+    if kind < 0:
+        return
     state_offset = (c.to(tl.int64) * HV + hv) * K * V
 
-    k = _load_qk(k_ptr, tok, valid, h, H, K, rows_k, L2NORM).to(DT)
+    k = _load_qk(k_ptr, tok, valid, h, H, K, rows_k).to(DT)
     beta = _load_head_scalar(beta_ptr, tok, valid, hv, HV)
     gam, _ = _load_gamma(gcum_ptr, tok, valid, hv, HV, rows, tl.minimum(eos - t0, BT) - 1)
     decay_in = tl.exp(gam)
-    tm_t = tl.trans(tl.load(tm_ptr + (tok * HV + hv)[:, None] * BT + rows[None, :],
-                            mask=valid[:, None] & (rows[None, :] <= rows[:, None]), other=0.0)).to(DT)
+    # Hopper miscompile fla #640 (Triton 3.4 to 3.7.1; the GPU image has 3.6): tl.trans of a tl.dot result cast to
+    # 16 bits and fed to another tl.dot gives wrong dk / dbeta / dg. Here only loaded tiles are transposed; the
+    # transposes of dot results (dTm^T, dA^T) come from their own products.
+    tm = tl.load(tm_ptr + (tok * HV + hv)[:, None] * BT + rows[None, :],
+                 mask=valid[:, None] & (rows[None, :] <= rows[:, None]), other=0.0).to(DT)
+    tm_t = tl.trans(tm)
     k_in = (k * decay_in[:, None]).to(DT)
+    k_in_t = tl.trans(k_in)
 
     dk = tl.full([BT, BK], 0.0, tl.float32)
     dtm = tl.full([BT, BT], 0.0, tl.float32)
+    dtm_t = tl.full([BT, BT], 0.0, tl.float32)
     dbeta = tl.full([BT], 0.0, tl.float32)
     x_dot_kh = tl.full([BT], 0.0, tl.float32)  # rows of X . (exp(gamma) K h)
     for v0 in range(0, V, BV):
@@ -507,21 +544,27 @@ def _wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gcum_ptr, tm_ptr, h_ptr, dvnew_ptr, d
         kh = tl.dot(k_in, s, input_precision=PREC)
         dbeta += tl.reduce(x * (v - kh), 1, _ADD)
         x_dot_kh += tl.reduce(x * kh, 1, _ADD)
-        dtm = tl.dot(dv_new, tl.trans(((v - kh) * beta[:, None]).to(DT)), dtm, input_precision=PREC)
+        # dTm = dV_new (diag(beta) (V - K_in h))^T and its transpose, each from loaded tiles (fla #640)
+        kh_t = tl.dot(tl.trans(s), k_in_t, input_precision=PREC)
+        dtm = tl.dot(dv_new, ((tl.trans(v) - kh_t) * beta[None, :]).to(DT), dtm, input_precision=PREC)
+        dtm_t = tl.dot(((v - kh) * beta[:, None]).to(DT), tl.trans(dv_new), dtm_t, input_precision=PREC)
         # dk -= diag(beta exp(gamma)) X h^T (the row factors go on the left operand)
         dk = tl.dot((x * (-beta * decay_in)[:, None]).to(DT), tl.trans(s), dk, input_precision=PREC)
     dgam = -beta * x_dot_kh
 
-    # A_ij = beta_i k_i . k_j Gamma_ij (j < i)
+    # A_ij = beta_i k_i . k_j Gamma_ij (j < i); dA = -Tm^T dTm Tm^T and dA^T = -Tm dTm^T Tm.
     strict = rows[:, None] > rows[None, :]
+    strict_t = rows[:, None] < rows[None, :]
     decay = tl.exp(tl.where(strict, gam[:, None] - gam[None, :], 0.0))
+    decay_t = tl.exp(tl.where(strict_t, gam[None, :] - gam[:, None], 0.0))
     da = tl.dot(tl.dot(tm_t, dtm.to(DT), input_precision=PREC).to(DT), tm_t, input_precision=PREC)
     da = tl.where(strict, -da, 0.0)
+    da_t = tl.dot(tl.dot(tm, dtm_t.to(DT), input_precision=PREC).to(DT), tm, input_precision=PREC)
+    da_t = tl.where(strict_t, -da_t, 0.0)
     kk_decayed = tl.where(strict, tl.dot(k, tl.trans(k), input_precision=PREC) * decay, 0.0)
     dbeta += tl.reduce(da * kk_decayed, 1, _ADD)
-    da_beta = (da * decay * beta[:, None]).to(DT)
-    dk = tl.dot(da_beta, k, dk, input_precision=PREC)
-    dk = tl.dot(tl.trans(da_beta), k, dk, input_precision=PREC)
+    dk = tl.dot((da * decay * beta[:, None]).to(DT), k, dk, input_precision=PREC)
+    dk = tl.dot((da_t * decay_t * beta[None, :]).to(DT), k, dk, input_precision=PREC)
     da_a = da * kk_decayed * beta[:, None]
     dgam += tl.reduce(da_a, 1, _ADD) - tl.reduce(da_a, 0, _ADD)
 
@@ -532,39 +575,36 @@ def _wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gcum_ptr, tm_ptr, h_ptr, dvnew_ptr, d
 
 @triton.jit
 def _qk_bwd_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, do_ptr, dq_ptr, dk_ptr, dgam_ptr, dg_ptr,
-                   cu_ptr, chunks_ptr, scale,
+                   chunks_ptr, scale,
                    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                   L2NORM: tl.constexpr, PREC: tl.constexpr):
+                   PREC: tl.constexpr):
     """Per (chunk, value head), the gradients through O = scale (diag(exp(gamma)) Q h + lower(Q K^T * Gamma) V_new)
     and S' = exp(gamma_last) h + (diag(exp(gamma_last - gamma)) K)^T V_new, added to the partial dk and dgamma of
-    `_wy_bwd_kernel` (dk is read and overwritten in place). Finishes dq, dk (per value head, through the L2 norm)
-    and dg (reverse cumsum of dgamma)."""
+    `_wy_bwd_kernel` (dk is read and overwritten in place). Finishes dq, dk (per value head, w.r.t. the normalised
+    q, k) and dg (reverse cumsum of dgamma); zeros on the rows after cu_seqlens[-1]."""
     c = tl.program_id(0)
     hv = tl.program_id(1)
     h = hv // (HV // H)
     DT = k_ptr.dtype.element_ty
-    t0, eos = _chunk_of_program(chunks_ptr, cu_ptr, c)
-    if t0 < 0:
-        return
+    kind, t0, eos = _chunk_of_program(chunks_ptr, c)
     rows = tl.arange(0, BT)
     rows_k = tl.arange(0, BK)
     tok = t0 + rows
     valid = tok < eos
+    if kind == TAIL:
+        zeros = tl.full([BT, BK], 0.0, tl.float32)
+        _store_rows(dq_ptr + hv * K, tok, valid, HV * K, rows_k, K, zeros)
+        _store_rows(dk_ptr + hv * K, tok, valid, HV * K, rows_k, K, zeros)
+        tl.store(dg_ptr + tok * HV + hv, tl.full([BT], 0.0, tl.float32), mask=valid)
+        return
+    if kind < 0:
+        return
     last = tl.minimum(eos - t0, BT) - 1
     state_offset = (c.to(tl.int64) * HV + hv) * K * V
 
-    # Only input-dtype copies of (normalised) q and k stay live, plus the L2 norm's row factors.
-    q_raw = _load_rows(q_ptr + h * K, tok, valid, H * K, rows_k, K)
-    k_raw = _load_rows(k_ptr + h * K, tok, valid, H * K, rows_k, K)
-    if L2NORM:
-        q_rstd = tl.rsqrt(tl.reduce(q_raw * q_raw, 1, _ADD) + 1e-6)
-        k_rstd = tl.rsqrt(tl.reduce(k_raw * k_raw, 1, _ADD) + 1e-6)
-        q = (q_raw * q_rstd[:, None]).to(DT)
-        k = (k_raw * k_rstd[:, None]).to(DT)
-    else:
-        q = q_raw.to(DT)
-        k = k_raw.to(DT)
+    q = _load_qk(q_ptr, tok, valid, h, H, K, rows_k).to(DT)
+    k = _load_qk(k_ptr, tok, valid, h, H, K, rows_k).to(DT)
     gam, gam_last = _load_gamma(gcum_ptr, tok, valid, hv, HV, rows, last)
     decay_in = tl.exp(gam)
     decay_out = tl.where(valid, tl.exp(gam_last - gam), 0.0)
@@ -572,6 +612,7 @@ def _qk_bwd_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, do_ptr, dq_p
     dq = tl.full([BT, BK], 0.0, tl.float32)
     dk = tl.full([BT, BK], 0.0, tl.float32)
     do_vnew = tl.full([BT, BT], 0.0, tl.float32)  # dO V_new^T
+    vnew_do = tl.full([BT, BT], 0.0, tl.float32)  # its transpose, from its own product (fla #640: see below)
     k_dot_end = tl.full([BT], 0.0, tl.float32)  # exp(gamma_last - gamma_i) k_i . (V_new dS^T)_i
     s_dot_ds = tl.full([BK], 0.0, tl.float32)  # <h, dS>, per row of K
     for v0 in range(0, V, BV):
@@ -584,6 +625,7 @@ def _qk_bwd_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, do_ptr, dq_p
         v_new = _load_rows(vnew_ptr + hv * V, tok, valid, HV * V, cols_v, V)
         dq = tl.dot(do, tl.trans(s.to(DT)), dq, input_precision=PREC)
         do_vnew = tl.dot(do, tl.trans(v_new.to(DT)), do_vnew, input_precision=PREC)
+        vnew_do = tl.dot(v_new.to(DT), tl.trans(do), vnew_do, input_precision=PREC)
         # dk += diag(exp(gamma_last - gamma)) V_new dS^T (the row factors go on the left operand)
         k_dot_end += tl.reduce(v_new * tl.dot(k, ds, input_precision=PREC), 1, _ADD) * decay_out
         dk = tl.dot((v_new * decay_out[:, None]).to(DT), tl.trans(ds), dk, input_precision=PREC)
@@ -592,14 +634,18 @@ def _qk_bwd_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, do_ptr, dq_p
     dq = dq * (scale * decay_in)[:, None]
     dgam = tl.load(dgam_ptr + tok * HV + hv, mask=valid, other=0.0) + tl.reduce(dq * q.to(tl.float32), 1, _ADD)
 
-    # Intra-chunk scores M = lower(Q K^T * Gamma), dM = scale dO V_new^T.
+    # Intra-chunk scores M = lower(Q K^T * Gamma), dM = scale dO V_new^T. dk takes (dM * Gamma)^T from the
+    # product V_new dO^T: a tl.trans of the 16-bit dM fed to tl.dot is the Hopper miscompile of fla #640 (wrong
+    # dk / dbeta / dg with Triton 3.4 to 3.7.1).
     causal = rows[:, None] >= rows[None, :]
+    anticausal = rows[:, None] <= rows[None, :]
     decay = tl.exp(tl.where(causal, gam[:, None] - gam[None, :], 0.0))
+    decay_t = tl.exp(tl.where(anticausal, gam[None, :] - gam[:, None], 0.0))
     scores = tl.where(causal, tl.dot(q, tl.trans(k), input_precision=PREC) * decay, 0.0)
     dscores = tl.where(causal, do_vnew * scale, 0.0)
-    dscores_decayed = (dscores * decay).to(DT)
-    dq = tl.dot(dscores_decayed, k, dq, input_precision=PREC)
-    dk = tl.dot(tl.trans(dscores_decayed), q, dk, input_precision=PREC)
+    dq = tl.dot((dscores * decay).to(DT), k, dq, input_precision=PREC)
+    dscores_t = tl.where(anticausal, vnew_do * (scale * decay_t), 0.0)
+    dk = tl.dot(dscores_t.to(DT), q, dk, input_precision=PREC)
     ds_s = dscores * scores
     dgam += tl.reduce(ds_s, 1, _ADD) - tl.reduce(ds_s, 0, _ADD)
 
@@ -612,12 +658,6 @@ def _qk_bwd_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, do_ptr, dq_p
     tl.store(dg_ptr + tok * HV + hv, dg, mask=valid)
 
     dk += _load_rows(dk_ptr + hv * K, tok, valid, HV * K, rows_k, K)
-    if L2NORM:
-        # Through x / ||x||: d raw = rstd (d normed - normed (normed . d normed)).
-        q_f = q.to(tl.float32)
-        k_f = k.to(tl.float32)
-        dq = (dq - q_f * tl.reduce(q_f * dq, 1, _ADD)[:, None]) * q_rstd[:, None]
-        dk = (dk - k_f * tl.reduce(k_f * dk, 1, _ADD)[:, None]) * k_rstd[:, None]
     _store_rows(dq_ptr + hv * K, tok, valid, HV * K, rows_k, K, dq)
     _store_rows(dk_ptr + hv * K, tok, valid, HV * K, rows_k, K, dk)
 
@@ -633,42 +673,82 @@ def _block_sizes(K, V):
     return BK, BV
 
 
+# V-block width of the chunk-parallel kernels that recompute Q K^T per V block: wider blocks recompute it fewer
+# times (V = 128: the output kernel twice instead of 4 times, local dv once); the widest without ptxas spills at
+# K = V = 128 on sm_90 (the output kernel spills 1 KB at 128).
+_WIDE_BV = dict(output=64, local_dv=128)
+
+
+def _wide_block_v(kernel, V):
+    return min(_WIDE_BV[kernel], max(16, triton.next_power_of_2(V)))
+
+
 # Launch configurations (fixed: no autotuning, which needs a GPU driver and would not run in the interpreter).
 # Chosen from offline sm_90 compiles at K = V = 128, bf16, as the settings with the fewest ptxas spills; they
 # are a starting point, not timed.
+# Hopper traps: `_wy_bwd_kernel` must not run at 4 warps (fla #984 / #988: the WY backward at chunk 64 and 4 warps
+# gives wrong dk / dbeta or an illegal access on sm_90); `_state_bwd_kernel` is the kernel fla PR #1262 saw
+# miscompiled by ptxas 12.8 / 13.0 on Hopper, which tests/test_cuda.py checks with scale = 1 on a GPU.
 _WARPS = dict(prepare=8, state=4, output=8, local_dv=8, state_bwd=4, wy_bwd=8, qk_bwd=8)
-_SEQUENTIAL_STAGES = 1  # the chunk loops of the state kernels: no software pipelining (it only adds spills)
+assert _WARPS["wy_bwd"] != 4, "fla #984 / #988"
+# Software pipelining of the state walks' chunk loops (cp.async prefetch of the next chunk). Offline sm_90 compiles
+# at K = V = 128, bf16 (stack bytes of the forward / backward walk): Triton 3.9 at 2 stages 8 / 88 with prefetch
+# (3 stages: 768 / 96); Triton 3.6 (the GPU image's) at 2 stages 208 / 848 against 0 / 160 at 1 stage, so it keeps
+# 1 stage.
+_SEQUENTIAL_STAGES = 2 if tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9) else 1
+
+
+# CUDA grids allow 2^31 - 1 programs on axis 0 but only 65,535 on axes 1 and 2: the axes that grow with the data
+# (chunks; sequences x value heads) go on axis 0.
+MAX_GRID_YZ = 65535
+
+
+def launch_grid(*axes):
+    """A launch grid, refused (with its sizes) if an axis other than the first passes MAX_GRID_YZ."""
+    if any(n > MAX_GRID_YZ for n in axes[1:]):
+        raise ValueError(f"grid {axes}: only axis 0 may have more than {MAX_GRID_YZ} programs")
+    return axes
+
+
+def sequence_starts(cu_seqlens, batch, seqlen, device):
+    """cu_seqlens as int32 on `device` (possibly the same tensor), or [0, T, 2T, ...] for a fixed-length batch."""
+    if cu_seqlens is None:
+        return torch.arange(0, batch + 1, dtype=torch.int32, device=device) * seqlen
+    return cu_seqlens.to(device=device, dtype=torch.int32)
 
 
 def chunk_layout(cu_seqlens, batch, seqlen, device):
-    """(cu [N+1], chunk_offsets [N+1], chunks [NC, 2]) as int32 on `device`, for flattened tokens.
+    """(cu [N+1], chunk_offsets [N+1], chunks [NC, 3]) as int32 on `device`, for flattened tokens.
 
-    chunk_offsets[n] is the index of the first chunk of sequence n; chunks[c] = (sequence, first token) of chunk
-    c, or (-1, -1) for the trailing entries of the static upper bound NC (ceil(T/64) + N - 1 for varlen).
-    Pure device ops with static shapes: no host sync, traceable.
+    chunk_offsets[n] is the index of the first chunk of sequence n; chunks[c] = (kind, first token, end token) of
+    table entry c, kind being the sequence index for a chunk of a sequence, TAIL for a chunk of the rows after
+    cu_seqlens[-1] (the rows a packed batch leaves unused: their outputs and gradients are written as zeros) and
+    PADDING for the trailing entries of the static bound NC (ceil(T/64) + N for varlen: the tail counts as one
+    more span). Pure device ops with static shapes: no host sync, traceable.
     """
+    total = batch * seqlen
+    cu = sequence_starts(cu_seqlens, batch, seqlen, device)
     if cu_seqlens is None:
-        cu = torch.arange(0, batch + 1, dtype=torch.int32, device=device) * seqlen
         num_chunks_bound = batch * triton.cdiv(seqlen, CHUNK)
     else:
-        cu = cu_seqlens.to(device=device, dtype=torch.int32)
-        num_chunks_bound = triton.cdiv(seqlen, CHUNK) + cu.shape[0] - 2
+        num_chunks_bound = triton.cdiv(seqlen, CHUNK) + cu.shape[0] - 1
     num_seqs = cu.shape[0] - 1
-    chunks_per_seq = (cu[1:] - cu[:-1] + CHUNK - 1) // CHUNK
-    chunk_offsets = torch.cat([cu.new_zeros(1), chunks_per_seq.cumsum(0, dtype=torch.int32)])
+    spans = torch.cat([cu, cu.new_full((1,), total)])  # the sequences, then the tail (empty without one)
+    chunks_per_span = (spans[1:] - spans[:-1] + CHUNK - 1) // CHUNK
+    span_offsets = torch.cat([cu.new_zeros(1), chunks_per_span.cumsum(0, dtype=torch.int32)])
     chunk_ids = torch.arange(num_chunks_bound, dtype=torch.int32, device=device)
-    seq = torch.searchsorted(chunk_offsets[1:], chunk_ids, right=True).to(torch.int32)
-    in_range = chunk_ids < chunk_offsets[-1]
-    seq_clamped = seq.clamp(max=num_seqs - 1)
-    first_token = cu[seq_clamped] + (chunk_ids - chunk_offsets[seq_clamped]) * CHUNK
-    chunks = torch.stack([torch.where(in_range, seq, -1), torch.where(in_range, first_token, -1)], 1)
-    return cu, chunk_offsets, chunks.contiguous()
+    span = torch.searchsorted(span_offsets[1:], chunk_ids, right=True).to(torch.int32).clamp(max=num_seqs)
+    first_token = spans[span] + (chunk_ids - span_offsets[span]) * CHUNK
+    kind = torch.where(span == num_seqs, TAIL.value, span)
+    kind = torch.where(chunk_ids < span_offsets[-1], kind, PADDING.value)
+    chunks = torch.stack([kind, first_token, spans[span + 1]], 1).to(torch.int32)
+    return cu, span_offsets[:-1].contiguous(), chunks.contiguous()
 
 
 class _Problem:
     """Shapes, flattened contiguous inputs and launch constants shared by the forward and backward."""
 
-    def __init__(self, q, k, v, g, beta, scale, cu_seqlens, use_qk_l2norm):
+    def __init__(self, q, k, v, g, beta, scale, cu_seqlens, use_qk_l2norm, layout=None, rstd=None):
         B, T, H, K = q.shape
         HV, V = v.shape[2:]
         if HV % H:
@@ -677,31 +757,36 @@ class _Problem:
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise TypeError(f"the Triton gated delta rule takes fp16 / bf16 / fp32 q, k, v, got {dtype}")
         self.q, self.k, self.v = (x.to(dtype).reshape(B * T, *x.shape[2:]).contiguous() for x in (q, k, v))
+        # q and k are L2-normalised here, once, in fp32 and stored in the input dtype (the kernels, the state walks
+        # included, read them as they are); their 1 / norms [B*T, H] are saved for the backward (`rstd` there).
+        self.rstd = None
+        if use_qk_l2norm:
+            self.rstd = rstd or tuple(torch.rsqrt(x.float().square().sum(-1) + 1e-6) for x in (self.q, self.k))
+            self.q, self.k = ((x.float() * r[..., None]).to(dtype) for x, r in zip((self.q, self.k), self.rstd))
         self.g, self.beta = (x.reshape(B * T, HV).contiguous() for x in (g, beta))
         self.B, self.T, self.H, self.HV, self.K, self.V = B, T, H, HV, K, V
         self.dtype = dtype
         self.scale = K ** -0.5 if scale is None else float(scale)
-        self.cu, self.chunk_offsets, self.chunks = chunk_layout(cu_seqlens, B, T, q.device)
+        self.cu, self.chunk_offsets, self.chunks = layout or chunk_layout(cu_seqlens, B, T, q.device)
         self.N = self.cu.shape[0] - 1
         self.NC = self.chunks.shape[0]
         self.BK, self.BV = _block_sizes(K, V)
-        self.l2norm = bool(use_qk_l2norm)
         # fp32 inputs get true fp32 matmuls (tf32 would cost ~1e-3 relative error); 16-bit ones use tensor cores.
         self.prec = "ieee" if dtype == torch.float32 else "tf32"
 
     def consts(self):
-        return dict(H=self.H, HV=self.HV, K=self.K, V=self.V, BT=CHUNK, BK=self.BK, L2NORM=self.l2norm,
-                    PREC=self.prec)
+        return dict(H=self.H, HV=self.HV, K=self.K, V=self.V, BT=CHUNK, BK=self.BK, PREC=self.prec)
 
     def prepare(self):
-        """gamma [B*T, HV] fp32, Tm [B*T, HV, 64] fp32, W [B*T, HV, K] and U [B*T, HV, V] (input dtype)."""
+        """gamma [B*T, HV] fp32; Tm [B*T, HV, 64], W [B*T, HV, K] and U [B*T, HV, V] in the input dtype (Tm is
+        inverted in fp32 and only ever read as a matmul operand in the input dtype)."""
         tokens, HV = self.q.shape[0], self.HV
         gcum = torch.empty(tokens, HV, dtype=torch.float32, device=self.q.device)
-        tm = torch.empty(tokens, HV, CHUNK, dtype=torch.float32, device=self.q.device)
+        tm = torch.empty(tokens, HV, CHUNK, dtype=self.dtype, device=self.q.device)
         w = torch.empty(tokens, HV, self.K, dtype=self.dtype, device=self.q.device)
         u = torch.empty_like(self.v)
-        _prepare_kernel[(self.NC, HV)](self.k, self.v, self.g, self.beta, gcum, tm, w, u, self.cu, self.chunks,
-                                       BC=SUB_CHUNK, BV=self.BV, **self.consts(), num_warps=_WARPS["prepare"])
+        _prepare_kernel[launch_grid(self.NC, HV)](self.k, self.v, self.g, self.beta, gcum, tm, w, u, self.chunks,
+                                                  BC=SUB_CHUNK, BV=self.BV, **self.consts(), num_warps=_WARPS["prepare"])
         return gcum, tm, w, u
 
     def states(self, w, u, gcum, initial_state, store_final):
@@ -711,48 +796,67 @@ class _Problem:
         final = (torch.empty(self.N, self.HV, self.K, self.V, dtype=torch.float32, device=self.q.device)
                  if store_final else None)
         h0 = initial_state.contiguous() if initial_state is not None else None
-        grid = (triton.cdiv(self.V, self.BV), self.N * self.HV)
+        grid = launch_grid(self.N * self.HV, triton.cdiv(self.V, self.BV))
         _state_kernel[grid](self.k, w, u, gcum, h0, h, v_new, final, self.cu, self.chunk_offsets,
                             BV=self.BV, HAS_H0=h0 is not None, STORE_HT=store_final, **self.consts(),
                             num_warps=_WARPS["state"], num_stages=_SEQUENTIAL_STAGES)
         return h, v_new, final
 
 
+def residual_shapes(batch, seqlen, H, HV, K, V, num_seqs=None, l2norm=False):
+    """(shape, dtype) of the residuals the forward saves for the backward, dtype None for the input dtype:
+    gamma, Tm, W, the chunk entry states h, V_new, the 1 / norms of q and k (empty without l2norm) and the chunk
+    table (chunk_offsets, chunks) of `chunk_layout`, num_seqs given for a packed row. Static: they depend on the
+    shapes of the inputs, not on cu_seqlens' values."""
+    tokens = batch * seqlen
+    if num_seqs is None:
+        num_seqs, num_chunks_bound = batch, batch * triton.cdiv(seqlen, CHUNK)
+    else:
+        num_chunks_bound = triton.cdiv(seqlen, CHUNK) + num_seqs
+    return [((tokens, HV), torch.float32), ((tokens, HV, CHUNK), None), ((tokens, HV, K), None),
+            ((num_chunks_bound, HV, K, V), None), ((tokens, HV, V), None)] + \
+        [((tokens, H) if l2norm else (0,), torch.float32)] * 2 + \
+        [((num_seqs + 1,), torch.int32), ((num_chunks_bound, 3), torch.int32)]
+
+
 def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                                cu_seqlens=None, use_qk_l2norm=False):
     """Triton forward. Shapes as `kernels.chunk_gated_delta_rule`; returns (o [B, T, HV, V] in v's dtype,
-    final state [N, HV, K, V] fp32 or None)."""
+    final state [N, HV, K, V] fp32 or None, the residuals of `residual_shapes` for the backward)."""
     p = _Problem(q, k, v, g, beta, scale, cu_seqlens, use_qk_l2norm)
     gcum, tm, w, u = p.prepare()
     h, v_new, final = p.states(w, u, gcum, initial_state, output_final_state)
     o = torch.empty(p.B * p.T, p.HV, p.V, dtype=v.dtype, device=v.device)
-    grid = (triton.cdiv(p.V, p.BV), p.NC, p.HV)
-    _output_kernel[grid](p.q, p.k, gcum, h, v_new, o, p.cu, p.chunks, p.scale, BV=p.BV, **p.consts(),
-                         num_warps=_WARPS["output"])
-    return o.view(p.B, p.T, p.HV, p.V), final
+    BV = _wide_block_v("output", p.V)
+    _output_kernel[launch_grid(p.NC, p.HV, triton.cdiv(p.V, BV))](
+        p.q, p.k, gcum, h, v_new, o, p.chunks, p.scale, BV=BV, **p.consts(), num_warps=_WARPS["output"])
+    rstd = p.rstd or [q.new_empty(0, dtype=torch.float32) for _ in range(2)]
+    return o.view(p.B, p.T, p.HV, p.V), final, [gcum, tm, w, h, v_new, *rstd, p.chunk_offsets, p.chunks]
 
 
-def chunk_gated_delta_rule_bwd(do, dht, q, k, v, g, beta, scale=None, initial_state=None, cu_seqlens=None,
-                               use_qk_l2norm=False):
+def chunk_gated_delta_rule_bwd(do, dht, q, k, v, g, beta, residuals, scale=None, initial_state=None,
+                               cu_seqlens=None, use_qk_l2norm=False):
     """Triton backward: gradients (dq, dk, dv, dg, dbeta, dh0) in the dtypes of their inputs (dh0 None without
-    an initial state), given do [B, T, HV, V] and dht (gradient of the final state, or None).
-    Recomputes gamma, Tm, W, U, the chunk states and V_new from the inputs (nothing else is saved)."""
-    p = _Problem(q, k, v, g, beta, scale, cu_seqlens, use_qk_l2norm)
-    gcum, tm, w, u = p.prepare()
-    h, v_new, _ = p.states(w, u, gcum, initial_state, store_final=False)
+    an initial state), given do [B, T, HV, V], dht (gradient of the final state, or None) and the residuals of
+    the forward, from which nothing of the forward is recomputed."""
+    gcum, tm, w, h, v_new, q_rstd, k_rstd, chunk_offsets, chunks = residuals
+    cu = sequence_starts(cu_seqlens, q.shape[0], q.shape[1], q.device)
+    p = _Problem(q, k, v, g, beta, scale, cu_seqlens, use_qk_l2norm, (cu, chunk_offsets, chunks),
+                 (q_rstd, k_rstd) if use_qk_l2norm else None)
     do = do.to(p.dtype).reshape(p.B * p.T, p.HV, p.V).contiguous()
     tokens, HV, K, V = p.q.shape[0], p.HV, p.K, p.V
 
     dv_local = torch.empty_like(p.v)
-    _local_dv_kernel[(triton.cdiv(V, p.BV), p.NC, HV)](p.q, p.k, gcum, do, dv_local, p.cu, p.chunks, p.scale,
-                                                        BV=p.BV, **p.consts(), num_warps=_WARPS["local_dv"])
+    BV = _wide_block_v("local_dv", V)
+    _local_dv_kernel[launch_grid(p.NC, HV, triton.cdiv(V, BV))](
+        p.q, p.k, gcum, do, dv_local, p.chunks, p.scale, BV=BV, **p.consts(), num_warps=_WARPS["local_dv"])
 
     dh = torch.empty_like(h)
     dv_new = torch.empty_like(p.v)
     dh0 = (torch.empty(initial_state.shape, dtype=torch.float32, device=q.device)
            if initial_state is not None else None)
     dht = dht.contiguous() if dht is not None else None
-    _state_bwd_kernel[(triton.cdiv(V, p.BV), p.N * HV)](
+    _state_bwd_kernel[launch_grid(p.N * HV, triton.cdiv(V, p.BV))](
         p.q, p.k, w, gcum, do, dv_local, dht, dh, dv_new, dh0, p.cu, p.chunk_offsets, p.scale, BV=p.BV,
         HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, **p.consts(), num_warps=_WARPS["state_bwd"],
         num_stages=_SEQUENTIAL_STAGES)
@@ -765,12 +869,16 @@ def chunk_gated_delta_rule_bwd(do, dht, q, k, v, g, beta, scale=None, initial_st
     dg = torch.empty(tokens, HV, dtype=torch.float32, device=q.device)
     dgam = torch.empty_like(dg)
     dbeta = torch.empty_like(dg)
-    _wy_bwd_kernel[(p.NC, HV)](p.k, p.v, p.beta, gcum, tm, h, dv_new, dv, dk, dbeta, dgam, p.cu, p.chunks,
-                               BV=p.BV, **p.consts(), num_warps=_WARPS["wy_bwd"])
-    _qk_bwd_kernel[(p.NC, HV)](p.q, p.k, gcum, h, dh, v_new, do, dq, dk, dgam, dg, p.cu, p.chunks, p.scale,
-                               BV=p.BV, **p.consts(), num_warps=_WARPS["qk_bwd"])
+    _wy_bwd_kernel[launch_grid(p.NC, HV)](p.k, p.v, p.beta, gcum, tm, h, dv_new, dv, dk, dbeta, dgam, p.chunks,
+                                          BV=p.BV, **p.consts(), num_warps=_WARPS["wy_bwd"])
+    _qk_bwd_kernel[launch_grid(p.NC, HV)](p.q, p.k, gcum, h, dh, v_new, do, dq, dk, dgam, dg, p.chunks, p.scale,
+                                          BV=p.BV, **p.consts(), num_warps=_WARPS["qk_bwd"])
     group_shape = (p.B, p.T, p.H, HV // p.H, K)
-    dq = dq.view(group_shape).sum(3).to(q.dtype)
-    dk = dk.view(group_shape).sum(3).to(k.dtype)
-    return (dq, dk, dv.view(v.shape), dg.view(g.shape).to(g.dtype), dbeta.view(beta.shape).to(beta.dtype),
+    dq, dk = (d.view(group_shape).sum(3) for d in (dq, dk))
+    if p.rstd:
+        # Through x / ||x||: d raw = rstd (d normed - normed (normed . d normed)).
+        normed = (x.view(dq.shape).float() for x in (p.q, p.k))
+        dq, dk = ((d - x * (x * d).sum(-1, keepdim=True)) * r.view(*dq.shape[:3], 1)
+                  for d, x, r in zip((dq, dk), normed, p.rstd))
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.view(v.shape), dg.view(g.shape).to(g.dtype), dbeta.view(beta.shape).to(beta.dtype),
             dh0.to(initial_state.dtype) if dh0 is not None else None)

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_chunk import launch_grid
+
 # Builtins instead of tl.sum / tl.zeros (themselves @triton.jit functions): see the note in triton_chunk.py.
 _ADD = tl.standard._sum_combine
 
@@ -19,9 +21,11 @@ def _recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, o_ptr, h0_ptr, ht_pt
                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr,
                       L2NORM: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr):
-    vb = tl.program_id(0)
-    n = (tl.program_id(1) // HV).to(tl.int64)  # int64: state offsets can pass 2^31 with many sequences
-    hv = tl.program_id(1) % HV
+    # Sequences x value heads on axis 0, the only one allowed more than 65,535 programs (a decode batch of 5,000
+    # rows x 16 heads); V blocks on axis 1.
+    n = (tl.program_id(0) // HV).to(tl.int64)  # int64: state offsets can pass 2^31 with many sequences
+    hv = tl.program_id(0) % HV
+    vb = tl.program_id(1)
     h = hv // (HV // H)
     bos = tl.load(cu_ptr + n).to(tl.int64)
     eos = tl.load(cu_ptr + n + 1).to(tl.int64)
@@ -79,10 +83,11 @@ def recurrent_gated_delta_rule_fwd(q, k, v, g, beta, scale=None, initial_state=N
         final = None
     h0 = initial_state.contiguous() if initial_state is not None else None
     flat = [x.reshape(B * T, *x.shape[2:]).contiguous() for x in (q, k, v, g, beta)]
-    o = torch.empty(B * T, HV, V, dtype=v.dtype, device=v.device)
+    # zeros: the rows after cu_seqlens[-1], which no program visits, are part of o
+    o = (torch.empty if cu_seqlens is None else torch.zeros)(B * T, HV, V, dtype=v.dtype, device=v.device)
     BK = triton.next_power_of_2(K)
     BV = min(32, triton.next_power_of_2(V))
-    _recurrent_kernel[(triton.cdiv(V, BV), N * HV)](
+    _recurrent_kernel[launch_grid(N * HV, triton.cdiv(V, BV))](
         *flat, o, h0, final, cu, K ** -0.5 if scale is None else float(scale),
         H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, L2NORM=bool(use_qk_l2norm), HAS_H0=h0 is not None,
         STORE_HT=final is not None, num_warps=1 if BK * BV <= 2048 else 4)
