@@ -92,8 +92,9 @@ def training_launches(docs: int, doc_tokens: int = DOC_TOKENS) -> list[Launch]:
     g, beta = _meta(1, T, HV, dtype=torch.float32), _meta(1, T, HV)
     cu_seqlens = torch.arange(docs + 1, dtype=torch.int32, device="meta") * doc_tokens
     with recorded_launches() as launches:
-        o, _ = triton_chunk.chunk_gated_delta_rule_fwd(q, k, v, g, beta, cu_seqlens=cu_seqlens, use_qk_l2norm=True)
-        triton_chunk.chunk_gated_delta_rule_bwd(o, None, q, k, v, g, beta, cu_seqlens=cu_seqlens,
+        o, _, residuals = triton_chunk.chunk_gated_delta_rule_fwd(q, k, v, g, beta, cu_seqlens=cu_seqlens,
+                                                                  use_qk_l2norm=True)
+        triton_chunk.chunk_gated_delta_rule_bwd(o, None, q, k, v, g, beta, residuals, cu_seqlens=cu_seqlens,
                                                 use_qk_l2norm=True)
     return launches
 

@@ -14,8 +14,8 @@ matrix, and "triton" on CPU tensors (the kernels run under the Triton interprete
 T, the other axes at head size 16. fp32 and fp16 only (Triton 3.9's interpreter computes bf16 tl.dot on the raw
 bits, so bf16 there proves nothing).
 
-Also the issue-11 requirements the kernels do not meet yet (xfail until branch i11-triton lands): CUDA grid limits
-for 5,000 packed documents / decode rows with 16 value heads, and zero gradients past cu_seqlens[-1].
+Also issue 11's launch requirements: CUDA grid limits for 5,000 packed documents / decode rows with 16 value heads,
+and zero gradients past cu_seqlens[-1].
 """
 
 import dataclasses
@@ -254,7 +254,6 @@ def _packed_documents(num_docs, H, HV, D, seed=0):
 MANY_SEQUENCES, MANY_HEADS_H, MANY_HEADS_HV, SMALL_D = 5000, 4, 16, 16
 
 
-@pytest.mark.xfail(strict=True, raises=CudaGridLimitError, reason="fixed on branch i11-triton")
 def test_chunk_packed_5000_documents_16_heads_launch_within_grid_limits(cuda_grid_guard):
     # Launch shapes of the forward and the backward; the values are checked against the oracle by the matrix.
     cuda_grid_guard.execute = False
@@ -266,7 +265,6 @@ def test_chunk_packed_5000_documents_16_heads_launch_within_grid_limits(cuda_gri
     assert len(cuda_grid_guard.launches) >= 2
 
 
-@pytest.mark.xfail(strict=True, raises=CudaGridLimitError, reason="fixed on branch i11-triton")
 def test_recurrent_decode_5000_rows_16_heads_launch_within_grid_limits(cuda_grid_guard):
     cuda_grid_guard.execute = False
     gen = torch.Generator().manual_seed(0)
@@ -310,6 +308,5 @@ def test_torch_reference_past_cu_seqlens_end_zero_or_refused():
     _assert_zero_past_the_end_or_refused("torch")
 
 
-@pytest.mark.xfail(strict=True, reason="fixed on branch i11-triton")
 def test_triton_past_cu_seqlens_end_zero_or_refused():
     _assert_zero_past_the_end_or_refused("triton")

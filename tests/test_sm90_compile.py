@@ -42,7 +42,6 @@ def test_state_walks_do_not_spill(sm90, state_walks):
         assert row["spill_stores"] <= sm90.MAX_STATE_WALK_SPILL_BYTES, row
 
 
-@pytest.mark.xfail(strict=True, reason="fixed on branch i11-triton")
 def test_state_walks_prefetch(state_walks):
     for row in state_walks:
         assert row["prefetch"] != "none", row
