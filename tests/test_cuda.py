@@ -183,9 +183,9 @@ def test_triton_chunk_bf16_cuda_matches_oracle(case, backend="triton"):
 
 
 def test_small_16bit_heads_take_the_torch_path_on_cuda():
-    """Head size 16 in bf16 faults in the Triton backward on Hopper: "auto" runs the torch path (still matching
+    """Head size 16 in bf16 faults in the Triton backward on Hopper: backend=None runs the torch path (still matching
     the oracle) and "triton" refuses with the reason."""
-    test_triton_chunk_bf16_cuda_matches_oracle(CASES[1], backend="auto")
+    test_triton_chunk_bf16_cuda_matches_oracle(CASES[1], backend=None)
     (q, k, v, g, beta), _, _ = _inputs(1, None, 64, 1, 2, 16, 16, False, True, torch.bfloat16)
     with pytest.raises(ValueError, match="head sizes K=16, V=16"):
         ops.chunk_gated_delta_rule_op(*(x.to(CUDA) for x in (q, k, v, g, beta)), backend="triton")

@@ -194,8 +194,8 @@ def test_delta_rule_errors():
         rule(q[:1], k[:1], v[:1], g[:1], beta[:1], cu_seqlens=torch.tensor([0, 4, 9]))
     with pytest.raises(ValueError, match="cu_seqlens must be a 1-D int32/int64"):
         rule(q[:1], k[:1], v[:1], g[:1], beta[:1], cu_seqlens=torch.tensor([0.0, 10.0]))
-    for backend in ("cuda", None):  # one vocabulary: "auto", not None, picks by device
-        with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'torch', 'triton'\)"):
+    for backend in ("cuda", "auto"):  # one vocabulary: None, not "auto", picks by device
+        with pytest.raises(ValueError, match=r"backend must be one of \(None, 'torch', 'triton'\)"):
             rule(q, k, v, g, beta, backend=backend)
     o, _ = rule(q, k, v, g, beta, backend="torch")
     assert o.shape == v.shape

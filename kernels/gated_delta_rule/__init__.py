@@ -2,7 +2,7 @@
 
     o, final_state = chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
                                             output_final_state=False, cu_seqlens=None,
-                                            use_qk_l2norm=False, backend="auto")
+                                            use_qk_l2norm=False, backend=None)
 
 q, k [B, T, H, K]; v [B, T, HV, V]; g (log decay, <= 0) and beta [B, T, HV]; HV % H == 0 and value head j
 uses q/k head j // (HV // H). scale defaults to K ** -0.5. initial_state / final_state [N, HV, K, V] fp32
@@ -11,7 +11,7 @@ B == 1) packs several sequences whose states start from initial_state[n] and nev
 normalises q and k as x * rsqrt(sum(x^2) + 1e-6) (fp32) before scaling. o [B, T, HV, V] in v's dtype.
 
 `recurrent_gated_delta_rule` takes the same arguments and steps token by token (decoding, small T).
-backend: "auto" picks by device (CUDA -> Triton, CPU -> the torch reference in `reference.py`); "torch" or
+backend: None picks by device (CUDA -> Triton, CPU -> the torch reference in `reference.py`); "torch" or
 "triton" forces one (these three spellings only, here and in `ops`) (Triton on CPU tensors runs under the Triton interpreter: tests). Everything except eager
 CPU calls goes through the `qwen35::` torch.library ops of `ops.py`, so torch.compile(fullgraph=True) sees one
 opaque node and never breaks the graph.
@@ -50,7 +50,7 @@ def _check_inputs(q, k, v, g, beta, initial_state, cu_seqlens, backend):
 def _eager_cpu_reference(q, backend) -> bool:
     """Eager CPU calls go straight to the reference, whose hand-written backward saves what it needs; the op
     boundary would make the backward recompute the forward. Compiled graphs and CUDA tensors use the op."""
-    return backend in ("auto", "torch") and q.device.type == "cpu" and not torch.compiler.is_compiling()
+    return backend in (None, "torch") and q.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _dispatch(name, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm,
@@ -65,14 +65,14 @@ def _dispatch(name, q, k, v, g, beta, scale, initial_state, output_final_state, 
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                           cu_seqlens=None, use_qk_l2norm=False, backend="auto"):
+                           cu_seqlens=None, use_qk_l2norm=False, backend=None):
     """Chunkwise-parallel gated delta rule (training, prefill). Returns (o, final_state or None)."""
     return _dispatch("chunk_gated_delta_rule", q, k, v, g, beta, scale, initial_state, output_final_state,
                      cu_seqlens, use_qk_l2norm, backend)
 
 
 def recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                               cu_seqlens=None, use_qk_l2norm=False, backend="auto"):
+                               cu_seqlens=None, use_qk_l2norm=False, backend=None):
     """Token-by-token gated delta rule (decoding, T == 1 or small T). Returns (o, final_state or None)."""
     return _dispatch("recurrent_gated_delta_rule", q, k, v, g, beta, scale, initial_state, output_final_state,
                      cu_seqlens, use_qk_l2norm, backend)

@@ -14,9 +14,9 @@ an op's outputs must be tensors. `residuals` is what the backend's backward read
 forward (Triton: gamma, the inverse Tm, W, U and the chunk table; torch: the reference's own saved tensors), with
 shapes that depend only on the input shapes (a packed row's are padded to a bound), so fake kernels can state them.
 
-`backend` is an op argument so that a compiled graph keeps the choice: "auto" runs Triton on CUDA tensors and the
+`backend` is an op argument so that a compiled graph keeps the choice: None runs Triton on CUDA tensors and the
 torch reference elsewhere; "torch" / "triton" force one. One exception, `triton_chunk_supported`: 16-bit CUDA
-inputs with a head size under 32 take the torch path under "auto" and are refused by "triton". Triton on CPU
+inputs with a head size under 32 take the torch path under None and are refused by "triton". Triton on CPU
 tensors runs under the Triton interpreter (tests): the Triton modules are loaded a second time with
 TRITON_INTERPRET=1 for CPU tensors, so that it works whatever the environment was when the modules were first
 imported (Triton decides between compiling and interpreting when a kernel is decorated, not when it is launched).
@@ -37,7 +37,7 @@ from torch import Tensor
 
 from . import reference
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = (None, "torch", "triton")  # None: by device
 _interpreted_modules = {}
 
 
@@ -63,19 +63,19 @@ def _triton_module(name: str, device: torch.device):
 
 
 def check_backend(backend) -> None:
-    """The one backend vocabulary of the delta-rule entry points: "auto", "torch" or "triton" (not None)."""
+    """The one backend vocabulary of the delta-rule entry points: None (by device), "torch" or "triton"."""
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} ('auto' picks by device), got {backend!r}")
+        raise ValueError(f"backend must be one of {BACKENDS} (None picks by device), got {backend!r}")
 
 
-def _uses_triton(device: torch.device, backend: str) -> bool:
+def _uses_triton(device: torch.device, backend: Optional[str]) -> bool:
     check_backend(backend)
-    return backend == "triton" or (backend == "auto" and device.type == "cuda")
+    return backend == "triton" or (backend is None and device.type == "cuda")
 
 
 # The chunked Triton backward faults (illegal memory access in `_wy_bwd_kernel`) for 16-bit inputs with head size
 # 16 on an H100 with Triton 3.6, where tl.dot takes the tensor-core path; fp32 and 16-bit head sizes 32-128 ran
-# clean (BENCHMARKS.md, GPU). Until that is understood, "auto" sends such shapes to the torch path and "triton"
+# clean (BENCHMARKS.md, GPU). Until that is understood, None (by device) sends such shapes to the torch path and "triton"
 # refuses them. Qwen3.5's delta-rule heads are 128 wide.
 MIN_16BIT_HEAD_DIM_CUDA = 32
 
@@ -85,7 +85,7 @@ def triton_chunk_supported(device_type: str, dtype: torch.dtype, head_k_dim: int
                 and min(head_k_dim, head_v_dim) < MIN_16BIT_HEAD_DIM_CUDA)
 
 
-def _chunk_uses_triton(q: Tensor, k: Tensor, v: Tensor, backend: str) -> bool:
+def _chunk_uses_triton(q: Tensor, k: Tensor, v: Tensor, backend: Optional[str]) -> bool:
     if not _uses_triton(q.device, backend):
         return False
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
@@ -94,7 +94,7 @@ def _chunk_uses_triton(q: Tensor, k: Tensor, v: Tensor, backend: str) -> bool:
     if backend == "triton":
         raise ValueError(f"the Triton chunked gated delta rule does not take {dtype} inputs with head sizes "
                          f"K={q.shape[-1]}, V={v.shape[-1]} on CUDA (both must be >= {MIN_16BIT_HEAD_DIM_CUDA}: "
-                         f"smaller ones fault on Hopper); use backend='auto' or 'torch', or fp32 inputs")
+                         f"smaller ones fault on Hopper); use backend=None or 'torch', or fp32 inputs")
     return False
 
 
@@ -119,7 +119,7 @@ def _final_state_or_empty(final_state: Optional[Tensor], q: Tensor) -> Tensor:
 def chunk_gated_delta_rule_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float,
                                initial_state: Optional[Tensor], output_final_state: bool,
                                cu_seqlens: Optional[Tensor], use_qk_l2norm: bool,
-                               backend: str) -> tuple[Tensor, Tensor, list[Tensor]]:
+                               backend: Optional[str]) -> tuple[Tensor, Tensor, list[Tensor]]:
     if _chunk_uses_triton(q, k, v, backend):
         impl = _triton_module("triton_chunk", q.device).chunk_gated_delta_rule_fwd
     else:
@@ -162,7 +162,7 @@ def _forward_fake(q, k, v, output_final_state, cu_seqlens):
 @torch.library.custom_op("qwen35::chunk_gated_delta_rule_bwd", mutates_args=())
 def chunk_gated_delta_rule_bwd(do: Tensor, dht: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, g: Tensor,
                                beta: Tensor, scale: float, initial_state: Optional[Tensor],
-                               cu_seqlens: Optional[Tensor], use_qk_l2norm: bool, backend: str,
+                               cu_seqlens: Optional[Tensor], use_qk_l2norm: bool, backend: Optional[str],
                                residuals: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients from the residuals the forward op returned: no backend recomputes its forward."""
     if _chunk_uses_triton(q, k, v, backend):
@@ -246,7 +246,7 @@ chunk_gated_delta_rule_fwd.register_autograd(_backward, setup_context=_setup_con
 def recurrent_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float,
                                initial_state: Optional[Tensor], output_final_state: bool,
                                cu_seqlens: Optional[Tensor], use_qk_l2norm: bool,
-                               backend: str) -> tuple[Tensor, Tensor]:
+                               backend: Optional[str]) -> tuple[Tensor, Tensor]:
     if _uses_triton(q.device, backend):
         impl = _triton_module("triton_recurrent", q.device).recurrent_gated_delta_rule_fwd
     else:
@@ -265,7 +265,7 @@ def _recurrent_gated_delta_rule_fake(q, k, v, g, beta, scale, initial_state, out
 @torch.library.custom_op("qwen35::recurrent_gated_delta_rule_", mutates_args=("state",))
 def recurrent_gated_delta_rule_(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, state: Tensor,
                                 scale: float, cu_seqlens: Optional[Tensor], use_qk_l2norm: bool,
-                                backend: str) -> Tensor:
+                                backend: Optional[str]) -> Tensor:
     if _uses_triton(q.device, backend):
         o, _ = _triton_module("triton_recurrent", q.device).recurrent_gated_delta_rule_fwd(
             q, k, v, g, beta, scale=scale, initial_state=state, cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm,
@@ -288,9 +288,9 @@ def _recurrent_gated_delta_rule_inplace_fake(q, k, v, g, beta, state, scale, cu_
 
 
 def chunk_gated_delta_rule_op(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                              cu_seqlens=None, use_qk_l2norm=False, backend="auto"):
+                              cu_seqlens=None, use_qk_l2norm=False, backend=None):
     """Chunked gated delta rule through the registered op (differentiable). Returns (o, final_state or None).
-    backend: "auto", "torch" or "triton"; see the module docstring."""
+    backend: None (by device), "torch" or "triton"; see the module docstring."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     o, final_state, _ = torch.ops.qwen35.chunk_gated_delta_rule_fwd(
         q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm, backend)
@@ -298,7 +298,7 @@ def chunk_gated_delta_rule_op(q, k, v, g, beta, scale=None, initial_state=None, 
 
 
 def recurrent_gated_delta_rule_op(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                                  cu_seqlens=None, use_qk_l2norm=False, backend="auto"):
+                                  cu_seqlens=None, use_qk_l2norm=False, backend=None):
     """Token-by-token gated delta rule through the registered op (forward only). Returns (o, final_state or None)."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     o, final_state = torch.ops.qwen35.recurrent_gated_delta_rule(
@@ -307,7 +307,7 @@ def recurrent_gated_delta_rule_op(q, k, v, g, beta, scale=None, initial_state=No
 
 
 def recurrent_gated_delta_rule_inplace(q, k, v, g, beta, state, scale=None, cu_seqlens=None, use_qk_l2norm=False,
-                                       backend="auto"):
+                                       backend=None):
     """Decode step that advances `state` ([N, HV, K, V], fp32, contiguous) in place and returns o (forward only):
     no state is allocated per step."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
