@@ -1,0 +1,104 @@
+"""Linear + cross entropy over blocks of tokens, never holding more than [chunk_size, vocab] logits.
+
+`linear_cross_entropy(hidden, weight, labels)` equals
+`F.cross_entropy((hidden @ weight.T).float(), labels, ignore_index=-100, reduction="sum")` with the logits
+computed in the weight's dtype and the softmax in fp32, as a model computing logits and then the loss does. The
+forward keeps only each token's log-sum-exp; the backward recomputes each block's logits and adds the block's
+gradients, so peak memory is O(chunk_size x vocab) instead of O(tokens x vocab). The weight's gradient is
+accumulated in fp32 over the blocks and returned in the weight's dtype.
+
+Vocab-parallel (tensor parallelism): `weight` is this rank's rows [vocab_start, vocab_start + V_local) of the
+vocabulary and `vocab_group` the ranks holding the others; each block's log-sum-exp and target logit are
+all-reduced over the group (no rank holds the full logits). `hidden` must then be the same on every rank, and
+its gradient here is this rank's partial sum: the caller sums it over the group (e.g. a DTensor gathered from
+sequence shards whose local gradient is declared Partial).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+IGNORE_INDEX = -100
+DEFAULT_CHUNK_SIZE = 1024
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                         chunk_size: int = DEFAULT_CHUNK_SIZE, vocab_group: dist.ProcessGroup | None = None,
+                         vocab_start: int = 0) -> torch.Tensor:
+    """Summed cross entropy of `labels` [...] (IGNORE_INDEX: no loss) under logits hidden [..., H] @ weight.T
+    (weight [V or V_local, H]); an fp32 scalar."""
+    if chunk_size < 1:
+        raise ValueError(f"linear_cross_entropy: chunk_size must be positive, got {chunk_size}")
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"linear_cross_entropy: hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} "
+                         "must agree on every dimension but the last")
+    return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), chunk_size,
+                                     vocab_group, vocab_start)
+
+
+def _all_reduce(x: torch.Tensor, op, group: dist.ProcessGroup | None) -> torch.Tensor:
+    if group is not None:
+        dist.all_reduce(x, op=op, group=group)
+    return x
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size, vocab_group, vocab_start):
+        lse = torch.empty(labels.shape, dtype=torch.float32, device=hidden.device)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, labels.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = (hidden[rows] @ weight.T).float()
+            block_lse = _log_sum_exp(logits, vocab_group)
+            target = _target_logits(logits, labels[rows], vocab_start, vocab_group)
+            lse[rows] = block_lse
+            loss += torch.where(labels[rows] != IGNORE_INDEX, block_lse - target, 0.0).sum()
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.chunk_size, ctx.vocab_start = chunk_size, vocab_start
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        for start in range(0, labels.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            block_labels = labels[rows]
+            # d loss / d logits = (softmax - one_hot(label)) * grad, zero on ignored tokens.
+            grad_logits = torch.exp((hidden[rows] @ weight.T).float() - lse[rows, None])
+            local, owned = _local_labels(block_labels, ctx.vocab_start, weight.shape[0])
+            grad_logits[torch.arange(local.shape[0], device=local.device), local] -= owned.float()
+            scale = torch.where(block_labels != IGNORE_INDEX, grad_loss, 0.0)
+            grad_logits = (grad_logits * scale[:, None]).to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[rows] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.T.float(), hidden[rows].float())
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def _log_sum_exp(logits: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Row-wise log-sum-exp over the vocabulary (all shards of it with `group`); fp32 [rows]."""
+    row_max = _all_reduce(logits.amax(-1), dist.ReduceOp.MAX, group)
+    sum_exp = _all_reduce(torch.exp(logits - row_max[:, None]).sum(-1), dist.ReduceOp.SUM, group)
+    return row_max + sum_exp.log()
+
+
+def _local_labels(labels: torch.Tensor, vocab_start: int, local_vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(label index in this shard, 0 where not owned; whether this shard owns the label)."""
+    local = labels - vocab_start
+    owned = (local >= 0) & (local < local_vocab)
+    return torch.where(owned, local, 0), owned
+
+
+def _target_logits(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int,
+                   group: dist.ProcessGroup | None) -> torch.Tensor:
+    local, owned = _local_labels(labels, vocab_start, logits.shape[-1])
+    target = torch.where(owned, logits.gather(-1, local[:, None]).squeeze(-1), 0.0)
+    return _all_reduce(target, dist.ReduceOp.SUM, group)
