@@ -2,10 +2,13 @@
 
 `linear_cross_entropy(hidden, weight, labels)` equals
 `F.cross_entropy((hidden @ weight.T).float(), labels, ignore_index=-100, reduction="sum")` with the logits
-computed in the weight's dtype and the softmax in fp32, as a model computing logits and then the loss does. The
-forward keeps only each token's log-sum-exp; the backward recomputes each block's logits and adds the block's
-gradients, so peak memory is O(chunk_size x vocab) instead of O(tokens x vocab). The weight's gradient is
-accumulated in fp32 over the blocks and returned in the weight's dtype.
+computed in the weight's dtype and the softmax in fp32, as a model computing logits and then the loss does. Each
+block's logits live only while the block is processed: when a gradient is needed, the forward also forms the
+block's logit gradient (softmax - one-hot) and from it the block's hidden-state gradient and its share of the
+weight gradient (summed over the blocks in fp32), which the backward scales by the incoming gradient. So the logits are
+never kept for the backward nor recomputed in it: three matmuls per block, as for full logits, with peak memory
+O(chunk_size x vocab) instead of O(tokens x vocab), plus the gradients themselves ([tokens, hidden] and an fp32
+[vocab, hidden]) held from the forward to the backward.
 
 Vocab-parallel (tensor parallelism): `weight` is this rank's rows [vocab_start, vocab_start + V_local) of the
 vocabulary and `vocab_group` the ranks holding the others; each block's log-sum-exp and target logit are
@@ -46,41 +49,39 @@ def _all_reduce(x: torch.Tensor, op, group: dist.ProcessGroup | None) -> torch.T
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_size, vocab_group, vocab_start):
-        lse = torch.empty(labels.shape, dtype=torch.float32, device=hidden.device)
+        want_hidden_grad, want_weight_grad = ctx.needs_input_grad[:2]
+        grad_hidden = torch.empty_like(hidden) if want_hidden_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if want_weight_grad else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, labels.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
+            block_labels = labels[rows]
+            valid = block_labels != IGNORE_INDEX
             logits = (hidden[rows] @ weight.T).float()
-            block_lse = _log_sum_exp(logits, vocab_group)
-            target = _target_logits(logits, labels[rows], vocab_start, vocab_group)
-            lse[rows] = block_lse
-            loss += torch.where(labels[rows] != IGNORE_INDEX, block_lse - target, 0.0).sum()
-        ctx.save_for_backward(hidden, weight, labels, lse)
-        ctx.chunk_size, ctx.vocab_start = chunk_size, vocab_start
+            lse = _log_sum_exp(logits, vocab_group)
+            local, owned = _local_labels(block_labels, vocab_start, weight.shape[0])
+            target = torch.where(owned, logits.gather(-1, local[:, None]).squeeze(-1), 0.0)
+            loss += torch.where(valid, lse - _all_reduce(target, dist.ReduceOp.SUM, vocab_group), 0.0).sum()
+            if not (want_hidden_grad or want_weight_grad):
+                continue
+            # d loss / d logits = softmax - one_hot(label), zero on ignored tokens; formed in place of the logits.
+            grad_logits = logits.sub_(lse[:, None]).exp_()
+            grad_logits[torch.arange(local.shape[0], device=local.device), local] -= owned.float()
+            grad_logits = (grad_logits * valid[:, None]).to(hidden.dtype)
+            if want_hidden_grad:
+                grad_hidden[rows] = grad_logits @ weight
+            if want_weight_grad:
+                grad_weight += grad_logits.T @ hidden[rows]  # matmul in the model dtype, sum over blocks in fp32
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if want_weight_grad else None)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hidden, weight, labels, lse = ctx.saved_tensors
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if ctx.needs_input_grad[1] else None
-        for start in range(0, labels.shape[0], ctx.chunk_size):
-            rows = slice(start, start + ctx.chunk_size)
-            block_labels = labels[rows]
-            # d loss / d logits = (softmax - one_hot(label)) * grad, zero on ignored tokens.
-            grad_logits = torch.exp((hidden[rows] @ weight.T).float() - lse[rows, None])
-            local, owned = _local_labels(block_labels, ctx.vocab_start, weight.shape[0])
-            grad_logits[torch.arange(local.shape[0], device=local.device), local] -= owned.float()
-            scale = torch.where(block_labels != IGNORE_INDEX, grad_loss, 0.0)
-            grad_logits = (grad_logits * scale[:, None]).to(hidden.dtype)
-            if grad_hidden is not None:
-                grad_hidden[rows] = grad_logits @ weight
-            if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.T.float(), hidden[rows].float())
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (grad_hidden * grad_loss.to(grad_hidden.dtype) if grad_hidden is not None else None,
+                grad_weight * grad_loss.to(grad_weight.dtype) if grad_weight is not None else None,
+                None, None, None, None)
 
 
 def _log_sum_exp(logits: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -95,10 +96,3 @@ def _local_labels(labels: torch.Tensor, vocab_start: int, local_vocab: int) -> t
     local = labels - vocab_start
     owned = (local >= 0) & (local < local_vocab)
     return torch.where(owned, local, 0), owned
-
-
-def _target_logits(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int,
-                   group: dist.ProcessGroup | None) -> torch.Tensor:
-    local, owned = _local_labels(labels, vocab_start, logits.shape[-1])
-    target = torch.where(owned, logits.gather(-1, local[:, None]).squeeze(-1), 0.0)
-    return _all_reduce(target, dist.ReduceOp.SUM, group)
