@@ -58,17 +58,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
             rows = slice(start, start + chunk_size)
             block_labels = labels[rows]
             valid = block_labels != IGNORE_INDEX
-            logits = (hidden[rows] @ weight.T).float()
-            lse = _log_sum_exp(logits, vocab_group)
             local, owned = _local_labels(block_labels, vocab_start, weight.shape[0])
-            target = torch.where(owned, logits.gather(-1, local[:, None]).squeeze(-1), 0.0)
+            # One fp32 [rows, vocab] buffer, transformed in place: logits, exp(logits - max), softmax, its gradient.
+            probs = (hidden[rows] @ weight.T).float()
+            target = torch.where(owned, probs.gather(-1, local[:, None]).squeeze(-1), 0.0)
+            row_max = _all_reduce(probs.amax(-1), dist.ReduceOp.MAX, vocab_group)
+            sum_exp = _all_reduce(probs.sub_(row_max[:, None]).exp_().sum(-1), dist.ReduceOp.SUM, vocab_group)
+            lse = row_max + sum_exp.log()
             loss += torch.where(valid, lse - _all_reduce(target, dist.ReduceOp.SUM, vocab_group), 0.0).sum()
             if not (want_hidden_grad or want_weight_grad):
                 continue
-            # d loss / d logits = softmax - one_hot(label), zero on ignored tokens; formed in place of the logits.
-            grad_logits = logits.sub_(lse[:, None]).exp_()
+            # d loss / d logits = softmax - one_hot(label), zero on ignored tokens.
+            grad_logits = probs.div_(sum_exp[:, None])
             grad_logits[torch.arange(local.shape[0], device=local.device), local] -= owned.float()
-            grad_logits = (grad_logits * valid[:, None]).to(hidden.dtype)
+            grad_logits = grad_logits.mul_(valid[:, None]).to(hidden.dtype)
             if want_hidden_grad:
                 grad_hidden[rows] = grad_logits @ weight
             if want_weight_grad:
@@ -82,13 +85,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (grad_hidden * grad_loss.to(grad_hidden.dtype) if grad_hidden is not None else None,
                 grad_weight * grad_loss.to(grad_weight.dtype) if grad_weight is not None else None,
                 None, None, None, None)
-
-
-def _log_sum_exp(logits: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """Row-wise log-sum-exp over the vocabulary (all shards of it with `group`); fp32 [rows]."""
-    row_max = _all_reduce(logits.amax(-1), dist.ReduceOp.MAX, group)
-    sum_exp = _all_reduce(torch.exp(logits - row_max[:, None]).sum(-1), dist.ReduceOp.SUM, group)
-    return row_max + sum_exp.log()
 
 
 def _local_labels(labels: torch.Tensor, vocab_start: int, local_vocab: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,9 +9,7 @@ import torch.nn.functional as F
 import qwen35
 from distributed_utils import run_distributed
 from parallelism import ParallelDims, parallelize
-from qwen35.attention import PackedDocuments
 from qwen35.linear_cross_entropy import linear_cross_entropy
-from qwen35.model import DecoderLayer
 from test_train_helpers import debug_args, scalars, run_instrumented
 from tiny_configs import TINY_CONFIGS
 from torchtitan_ext.loss import Qwen35Loss
@@ -70,37 +68,6 @@ def test_flex_block_mask_forward_matches_dense_mask_without_graph_breaks():
         expected = model(ids, cu_seqlens=CU_SEQLENS)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert (logits - expected).abs().max().item() <= 1e-5
-
-
-# Gated DeltaNet block: a row holding a single document gets its own graph (the delta-rule op specialises on it).
-@pytest.mark.parametrize("layer_idx, graph_count", [(0, 3), (3, 2)], ids=["gated_deltanet", "attention"])
-def test_packing_changing_every_step_compiles_at_most_three_times_in_100_steps(layer_idx, graph_count):
-    """A compiled block sees a new packing (document count and boundaries) at every step: one graph for the first
-    packing and one with a dynamic document count (Dynamo's automatic dynamic shapes), then no recompiles."""
-    config = TINY_CONFIGS["dense_untied_gqa2_hv2x"]
-    torch.manual_seed(0)
-    block = DecoderLayer(config, layer_idx)
-    graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    compiled = torch.compile(block, fullgraph=True, backend=counting_backend)
-    rope = qwen35.model.RotaryEmbedding(config.rotary_dim, config.rope_theta)
-    seq_len, g = 64, torch.Generator().manual_seed(0)
-    x = torch.randn(1, seq_len, config.hidden_size)
-    for _ in range(100):
-        num_docs = int(torch.randint(1, 8, (), generator=g))
-        cuts = torch.randperm(seq_len - 1, generator=g)[:num_docs - 1].add(1).sort().values
-        cu_seqlens = torch.cat([torch.tensor([0]), cuts, torch.tensor([seq_len])]).to(torch.int32)
-        _, positions = qwen35.model.packed_document_ids_and_positions(cu_seqlens, seq_len)
-        cos, sin = rope(positions, x.dtype)
-        kwargs = dict(attn_mask=PackedDocuments(cu_seqlens), cu_seqlens=cu_seqlens)
-        got, _ = compiled(x, cos, sin, **kwargs)
-    expected, _ = block(x, cos, sin, **kwargs)
-    assert (got - expected).abs().max().item() <= 1e-5
-    assert len(graphs) == graph_count
 
 
 def test_chunked_linear_cross_entropy_matches_full_logits():
