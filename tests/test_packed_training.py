@@ -54,6 +54,15 @@ def test_per_document_attention_matches_dense_mask(config_name):
     assert grads["model.layers.3.self_attn.q_proj.weight"].abs().max() > 1e-3  # the attention layer is exercised
 
 
+def test_per_document_attention_op_passes_opcheck():
+    """Schema, fake kernel and autograd registration of the CPU op (a compiled packed forward runs through it:
+    tests/test_compile.py), on documents of 1 to 71 tokens."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 200, 16, generator=g) for _ in range(3))
+    cu_seqlens = torch.tensor([0, 1, 64, 129, 200], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.qwen35.per_document_attention.default, (q, k, v, cu_seqlens, 0.25))
+
+
 def test_flex_block_mask_forward_matches_dense_mask_without_graph_breaks():
     """The CUDA path's block mask, run by the CPU flex kernel (forward only: flex has no CPU backward)."""
     config = TINY_CONFIGS["dense_untied_gqa2_hv2x"]
