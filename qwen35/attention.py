@@ -2,7 +2,7 @@
 
 Packed rows (documents concatenated in one row, `cu_seqlens`) attend block-causally within each document, with
 work and memory growing with the sum of the documents' squared lengths rather than the row's:
-- `DocumentBlockMask` (CUDA): torch's flex_attention with a block mask built at 128-token block granularity
+- a `BlockMask` (`document_block_mask`; CUDA): torch's flex_attention with a block mask built at 128-token block granularity
   from the document ids (no [T, T] tensor), compiled. Its shapes depend only on the row length, so a packing
   that changes from step to step reuses the compiled graph.
 - `PackedDocuments` (CPU; torch's flex_attention has no CPU backward): the `qwen35::per_document_attention` op,
@@ -49,8 +49,10 @@ def document_block_mask(document_ids: torch.Tensor) -> BlockMask:
     single = (first == last) & complete
     full = needed & lower.tril(-1) & single[:, None] & single[None, :] & (first[:, None] == first[None, :])
 
+    padded_ids = padded.flatten()  # indexable by every position of the last, partial block
+
     def mask_mod(batch, head, q_idx, kv_idx):
-        return (document_ids[q_idx] == document_ids[kv_idx]) & (kv_idx <= q_idx)
+        return (padded_ids[q_idx] == padded_ids[kv_idx]) & (kv_idx <= q_idx)
 
     partial_num, partial_idx = _ordered_block_indices(needed & ~full)
     full_num, full_idx = _ordered_block_indices(full)
