@@ -67,7 +67,7 @@ def _ordered_block_indices(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return count[None, None], indices[None, None]
 
 
-@torch.library.custom_op("qwen35::per_document_attention", mutates_args=())
+@torch.library.custom_op("qwen35::per_document_attention", mutates_args=(), device_types="cpu")
 def per_document_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
                            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention within each document of a packed row. query/key/value [1, H, T, D] (equal head counts),
@@ -88,7 +88,7 @@ def _(query, key, value, cu_seqlens, scale):
     return torch.empty_like(query), query.new_empty(query.shape[:3], dtype=torch.float32)
 
 
-@torch.library.custom_op("qwen35::per_document_attention_backward", mutates_args=())
+@torch.library.custom_op("qwen35::per_document_attention_backward", mutates_args=(), device_types="cpu")
 def per_document_attention_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
                                     value: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                                     cu_seqlens: torch.Tensor, scale: float
