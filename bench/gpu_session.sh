@@ -16,7 +16,10 @@
 #                       loss, selective AC, float8) on this one GPU: no FSDP, so bf16 by autocast; the debug corpus
 #                       and tokenizer stand in for the real ones; logs tps / TFLOPs / MFU every 5 steps
 #                       (local batch TITAN_LOCAL_BATCH, default the recipe's 4, x 4096 tokens)
-# All five exceed one call's 600 s: split them over calls on the warm machine (each within the idle release time),
+#   packed_step (240 s) bench/packed_step.py: 0.8B bf16 compiled step on 4 x 4096 packed tokens, dense mask + full
+#                       logits vs flex_attention + chunked loss (tokens/s, MFU, peak memory), then attention alone
+#                       (4 and 16 documents); not in the default list: name it
+# All six exceed one call's 600 s: split them over calls on the warm machine (each within the idle release time),
 # e.g. "tests gdn" (timeout_s 600) then "train_step titan_08b" (timeout_s 480).
 # A fresh machine compiles every Triton kernel and autotunes fla's once per process, which is most of each limit.
 # Record the numbers in BENCHMARKS.md with the device named.
@@ -59,6 +62,10 @@ for name in ${@:-tests gdn}; do
             --parallelism.data_parallel_shard_degree 1 --training.local_batch_size "${TITAN_LOCAL_BATCH:-4}" \
             --training.steps 20 --lr_scheduler.warmup_steps 2 --checkpoint.enable false --metrics.log_freq 5 \
             --job.dump_folder /tmp/titan_08b ;;
-        *) echo "unknown step $name (tests, train_step, gdn, titan, titan_08b)" | tee -a "$OUT/steps.txt" ;;
+        packed_step) step packed_step 240 bash -c 'python3 bench/packed_step.py --device cuda --flavor 0.8B \
+            --dtype bfloat16 --compile --threads 16 --warmup 2 --repeats 5 && for docs in 4 16; do
+            python3 bench/packed_step.py --device cuda --dtype bfloat16 --attention-only --docs $docs \
+            --doc-len $((16384 / docs)) --warmup 2 --repeats 5; done' ;;
+        *) echo "unknown step $name (tests, train_step, gdn, titan, titan_08b, packed_step)" | tee -a "$OUT/steps.txt" ;;
     esac
 done

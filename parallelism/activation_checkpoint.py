@@ -24,6 +24,8 @@ _SAVED_OPS = {
     _aten._scaled_dot_product_efficient_attention.default,
     _aten._scaled_dot_product_flash_attention.default,
     _aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.qwen35.per_document_attention.default,  # packed rows on CPU
+    torch.ops.higher_order.flex_attention,  # packed rows on CUDA
     torch.ops.qwen35.chunk_gated_delta_rule_fwd.default,
     torch.ops._c10d_functional.reduce_scatter_tensor.default,
     torch.ops._c10d_functional.all_to_all_single.default,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import GatedAttention
+from .attention import GatedAttention, PackedDocuments, document_block_mask
 from .cache import Qwen35Cache, padded_causal_mask
 from .config import LINEAR_ATTENTION, Qwen35Config
 from .gated_deltanet import GatedDeltaNet
@@ -57,17 +57,32 @@ class Qwen35TextModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config.rotary_dim, config.rope_theta)
 
 
-def packed_positions_and_mask(cu_seqlens: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For a packed row of documents: positions restarting at 0 in each document [1, T] and the block-causal
-    attention mask [1, 1, T, T]. Computed on device without host syncs."""
+def packed_document_ids_and_positions(cu_seqlens: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a packed row of documents: each position's document index [T] and the positions restarting at 0 in
+    each document [1, T]. Computed on device without host syncs."""
     idx = torch.arange(seq_len, device=cu_seqlens.device)
     doc = torch.searchsorted(cu_seqlens[1:].to(idx.dtype), idx, right=True)
-    positions = idx - cu_seqlens.to(idx.dtype)[doc]
+    return doc, (idx - cu_seqlens.to(idx.dtype)[doc])[None]
+
+
+def packed_positions_and_mask(cu_seqlens: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions [1, T] and the dense block-causal attention mask [1, 1, T, T] of a packed row: the reference for
+    the per-document attention (`packed_attention = "dense"`), O(T^2) memory."""
+    doc, positions = packed_document_ids_and_positions(cu_seqlens, seq_len)
+    idx = torch.arange(seq_len, device=cu_seqlens.device)
     mask = (doc[:, None] == doc[None, :]) & (idx[None, :] <= idx[:, None])
-    return positions[None], mask[None, None]
+    return positions, mask[None, None]
+
+
+PACKED_ATTENTION_KINDS = ("auto", "flex", "per_document", "dense")
 
 
 class Qwen35ForCausalLM(nn.Module):
+    # How attention layers treat the documents of a packed row (cu_seqlens): "auto" picks by device (CUDA: "flex",
+    # flex_attention with a document block mask; otherwise "per_document", the CPU flash kernel run on each
+    # document, as flex_attention has no CPU backward); "dense": a [T, T] mask, the reference in tests.
+    packed_attention: str = "auto"
+
     def __init__(self, config: Qwen35Config):
         super().__init__()
         self.config = config
@@ -97,21 +112,23 @@ class Qwen35ForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None,
                 cache: Qwen35Cache | None = None, num_logits_to_keep: int = 0, return_aux_loss: bool = False,
-                return_router_stats: bool = False):
+                return_router_stats: bool = False, return_hidden_states: bool = False):
         """input_ids [B, T] -> logits [B, T, vocab] (the last `num_logits_to_keep` positions when > 0).
 
         cu_seqlens (int32 [N+1], B == 1): documents packed in one row; positions restart per document and no
         state, conv window or attention crosses a boundary. padding_mask [B, T] (1 = token, 0 = left padding).
         cache: decode state, advanced by T. return_aux_loss: also return the MoE load-balancing loss (unscaled).
         return_router_stats: also return its summable statistics (`qwen35.moe.RouterStatistics`), from which a
-        data-parallel trainer forms the loss of the global batch.
+        data-parallel trainer forms the loss of the global batch. return_hidden_states: the final (normed) hidden
+        states [B, T, hidden] in place of the logits, for a loss that applies `lm_head` itself
+        (`qwen35.linear_cross_entropy`).
         """
         B, T = input_ids.shape
         attn_mask = None
         if cu_seqlens is not None:
             if B != 1 or cache is not None or padding_mask is not None:
                 raise ValueError("cu_seqlens needs batch size 1 and no cache or padding_mask")
-            packed_positions, attn_mask = packed_positions_and_mask(cu_seqlens, T)
+            packed_positions, attn_mask = self._packed_attention_mask(cu_seqlens, T)
             position_ids = packed_positions if position_ids is None else position_ids
         elif cache is not None:
             attn_mask = cache.attention_mask(padding_mask, T)
@@ -138,17 +155,29 @@ class Qwen35ForCausalLM(nn.Module):
         x = self.model.norm(x)
         if num_logits_to_keep:
             x = x[:, -num_logits_to_keep:]
-        logits = self.lm_head(x)
+        out = x if return_hidden_states else self.lm_head(x)
         if not (return_aux_loss or return_router_stats):
-            return logits
+            return out
         if return_aux_loss and return_router_stats:
             raise ValueError("return_aux_loss and return_router_stats are exclusive")
         if not router_logits:
             raise ValueError("return_aux_loss / return_router_stats need an MoE config")
         experts, top_k = self.config.num_experts, self.config.num_experts_per_tok
         if return_router_stats:
-            return logits, router_statistics(router_logits, experts, top_k)
-        return logits, load_balancing_loss(router_logits, experts, top_k)
+            return out, router_statistics(router_logits, experts, top_k)
+        return out, load_balancing_loss(router_logits, experts, top_k)
+
+    def _packed_attention_mask(self, cu_seqlens: torch.Tensor, seq_len: int):
+        """(positions [1, T], the attention layers' `attn_mask` for the packed row) per `packed_attention`."""
+        kind = self.packed_attention
+        if kind not in PACKED_ATTENTION_KINDS:
+            raise ValueError(f"packed_attention = {kind!r}; expected one of {', '.join(PACKED_ATTENTION_KINDS)}")
+        if kind == "dense":
+            return packed_positions_and_mask(cu_seqlens, seq_len)
+        doc, positions = packed_document_ids_and_positions(cu_seqlens, seq_len)
+        if kind == "flex" or (kind == "auto" and cu_seqlens.device.type == "cuda"):
+            return positions, document_block_mask(doc)
+        return positions, PackedDocuments(cu_seqlens)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         params = {id(p): p for p in self.parameters()}  # a tied lm_head counts once

@@ -1,10 +1,12 @@
 """torch.compile(fullgraph=True) of a GDN layer, decoder blocks and a packed forward: zero graph breaks, results
-equal to eager, and dynamic sequence lengths sharing one graph."""
+equal to eager, dynamic sequence lengths sharing one graph, and packings changing every step without recompiling
+every step."""
 
 import pytest
 import torch
 
 import qwen35
+from qwen35.attention import PackedDocuments, document_block_mask
 from qwen35.gated_deltanet import GatedDeltaNet
 from qwen35.model import DecoderLayer
 from tiny_configs import TINY_CONFIGS
@@ -71,16 +73,21 @@ def test_packed_model_forward_fullgraph():
     _assert_same_fwd_bwd(model, compiled, ids, cu_seqlens=cu_seqlens)
 
 
-def test_dynamic_sequence_lengths_share_one_graph():
-    torch.manual_seed(0)
-    block = DecoderLayer(CONFIG, 0)
+def _compile_counting_graphs(module) -> tuple[torch.nn.Module, list]:
+    """`module` compiled (fullgraph) by a backend that records each graph and runs it as it is."""
     graphs = []
 
     def counting_backend(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
 
-    compiled = torch.compile(block, fullgraph=True, backend=counting_backend)
+    return torch.compile(module, fullgraph=True, backend=counting_backend), graphs
+
+
+def test_dynamic_sequence_lengths_share_one_graph():
+    torch.manual_seed(0)
+    block = DecoderLayer(CONFIG, 0)
+    compiled, graphs = _compile_counting_graphs(block)
     rope = qwen35.model.RotaryEmbedding(CONFIG.rotary_dim, CONFIG.rope_theta)
     for seq in (70, 100, 33):
         x = torch.randn(1, seq, CONFIG.hidden_size)
@@ -91,3 +98,32 @@ def test_dynamic_sequence_lengths_share_one_graph():
         got, _ = compiled(x, cos, sin)
         assert (got - expected).abs().max().item() <= 1e-5
     assert len(graphs) == 1
+
+
+# Gated DeltaNet block: a row holding a single document gets its own graph (the delta-rule op specialises on it).
+# "flex" (the CUDA path's block mask) runs forward only: flex_attention has no CPU backward.
+@pytest.mark.parametrize("layer_idx, documents, graph_count", [(0, "per_document", 3), (3, "per_document", 2),
+                                                              (3, "flex", 1)],
+                         ids=["gated_deltanet", "attention", "attention_flex"])
+def test_packing_changing_every_step_compiles_at_most_three_times_in_100_steps(layer_idx, documents, graph_count):
+    """A compiled block sees a new packing (document count and boundaries) at every step: one graph for the first
+    packing and one with a dynamic document count (Dynamo's automatic dynamic shapes), then no recompiles. The
+    flex block mask's shapes depend on the row length only: one graph."""
+    torch.manual_seed(0)
+    block = DecoderLayer(CONFIG, layer_idx)
+    compiled, graphs = _compile_counting_graphs(block)
+    rope = qwen35.model.RotaryEmbedding(CONFIG.rotary_dim, CONFIG.rope_theta)
+    seq_len, g = 64, torch.Generator().manual_seed(0)
+    x = torch.randn(1, seq_len, CONFIG.hidden_size)
+    with torch.set_grad_enabled(documents != "flex"):
+        for _ in range(100):
+            num_docs = int(torch.randint(1, 8, (), generator=g))
+            cuts = torch.randperm(seq_len - 1, generator=g)[:num_docs - 1].add(1).sort().values
+            cu_seqlens = torch.cat([torch.tensor([0]), cuts, torch.tensor([seq_len])]).to(torch.int32)
+            doc, positions = qwen35.model.packed_document_ids_and_positions(cu_seqlens, seq_len)
+            cos, sin = rope(positions, x.dtype)
+            mask = document_block_mask(doc) if documents == "flex" else PackedDocuments(cu_seqlens)
+            got, _ = compiled(x, cos, sin, attn_mask=mask, cu_seqlens=cu_seqlens)
+        expected, _ = block(x, cos, sin, attn_mask=mask, cu_seqlens=cu_seqlens)
+    assert (got - expected).abs().max().item() <= 1e-5
+    assert len(graphs) == graph_count

@@ -18,7 +18,7 @@ from qwen35.moe import load_balancing_loss, router_statistics
 from test_train_distributed import (DP2, EP2, TP2, _assert_matches_one_process, _torchrun,  # noqa: F401
                                     dealt_data)  # dealt_data: a fixture
 from torchtitan_ext.loss import Qwen35Loss, global_balancing_share
-from torchtitan_ext.model import MoETrainingOutput
+from torchtitan_ext.model import TrainingOutput
 
 E, TOP_K, LAYERS, ROWS, VOCAB, COEF = 8, 2, 3, 24, 16, 0.5  # ROWS tokens per rank, per layer
 
@@ -42,7 +42,8 @@ def _batch(seed: int):
 def _loss_and_router_grads(router, logits, labels, global_valid_tokens):
     """Qwen35Loss of one rank's rows, with the grads w.r.t. its router logits."""
     router = [r.clone().requires_grad_() for r in router]
-    out = MoETrainingOutput(logits, router_statistics(router, E, TOP_K), COEF)
+    # Hidden states `logits` under an identity lm_head: the loss sees exactly these logits.
+    out = TrainingOutput(logits, torch.eye(VOCAB), router_statistics(router, E, TOP_K), COEF)
     loss, _ = Qwen35Loss.Config().build()(out, labels, global_valid_tokens)
     return loss.detach(), torch.autograd.grad(loss, router)
 

@@ -14,7 +14,7 @@ from qwen35 import Qwen35Config, Qwen35ForCausalLM
 from qwen35.moe import RouterStatistics
 from test_train_helpers import debug_args, debug_assets, run_instrumented
 from torchtitan_ext.loss import Qwen35Loss, global_balancing_share
-from torchtitan_ext.model import MoETrainingOutput
+from torchtitan_ext.model import TrainingOutput
 from torchtitan_ext.train import load_config
 
 ROUTER = ".mlp.gate.weight"
@@ -90,12 +90,15 @@ def test_loss_weights_aux_by_share_of_global_tokens():
     balance = 4 * (3 * 1.5 + 1 * 0.5 + 0 * 0.25 + 2 * 0.75) / 9  # E * sum_e (A_e / N) * (S_e / N)
     coef = 0.25
     ce_sum = F.cross_entropy(logits[0], labels[0], ignore_index=-100, reduction="sum")
-    loss, _ = loss_fn(MoETrainingOutput(logits, stats, coef), labels, torch.tensor(20))
+    identity_head = torch.eye(10)  # the hidden states are the logits
+    loss, _ = loss_fn(TrainingOutput(logits, identity_head, stats, coef), labels, torch.tensor(20))
     torch.testing.assert_close(loss, ce_sum / 20 + coef * balance * 5 / 20)
-    loss, _ = loss_fn(MoETrainingOutput(logits, stats, coef), labels)
+    loss, _ = loss_fn(TrainingOutput(logits, identity_head, stats, coef), labels)
     torch.testing.assert_close(loss, ce_sum + coef * balance * 5)
-    dense, _ = loss_fn(logits, labels, torch.tensor(20))  # dense models: plain cross entropy
+    dense, _ = loss_fn(TrainingOutput(logits, identity_head, None, 0.0), labels, torch.tensor(20))
     torch.testing.assert_close(dense, ce_sum / 20)
+    eval_logits, _ = loss_fn(logits, labels, torch.tensor(20))  # eval mode: plain cross entropy of the logits
+    torch.testing.assert_close(eval_logits, ce_sum / 20)
 
 
 def test_router_statistics_give_the_load_balancing_loss():
@@ -114,14 +117,16 @@ def test_router_statistics_give_the_load_balancing_loss():
     assert torch.equal(share_grad, balance_grad)
 
 
-def test_dense_model_and_eval_mode_return_logits():
+def test_training_mode_returns_hidden_states_and_eval_mode_logits():
     from torchtitan_ext.model_spec import model_registry
 
     for flavor in ("debug", "debug-moe"):
         model = model_registry(flavor).model.build()
         ids = torch.randint(0, 2048, (1, 8))
         out = model(ids)
-        assert isinstance(out, MoETrainingOutput) == (flavor == "debug-moe")
+        assert isinstance(out, TrainingOutput) and out.lm_head_weight is model.lm_head.weight
+        assert out.hidden_states.shape == (1, 8, model.config.hidden_size)
+        assert (out.router_stats is not None) == (flavor == "debug-moe")
         model.eval()
         assert isinstance(model(ids), torch.Tensor)
 

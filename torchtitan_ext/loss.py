@@ -1,6 +1,13 @@
-"""The training loss: torchtitan's cross entropy (summed, divided by the global count of valid tokens) plus, for MoE
-models, `router_aux_loss_coef` times the router load-balancing loss of the global batch, made from the statistics
-the model returns in training mode (`model.MoETrainingOutput`).
+"""The training loss: cross entropy (summed, divided by the global count of valid tokens, as torchtitan's) plus, for
+MoE models, `router_aux_loss_coef` times the router load-balancing loss of the global batch, made from the
+statistics the model returns in training mode (`model.TrainingOutput`).
+
+The cross entropy is computed from the final hidden states and the lm_head weight over blocks of `chunk_size`
+tokens (`qwen35.linear_cross_entropy`): peak memory O(chunk_size x vocab), never the [tokens, vocab] logits or
+their gradient. Under tensor parallelism the weight is vocab-sharded (DTensor Shard(0)) and the hidden states
+sequence-sharded (Shard(1)): each rank gathers the sequence and computes the loss over its vocabulary rows, with
+the log-sum-exp and target logits all-reduced over the TP group (no rank holds all logits). `chunk_size = None`
+computes the full logits and torchtitan's (vocab-parallel) cross entropy instead: the reference.
 
 How torchtitan combines losses. The loss is called once per microbatch on every rank; the trainer backpropagates
 each call, sums gradients over microbatches and (FSDP with gradient division disabled) over the data-parallel ranks,
@@ -40,11 +47,14 @@ from typing import Any
 import spmd_types as spmd
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torchtitan.components.loss import IGNORE_INDEX, CrossEntropyLoss
 
+from qwen35.linear_cross_entropy import DEFAULT_CHUNK_SIZE, linear_cross_entropy
 from qwen35.moe import RouterStatistics, balancing_loss_share
 
-from .model import MoETrainingOutput
+from .model import TrainingOutput
 
 
 def global_balancing_share(stats: RouterStatistics, valid_tokens: torch.Tensor,
@@ -66,17 +76,56 @@ def global_balancing_share(stats: RouterStatistics, valid_tokens: torch.Tensor,
 class Qwen35Loss(CrossEntropyLoss):
     @dataclass(kw_only=True, slots=True)
     class Config(CrossEntropyLoss.Config):
-        pass
+        chunk_size: int | None = DEFAULT_CHUNK_SIZE
+        """Tokens per block of the linear + cross entropy; None: full logits, then torchtitan's cross entropy."""
 
-    def __call__(self, pred: torch.Tensor | MoETrainingOutput, labels: torch.Tensor,
+    def __init__(self, config: Config, **kwargs: Any):
+        super().__init__(config, **kwargs)
+        if config.chunk_size is not None and config.chunk_size < 1:
+            raise ValueError(f"loss.chunk_size must be a positive number of tokens or None, got {config.chunk_size}")
+        self.chunk_size = config.chunk_size
+
+    def __call__(self, pred: torch.Tensor | TrainingOutput, labels: torch.Tensor,
                  global_valid_tokens: torch.Tensor | None = None,
                  **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if not isinstance(pred, MoETrainingOutput):
+        if not isinstance(pred, TrainingOutput):  # logits (eval mode)
             return super().__call__(pred, labels, global_valid_tokens, **kwargs)
-        loss, metrics = super().__call__(pred.logits, labels, global_valid_tokens, **kwargs)
+        if self.chunk_size is None:
+            logits = F.linear(_gathered_sequence(pred.hidden_states), pred.lm_head_weight)
+            loss, metrics = super().__call__(logits, labels, global_valid_tokens, **kwargs)
+        else:
+            loss, metrics = _chunked_cross_entropy(pred.hidden_states, pred.lm_head_weight, labels,
+                                                   self.chunk_size), {}
+            if global_valid_tokens is not None:
+                with spmd.no_typecheck():
+                    loss = loss / global_valid_tokens
+        if pred.router_stats is None:
+            return loss, metrics
         with spmd.no_typecheck():
             share, weight = global_balancing_share(pred.router_stats, (labels != IGNORE_INDEX).sum())
             if global_valid_tokens is not None:
                 weight = weight / global_valid_tokens
             loss = loss + pred.aux_loss_coef * share * weight
         return loss, metrics
+
+
+def _gathered_sequence(hidden: torch.Tensor) -> torch.Tensor:
+    """Sequence-sharded hidden states (tensor parallelism) gathered on every rank, as the lm_head's input."""
+    return hidden.redistribute(placements=[Replicate()]) if isinstance(hidden, DTensor) else hidden
+
+
+def _chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                           chunk_size: int) -> torch.Tensor:
+    if not isinstance(weight, DTensor):
+        return linear_cross_entropy(hidden, weight, labels, chunk_size=chunk_size)
+    if weight.placements != (Shard(0),):
+        raise ValueError(f"the lm_head weight is a DTensor with placements {weight.placements}; the chunked loss "
+                         "takes it vocab-sharded (Shard(0)) over the tensor-parallel mesh")
+    mesh, local_weight = weight.device_mesh, weight.to_local()
+    # Every rank's loss covers all tokens over its vocabulary rows: the gradient of the gathered hidden states is
+    # a partial sum over the vocabulary shards (reduce-scattered back to sequence shards).
+    local_hidden = hidden.redistribute(placements=[Replicate()]).to_local(grad_placements=[Partial()])
+    # parallelism.ParallelDims.validate_for requires the TP degree to divide the vocabulary: equal shards.
+    return linear_cross_entropy(local_hidden, local_weight, labels, chunk_size=chunk_size,
+                                vocab_group=mesh.get_group(),
+                                vocab_start=mesh.get_local_rank() * local_weight.shape[0])

@@ -3,14 +3,20 @@
 Inheriting (rather than wrapping) keeps the state-dict keys equal to HF's text-model keys and lets code written
 against qwen35 module types (parallelism/) see the model it expects.
 
-MoE auxiliary loss: in training mode an MoE model returns `MoETrainingOutput(logits, router_stats, aux_loss_coef)`
-instead of the logits. `router_stats` are the sums over this forward's (layer, token) rows that the load-balancing
+Training output: in training mode the model returns `TrainingOutput(hidden_states, lm_head_weight, router_stats,
+aux_loss_coef)` instead of the logits, and `torchtitan_ext.loss.Qwen35Loss` applies the lm_head inside a
+memory-bounded linear + cross entropy (`qwen35.linear_cross_entropy`): the [tokens, vocab] logits are never
+materialised. The weight is read during the forward, when FSDP holds it unsharded (the final norm + lm_head unit
+is kept gathered after the forward; a tied weight lives in the root unit, which is too). An extra loss term on the
+final hidden states (e.g. multi-token prediction) adds a field here and a term in `Qwen35Loss`.
+
+MoE auxiliary loss: `router_stats` are the sums over this forward's (layer, token) rows that the load-balancing
 loss (transformers' definition) is made of (`qwen35.moe.RouterStatistics`: per-expert top-k assignment counts,
 per-expert router-probability sums, row count), computed by qwen35 from the router logits the decoder blocks return,
 i.e. outside the compiled and checkpointed blocks. They are not reduced to a loss here because under data
 parallelism the loss is a statistic of the global batch: torchtitan hands the model output straight to the loss,
-and `torchtitan_ext.loss.Qwen35Loss` sums the counts over the ranks and adds the term. Dense models, and every model
-in eval mode (validation), return plain logits.
+and `Qwen35Loss` sums the counts over the ranks and adds the term. Every model in eval mode (validation) returns
+plain logits.
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ from torchtitan.protocols import BaseModel
 from .flops import flops_per_token
 
 
-class MoETrainingOutput(NamedTuple):
-    logits: torch.Tensor  # [B, T, vocab]
-    router_stats: RouterStatistics  # of this forward's tokens, not reduced over ranks
+class TrainingOutput(NamedTuple):
+    hidden_states: torch.Tensor  # [B, T, hidden] after the final norm (DTensor Shard(1) under tensor parallelism)
+    lm_head_weight: torch.Tensor  # [vocab, hidden] (DTensor Shard(0), i.e. vocab-sharded, under tensor parallelism)
+    router_stats: RouterStatistics | None  # MoE with a non-zero router_aux_loss_coef: of this forward's tokens,
+    #                                        not reduced over ranks
     aux_loss_coef: float  # router_aux_loss_coef: weight of the load-balancing loss
 
 
@@ -53,14 +61,17 @@ class Qwen35TitanModel(BaseModel, Qwen35ForCausalLM):
         Qwen35ForCausalLM.__init__(self, config.architecture)
 
     def forward(self, input_ids: torch.Tensor, **kwargs):
-        """Qwen35ForCausalLM.forward; in training mode, for an MoE config with a non-zero router_aux_loss_coef,
-        `MoETrainingOutput(logits, router statistics, router_aux_loss_coef)`."""
+        """Qwen35ForCausalLM.forward; in training mode (unless the caller asks for aux outputs itself)
+        `TrainingOutput`."""
         config = self.config
-        if (not (self.training and config.is_moe and config.router_aux_loss_coef)
-                or "return_aux_loss" in kwargs or "return_router_stats" in kwargs):
+        if not self.training or "return_aux_loss" in kwargs or "return_router_stats" in kwargs:
             return Qwen35ForCausalLM.forward(self, input_ids, **kwargs)
-        logits, stats = Qwen35ForCausalLM.forward(self, input_ids, return_router_stats=True, **kwargs)
-        return MoETrainingOutput(logits, stats, config.router_aux_loss_coef)
+        if config.is_moe and config.router_aux_loss_coef:
+            hidden, stats = Qwen35ForCausalLM.forward(self, input_ids, return_hidden_states=True,
+                                                      return_router_stats=True, **kwargs)
+            return TrainingOutput(hidden, self.lm_head.weight, stats, config.router_aux_loss_coef)
+        hidden = Qwen35ForCausalLM.forward(self, input_ids, return_hidden_states=True, **kwargs)
+        return TrainingOutput(hidden, self.lm_head.weight, None, 0.0)
 
     def verify_module_protocol(self) -> None:
         """No-op: the internals are plain nn.Modules by design (HF names and layout); torchtitan's own HF
