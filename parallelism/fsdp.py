@@ -39,7 +39,9 @@ def apply_fsdp(model: Qwen35ForCausalLM, dp_mesh: DeviceMesh, *, expert_dp_mesh:
         fully_shard(model.model.embed_tokens, **shard)
         # Needed right after the last block's forward, and first in the backward: keep them gathered.
         fully_shard([model.model.norm, model.lm_head], **{**shard, "reshard_after_forward": False})
-    fully_shard(model, **shard)
+    # The root keeps its parameters gathered after the forward (FSDP2's own default for the root): a tied
+    # embedding is the lm_head weight the chunked loss reads after the forward.
+    fully_shard(model, **{**shard, "reshard_after_forward": False})
     if dp_mesh.device_type == "cpu":
         _use_plain_sum_reductions(model)
 

@@ -67,13 +67,18 @@ def _ordered_block_indices(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return count[None, None], indices[None, None]
 
 
+def _lse_dtype(query: torch.Tensor) -> torch.dtype:
+    """The CPU flash kernel's log-sum-exp dtype: float64 for float64 inputs, else float32."""
+    return torch.float64 if query.dtype == torch.float64 else torch.float32
+
+
 @torch.library.custom_op("qwen35::per_document_attention", mutates_args=(), device_types="cpu")
 def per_document_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
                            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention within each document of a packed row. query/key/value [1, H, T, D] (equal head counts),
     cu_seqlens int32 [N+1]. Returns (output [1, H, T, D], log-sum-exp [1, H, T] fp32) for the backward."""
     out = torch.empty_like(query)
-    lse = query.new_empty(query.shape[:3], dtype=torch.float32)
+    lse = query.new_empty(query.shape[:3], dtype=_lse_dtype(query))
     bounds = cu_seqlens.tolist()  # CPU op: reading the boundaries costs no device sync
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end > start:
@@ -85,7 +90,7 @@ def per_document_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
 
 @per_document_attention.register_fake
 def _(query, key, value, cu_seqlens, scale):
-    return torch.empty_like(query), query.new_empty(query.shape[:3], dtype=torch.float32)
+    return torch.empty_like(query), query.new_empty(query.shape[:3], dtype=_lse_dtype(query))
 
 
 @torch.library.custom_op("qwen35::per_document_attention_backward", mutates_args=(), device_types="cpu")
@@ -130,6 +135,12 @@ per_document_attention.register_autograd(_per_document_attention_grad, setup_con
 def packed_document_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                               documents: BlockMask | PackedDocuments) -> torch.Tensor:
     """Block-causal attention within the documents of a packed row; query [1, H, T, D], key/value [1, Hkv, T, D]."""
+    # One dtype for the three, as F.scaled_dot_product_attention gets them: autocast's (an autocast region does not
+    # cast for these kernels), else the promoted one (RoPE in fp32 may have promoted query and key).
+    device = query.device.type
+    dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+             else torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype))
+    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     enable_gqa = query.shape[1] != key.shape[1]
     if isinstance(documents, BlockMask):
         return _compiled_flex_attention(query, key, value, block_mask=documents, enable_gqa=enable_gqa)

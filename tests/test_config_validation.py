@@ -41,7 +41,7 @@ def test_initial_load_path_without_checkpointing_is_refused(tmp_path):
 def test_tensor_parallel_degree_the_world_cannot_hold(tmp_path, monkeypatch, world_size):
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
     with pytest.raises(ConfigError, match=rf"\[parallelism\] .*tensor_parallel_degree = 3 on {world_size} "
-                                          rf"process.*world size {world_size} is not divisible by dp_replicate \* tp"):
+                                          rf"process.*world size {world_size} is not divisible by dp_replicate \* cp \* tp"):
         load_config(debug_args(tmp_path, "--parallelism.tensor_parallel_degree", "3"))
 
 

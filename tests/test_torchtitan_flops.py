@@ -27,6 +27,9 @@ def _count(model: nn.Module, backward: bool) -> FlopCounterMode:
     torch.manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (1, SEQ_LEN))
     counter = FlopCounterMode(display=False)
+    # The formula counts attention over the whole causal square (torchtitan's MFU convention), which is the work
+    # of the dense-mask path; the per-document kernels do less on a packed row.
+    model.packed_attention = "dense"
     with sdpa_kernel(SDPBackend.MATH), counter:  # the math backend runs attention as counted bmm's
         logits = model(ids, cu_seqlens=CU_SEQLENS)
         if backward:
