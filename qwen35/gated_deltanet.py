@@ -68,13 +68,18 @@ class GatedDeltaNet(nn.Module):
         # Log-decay in fp32 even for low-precision models (exp(A_log) overflows fp16).
         g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)
 
-        rule = kernels.recurrent_gated_delta_rule if decode_step else kernels.chunk_gated_delta_rule
-        out, state = rule(query, key, value, g, beta,
-                          initial_state=cache.recurrent_state if cache is not None and cache.initialized else None,
-                          output_final_state=cache is not None, cu_seqlens=cu_seqlens, use_qk_l2norm=True)
-        if cache is not None:
-            cache.recurrent_state.copy_(state)
-            cache.initialized = True
+        if decode_step:
+            # The in-place op advances the cached state without allocating a new one or copying it back.
+            out = torch.ops.qwen35.recurrent_gated_delta_rule_(
+                query, key, value, g, beta, cache.recurrent_state, self.head_k_dim ** -0.5, None, True, "auto")
+        else:
+            out, state = kernels.chunk_gated_delta_rule(
+                query, key, value, g, beta, initial_state=cache.recurrent_state if cache is not None and
+                cache.initialized else None, output_final_state=cache is not None, cu_seqlens=cu_seqlens,
+                use_qk_l2norm=True)
+            if cache is not None:
+                cache.recurrent_state.copy_(state)
+                cache.initialized = True
 
         z = self.in_proj_z(x).view(B, T, self.num_v_heads, self.head_v_dim)
         out = self.norm(out, z).reshape(B, T, self.value_dim)
