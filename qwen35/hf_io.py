@@ -1,9 +1,11 @@
 """HF checkpoint import/export. Our module names are transformers' text-model names, so loading is key
 normalisation only: the multimodal prefix is dropped, per-expert MoE tensors are stacked into the fused layout,
-vision and MTP tensors are skipped. Nothing is converted arithmetically, so HF -> here -> HF is bit-exact."""
+vision tensors are skipped, and the MTP head (`mtp.*`) loads by name when the config declares one. Nothing is
+converted arithmetically, so HF -> here -> HF is bit-exact."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -22,8 +24,10 @@ log = logging.getLogger(__name__)
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _MULTIMODAL_PREFIX = "model.language_model."
-_SKIPPED_PREFIXES = ("model.visual.", "mtp.")
-_PER_EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_SKIPPED_PREFIXES = ("model.visual.",)
+MTP_PREFIX = "mtp."
+_PER_EXPERT_KEY = re.compile(r"^((?:model|mtp)\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)"
+                             r"\.weight$")
 
 
 def _checkpoint_files(hf_dir: Path) -> list[Path]:
@@ -85,12 +89,31 @@ def _fuse_per_expert(tensors: dict[str, torch.Tensor], num_experts: int) -> None
         tensors[f"{base}.down_proj"] = torch.stack([parts[(e, "down_proj")] for e in range(num_experts)])
 
 
+def _reconcile_mtp(config: Qwen35Config, tensors: dict[str, torch.Tensor], hf_dir: Path) -> Qwen35Config:
+    """The config of the model to build. A config without an MTP head drops the checkpoint's `mtp.*` tensors
+    (as transformers does); a config with one whose checkpoint has no `mtp.*` tensor at all (transformers'
+    save_pretrained drops them) builds the model without the head. Both are logged; a partial head is an error
+    (reported as missing tensors)."""
+    mtp_keys = [k for k in tensors if k.startswith(MTP_PREFIX)]
+    if config.mtp_num_hidden_layers and not mtp_keys:
+        log.warning("load_pretrained(%s): config.json declares mtp_num_hidden_layers=%d but the checkpoint has no "
+                    "mtp.* tensors; loading without the MTP head", hf_dir, config.mtp_num_hidden_layers)
+        return dataclasses.replace(config, mtp_num_hidden_layers=0)
+    if not config.mtp_num_hidden_layers and mtp_keys:
+        log.info("load_pretrained(%s): skipped %d mtp.* tensors (config.json declares no MTP head)", hf_dir,
+                 len(mtp_keys))
+        for key in mtp_keys:
+            del tensors[key]
+    return config
+
+
 def load_pretrained(hf_dir: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu") -> Qwen35ForCausalLM:
     """Load an HF directory (config.json + one or sharded safetensors; text-only or multimodal keys; fused or
     per-expert MoE). Every missing, unexpected or mis-shaped tensor raises before a model is returned."""
     hf_dir = Path(hf_dir)
     config = Qwen35Config.from_hf_file(hf_dir / "config.json")
     tensors = _read_text_tensors(hf_dir, dtype, device)
+    config = _reconcile_mtp(config, tensors, hf_dir)
     if config.is_moe:
         _fuse_per_expert(tensors, config.num_experts)
 
@@ -134,15 +157,38 @@ def _parse_size(size: int | str) -> int:
     return int(float(match.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[match.group(2)])
 
 
+def split_per_expert(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The fused expert tensors under `prefix` as the per-expert keys `experts.{e}.{gate,up,down}_proj.weight`
+    (the layout of the published MTP layer); other tensors unchanged, order kept."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if key.startswith(prefix) and key.endswith(".mlp.experts.gate_up_proj"):
+            base = key.removesuffix(".gate_up_proj")
+            for e, (gate, up) in enumerate(t.chunk(2) for t in tensor.unbind()):
+                out[f"{base}.{e}.gate_proj.weight"] = gate.contiguous()
+                out[f"{base}.{e}.up_proj.weight"] = up.contiguous()
+                out[f"{base}.{e}.down_proj.weight"] = state[f"{base}.down_proj"][e].contiguous()
+        elif not (key.startswith(prefix) and key.endswith(".mlp.experts.down_proj")):
+            out[key] = tensor
+    return out
+
+
+def checkpoint_state(model: Qwen35ForCausalLM) -> dict[str, torch.Tensor]:
+    """The tensors written to an HF checkpoint under text-model names: no tied lm_head, the MTP layer's experts
+    per expert as published."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    return split_per_expert(state, MTP_PREFIX)
+
+
 def save_pretrained(model: Qwen35ForCausalLM, out_dir: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
     """Write config.json + safetensors (sharded with an index above `max_shard_size`) that transformers'
     AutoModelForCausalLM loads. Files are written under temporary names and renamed only once all are complete."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     limit = _parse_size(max_shard_size)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight")
+    state = checkpoint_state(model)
     dtypes = {v.dtype for v in state.values()}
     dtype_name = str(next(iter(dtypes))).removeprefix("torch.") if len(dtypes) == 1 else "float32"
 

@@ -12,6 +12,7 @@ from .config import LINEAR_ATTENTION, Qwen35Config
 from .gated_deltanet import GatedDeltaNet
 from .layers import GatedRMSNorm, RMSNorm, RotaryEmbedding, SwiGLU
 from .moe import GroupedExperts, SparseMoE, TopKRouter, load_balancing_loss, router_statistics
+from .mtp import MultiTokenPredictor
 
 
 class DecoderLayer(nn.Module):
@@ -73,6 +74,7 @@ class Qwen35ForCausalLM(nn.Module):
         self.config = config
         self.model = Qwen35TextModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.mtp = MultiTokenPredictor(config) if config.mtp_num_hidden_layers else None
         self.tie_weights()
         self.init_weights()
 
@@ -97,14 +99,15 @@ class Qwen35ForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None,
                 cache: Qwen35Cache | None = None, num_logits_to_keep: int = 0, return_aux_loss: bool = False,
-                return_router_stats: bool = False):
+                return_router_stats: bool = False, return_hidden: bool = False):
         """input_ids [B, T] -> logits [B, T, vocab] (the last `num_logits_to_keep` positions when > 0).
 
         cu_seqlens (int32 [N+1], B == 1): documents packed in one row; positions restart per document and no
         state, conv window or attention crosses a boundary. padding_mask [B, T] (1 = token, 0 = left padding).
         cache: decode state, advanced by T. return_aux_loss: also return the MoE load-balancing loss (unscaled).
         return_router_stats: also return its summable statistics (`qwen35.moe.RouterStatistics`), from which a
-        data-parallel trainer forms the loss of the global batch.
+        data-parallel trainer forms the loss of the global batch. return_hidden: return (logits, final normed
+        hidden states) instead of the logits (the MTP head's input), with the extra outputs after them.
         """
         B, T = input_ids.shape
         attn_mask = None
@@ -139,6 +142,8 @@ class Qwen35ForCausalLM(nn.Module):
         if num_logits_to_keep:
             x = x[:, -num_logits_to_keep:]
         logits = self.lm_head(x)
+        if return_hidden:
+            logits = (logits, x)
         if not (return_aux_loss or return_router_stats):
             return logits
         if return_aux_loss and return_router_stats:
@@ -146,9 +151,9 @@ class Qwen35ForCausalLM(nn.Module):
         if not router_logits:
             raise ValueError("return_aux_loss / return_router_stats need an MoE config")
         experts, top_k = self.config.num_experts, self.config.num_experts_per_tok
-        if return_router_stats:
-            return logits, router_statistics(router_logits, experts, top_k)
-        return logits, load_balancing_loss(router_logits, experts, top_k)
+        extra = (router_statistics(router_logits, experts, top_k) if return_router_stats
+                 else load_balancing_loss(router_logits, experts, top_k))
+        return (*logits, extra) if return_hidden else (logits, extra)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         params = {id(p): p for p in self.parameters()}  # a tied lm_head counts once
