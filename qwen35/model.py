@@ -107,7 +107,8 @@ class Qwen35ForCausalLM(nn.Module):
         cache: decode state, advanced by T. return_aux_loss: also return the MoE load-balancing loss (unscaled).
         return_router_stats: also return its summable statistics (`qwen35.moe.RouterStatistics`), from which a
         data-parallel trainer forms the loss of the global batch. return_hidden: return (logits, final normed
-        hidden states) instead of the logits (the MTP head's input), with the extra outputs after them.
+        hidden states [B, T, H] of every position) instead of the logits (the MTP head's input), with the extra
+        outputs after them.
         """
         B, T = input_ids.shape
         attn_mask = None
@@ -138,12 +139,12 @@ class Qwen35ForCausalLM(nn.Module):
                 router_logits.append(logits)
         if cache is not None:
             cache.advance(T)
-        x = self.model.norm(x)
+        hidden = x = self.model.norm(x)
         if num_logits_to_keep:
             x = x[:, -num_logits_to_keep:]
         logits = self.lm_head(x)
         if return_hidden:
-            logits = (logits, x)
+            logits = (logits, hidden)
         if not (return_aux_loss or return_router_stats):
             return logits
         if return_aux_loss and return_router_stats:
