@@ -1,6 +1,8 @@
-"""`python -m torchtitan_ext.export_hf --config <toml> --checkpoint <dcp step dir> --output <hf dir>`:
-a torchtitan DCP checkpoint (full or model-only) -> an HF directory transformers loads (config.json,
-safetensors, and the tokenizer files and chat template of [model] hf_assets_path)."""
+"""`python -m torchtitan_ext.export_hf --config <toml> --checkpoint <dcp step dir> --output <hf dir>
+[--layout text|published --source <original hf dir>] [--dtype bfloat16|float32]`:
+a torchtitan DCP checkpoint (full or model-only) -> an HF directory transformers loads. Text layout: config.json,
+safetensors, and the tokenizer files and chat template of [model] hf_assets_path. Published layout: the
+multimodal directory of --source with the trained decoder and MTP head (`qwen35.hf_io.save_published`)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch.distributed.checkpoint as dcp
 
 import qwen35
 from qwen35 import Qwen35Config, Qwen35ForCausalLM
+from qwen35.hf_io import save_published
 from qwen35.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 
 from .toml_config import ConfigError, read_sections
@@ -50,14 +53,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, type=Path, help="the training TOML (flavor, hf_assets_path)")
     parser.add_argument("--checkpoint", required=True, type=Path, help="a step-N directory of a DCP checkpoint")
     parser.add_argument("--output", required=True, type=Path, help="HF directory to write")
+    parser.add_argument("--layout", choices=["text", "published"], default="text",
+                        help="text: a Qwen3_5ForCausalLM directory; published: the multimodal layout of --source "
+                             "(its vision tower, config and files kept, the trained text decoder and MTP head)")
+    parser.add_argument("--source", type=Path, help="--layout published: the original HF directory")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                        help="tensor dtype (default: the source's for published, float32 for text)")
     args = parser.parse_args(argv)
+    if (args.layout == "published") != (args.source is not None):
+        parser.error("--source <original HF dir> is required by --layout published, and only by it")
     try:
         model_section = read_sections(args.config, [])["model"]
     except ConfigError as err:
         sys.exit(f"error: {err}")
     model = load_dcp_model(model_section.architecture(), args.checkpoint)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    if args.layout == "published":
+        try:
+            save_published(model, args.output, args.source, dtype=dtype)
+        except (FileNotFoundError, ValueError) as err:
+            sys.exit(f"error: {err}")
+        print(f"wrote {args.output}")
+        return
     with torch.no_grad():
-        qwen35.save_pretrained(model, args.output)
+        qwen35.save_pretrained(model.to(dtype) if dtype else model, args.output)
     for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, CHAT_TEMPLATE_FILE):
         source = Path(model_section.hf_assets_path) / name
         if source.is_file():
