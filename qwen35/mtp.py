@@ -32,7 +32,8 @@ IGNORE_INDEX = -100
 
 def mtp_layer_config(config: Qwen35Config) -> Qwen35Config:
     """The MTP decoder layer's config: one full-attention layer, everything else as the main model."""
-    return dataclasses.replace(config, num_hidden_layers=1, layer_types=[FULL_ATTENTION], mtp_num_hidden_layers=0)
+    return dataclasses.replace(config, num_hidden_layers=1, layer_types=[FULL_ATTENTION], mtp_num_hidden_layers=0,
+                               mtp_loss_weight=0.0)
 
 
 class MultiTokenPredictor(nn.Module):

@@ -44,7 +44,23 @@ from torchtitan.components.loss import IGNORE_INDEX, CrossEntropyLoss
 
 from qwen35.moe import RouterStatistics, balancing_loss_share
 
-from .model import MoETrainingOutput
+from qwen35.mtp import mtp_targets
+
+from .model import MoETrainingOutput, MTPTrainingOutput
+
+# Loss terms logged beside torchtitan's total loss (`metrics.Qwen35MetricsProcessor`): summed over the loss
+# calls (microbatches) since the last log, detached.
+_pending_loss_metrics: dict[str, torch.Tensor] = {}
+
+
+def record_loss_metric(name: str, value: torch.Tensor) -> None:
+    _pending_loss_metrics[name] = _pending_loss_metrics[name] + value if name in _pending_loss_metrics else value
+
+
+def pop_loss_metrics() -> dict[str, torch.Tensor]:
+    metrics = dict(_pending_loss_metrics)
+    _pending_loss_metrics.clear()
+    return metrics
 
 
 def global_balancing_share(stats: RouterStatistics, valid_tokens: torch.Tensor,
@@ -68,9 +84,20 @@ class Qwen35Loss(CrossEntropyLoss):
     class Config(CrossEntropyLoss.Config):
         pass
 
-    def __call__(self, pred: torch.Tensor | MoETrainingOutput, labels: torch.Tensor,
+    def __call__(self, pred: torch.Tensor | MoETrainingOutput | MTPTrainingOutput, labels: torch.Tensor,
                  global_valid_tokens: torch.Tensor | None = None,
                  **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if isinstance(pred, MTPTrainingOutput):
+            loss, metrics = self(pred.main, labels, global_valid_tokens, **kwargs)
+            # Normalised like the main loss (summed, divided by the global count of valid tokens), so it adds up
+            # over microbatches and data-parallel ranks the same way.
+            mtp = self.fn(pred.mtp_logits, mtp_targets(labels, pred.cu_seqlens, IGNORE_INDEX),
+                          global_vocab_size=self.global_vocab_size)
+            if global_valid_tokens is not None:
+                with spmd.no_typecheck():
+                    mtp = mtp / global_valid_tokens
+            record_loss_metric("mtp_loss", mtp.detach())
+            return loss + pred.weight * mtp, {**metrics, "mtp_loss": mtp.detach()}
         if not isinstance(pred, MoETrainingOutput):
             return super().__call__(pred, labels, global_valid_tokens, **kwargs)
         loss, metrics = super().__call__(pred.logits, labels, global_valid_tokens, **kwargs)

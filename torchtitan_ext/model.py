@@ -22,6 +22,7 @@ import torch
 
 from qwen35 import Qwen35Config, Qwen35ForCausalLM
 from qwen35.moe import RouterStatistics
+from qwen35.mtp import mtp_hidden_states
 from torchtitan.protocols import BaseModel
 
 from .flops import flops_per_token
@@ -31,6 +32,13 @@ class MoETrainingOutput(NamedTuple):
     logits: torch.Tensor  # [B, T, vocab]
     router_stats: RouterStatistics  # of this forward's tokens, not reduced over ranks
     aux_loss_coef: float  # router_aux_loss_coef: weight of the load-balancing loss
+
+
+class MTPTrainingOutput(NamedTuple):
+    main: torch.Tensor | MoETrainingOutput  # what the model returns without the MTP loss
+    mtp_logits: torch.Tensor  # [B, T-1, vocab]: row t predicts token t+2 (qwen35.mtp.mtp_hidden_states)
+    cu_seqlens: torch.Tensor | None  # the packed documents, so that no MTP target crosses a boundary
+    weight: float  # mtp_loss_weight
 
 
 class Qwen35TitanModel(BaseModel, Qwen35ForCausalLM):
@@ -54,13 +62,23 @@ class Qwen35TitanModel(BaseModel, Qwen35ForCausalLM):
 
     def forward(self, input_ids: torch.Tensor, **kwargs):
         """Qwen35ForCausalLM.forward; in training mode, for an MoE config with a non-zero router_aux_loss_coef,
-        `MoETrainingOutput(logits, router statistics, router_aux_loss_coef)`."""
+        `MoETrainingOutput(logits, router statistics, router_aux_loss_coef)`, and with a non-zero mtp_loss_weight
+        that output wrapped in `MTPTrainingOutput` with the MTP head's logits (the MTP layer's router statistics
+        are not part of the load-balancing loss)."""
         config = self.config
-        if (not (self.training and config.is_moe and config.router_aux_loss_coef)
-                or "return_aux_loss" in kwargs or "return_router_stats" in kwargs):
+        explicit = "return_aux_loss" in kwargs or "return_router_stats" in kwargs
+        router_stats = bool(self.training and config.is_moe and config.router_aux_loss_coef and not explicit)
+        mtp = bool(self.training and config.mtp_loss_weight and not explicit)
+        if not (router_stats or mtp):
             return Qwen35ForCausalLM.forward(self, input_ids, **kwargs)
-        logits, stats = Qwen35ForCausalLM.forward(self, input_ids, return_router_stats=True, **kwargs)
-        return MoETrainingOutput(logits, stats, config.router_aux_loss_coef)
+        logits, *rest = Qwen35ForCausalLM.forward(self, input_ids, return_router_stats=router_stats,
+                                                  return_hidden=mtp, **kwargs)
+        main = MoETrainingOutput(logits, rest[-1], config.router_aux_loss_coef) if router_stats else logits
+        if not mtp:
+            return main
+        cu_seqlens = kwargs.get("cu_seqlens")
+        mtp_hidden, _ = mtp_hidden_states(self, rest[0], input_ids, cu_seqlens)
+        return MTPTrainingOutput(main, self.lm_head(mtp_hidden), cu_seqlens, config.mtp_loss_weight)
 
     def verify_module_protocol(self) -> None:
         """No-op: the internals are plain nn.Modules by design (HF names and layout); torchtitan's own HF
