@@ -266,6 +266,12 @@ def read_sections(path: Path, overrides: list[str]) -> dict[str, Any]:
     for section, key in REQUIRED:
         if not getattr(sections[section], key):
             raise ConfigError(f"{path}: [{section}] {key} is required")
+    if sections["checkpoint"].last_save_in_hf:
+        raise ConfigError(
+            f"{path}: [checkpoint] last_save_in_hf = true is not supported: torchtitan's HF writer neither writes "
+            "config.json nor the published layout (vision tower, MTP experts per expert). Save DCP checkpoints and "
+            "export the last one with `python -m torchtitan_ext.export_hf --config ... --checkpoint <step dir> "
+            "--output <dir> [--layout published --source <original HF dir>]`")
     return sections
 
 
