@@ -9,7 +9,7 @@ from pydoc_data.topics import topics
 
 import qwen35
 from qwen35.decoding import SpeculationStats
-from qwen35.mtp import mtp_loss_terms
+from mtp_training import corpus_windows, train_with_mtp
 from tiny_configs import TINY_CONFIGS
 
 NEW_TOKENS = 64
@@ -55,19 +55,7 @@ def test_trained_mtp_head_drafts_are_accepted_and_output_stays_greedy(name):
     data = _corpus_bytes()
     torch.manual_seed(0)
     model = qwen35.Qwen35ForCausalLM(dataclasses.replace(TINY_CONFIGS[name], mtp_num_hidden_layers=1))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(30):
-        starts = torch.randint(0, len(data) - 33, (4,), generator=g)
-        window = torch.stack([data[s:s + 33] for s in starts])
-        ids, labels = window[:, :-1], window[:, 1:]
-        logits, hidden = model(ids, return_hidden=True)
-        mtp_sum, mtp_count = mtp_loss_terms(hidden, ids, labels, None, model)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()) + mtp_sum / mtp_count
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
+    train_with_mtp(model, lambda g: corpus_windows(data, 4, 32, g), steps=30, lr=3e-3)
     ids, mask = _left_padded_prompts([data[100:116], data[2000:2011], data[5000:5008]])
     stats = _assert_speculation_is_greedy(model, ids, mask)
     assert stats.accepted > 0 and stats.verify_steps < NEW_TOKENS - 1
