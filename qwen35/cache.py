@@ -84,6 +84,8 @@ class Qwen35Cache:
         start = self.length - num_new
         offsets = torch.arange(num_new, device=kept.device)
         self.valid[:, start:self.length] &= offsets[None, :] < kept[:, None]
+        if bool((kept == num_new).all()):  # every row keeps every position: the states are already right
+            return
         rows = torch.arange(len(kept), device=kept.device)
         index = (kept - 1).to(torch.long)
         for layer in self.layers:
