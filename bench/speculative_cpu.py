@@ -1,13 +1,14 @@
 """Greedy decoding with and without MTP speculation on the debug flavor, in one run.
 
-    python bench/speculative_cpu.py [--threads 2] [--train-steps 200] [--new-tokens 64]
+    python bench/speculative_cpu.py [--threads 2] [--train-steps 200] [--new-tokens 64] [--batch 1] [--repeats 5]
 
 Trains the debug model and its MTP head briefly on the debug corpus (pydoc's language-reference topics as bytes,
 main + MTP loss), then decodes the same prompts plainly and with `speculative="mtp"` (checking the outputs are
-identical) and prints tokens/s of both, their ratio and the MTP acceptance rate.
+identical; median of interleaved repeats) and prints tokens/s of both, their ratio and the MTP acceptance rate.
 """
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=200)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -39,16 +41,21 @@ def main() -> None:
           f"MTP loss {mtp_loss:.2f}")
     prompts = torch.stack([data[s:s + 32] for s in range(1000, 1000 + 4000 * args.batch, 4000)])
 
-    def timed(**kwargs):
-        qwen35.generate(model, prompts, 8, eos_token_id=[], **kwargs)  # warm-up
+    def run(**kwargs):
         start = time.perf_counter()
         out = qwen35.generate(model, prompts, args.new_tokens, eos_token_id=[], **kwargs)
         return out, time.perf_counter() - start
 
-    plain, t_plain = timed()
-    stats = SpeculationStats()
-    spec, t_spec = timed(speculative="mtp", stats=stats)
-    assert torch.equal(plain, spec), "speculative output differs from greedy"
+    run(), run(speculative="mtp")  # warm-up
+    times_plain, times_spec = [], []
+    for _ in range(args.repeats):  # interleaved, so that a change of machine load hits both
+        plain, seconds = run()
+        times_plain.append(seconds)
+        stats = SpeculationStats()
+        spec, seconds = run(speculative="mtp", stats=stats)
+        times_spec.append(seconds)
+        assert torch.equal(plain, spec), "speculative output differs from greedy"
+    t_plain, t_spec = statistics.median(times_plain), statistics.median(times_spec)
     tokens = args.batch * args.new_tokens
     print(f"debug flavor, fp32, batch {args.batch}, {args.new_tokens} new tokens, {args.threads} threads, "
           f"torch {torch.__version__}")
