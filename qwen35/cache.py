@@ -16,6 +16,10 @@ class GatedDeltaNetCache:
         self.recurrent_state = torch.zeros(batch_size, config.linear_num_value_heads, config.linear_key_head_dim,
                                            config.linear_value_head_dim, dtype=torch.float32, device=device)
         self.initialized = False
+        # Conv windows and states after each but the last position of a recorded multi-token step (written in
+        # place, which compiled steps support); None = not recording.
+        self.step_conv_states: torch.Tensor | None = None
+        self.step_recurrent_states: torch.Tensor | None = None
 
 
 class KVCache:
@@ -59,6 +63,36 @@ class Qwen35Cache:
 
     def advance(self, num_new: int) -> None:
         self.length += num_new
+
+    def record_steps(self, max_positions: int) -> None:
+        """From now on, steps of up to `max_positions` positions on an initialised cache run the Gated DeltaNet
+        layers token by token and keep each intermediate conv window and state, so that `keep_positions` can drop
+        a suffix. 0 stops recording."""
+        for layer in self.layers:
+            if isinstance(layer, GatedDeltaNetCache):
+                if max_positions > 1:
+                    layer.step_conv_states = layer.conv_state.new_empty((max_positions - 1, *layer.conv_state.shape))
+                    layer.step_recurrent_states = layer.recurrent_state.new_empty(
+                        (max_positions - 1, *layer.recurrent_state.shape))
+                else:
+                    layer.step_conv_states = layer.step_recurrent_states = None
+
+    def keep_positions(self, kept: torch.Tensor, num_new: int) -> None:
+        """After a recorded step of `num_new` positions, keep the first kept[b] (1..num_new) of them in row b: the
+        rest become holes that attention skips and positions do not count (like left padding), and the Gated
+        DeltaNet windows and states of those rows return to their values after kept[b] positions."""
+        start = self.length - num_new
+        offsets = torch.arange(num_new, device=kept.device)
+        self.valid[:, start:self.length] &= offsets[None, :] < kept[:, None]
+        if bool((kept == num_new).all()):  # every row keeps every position: the states are already right
+            return
+        rows = torch.arange(len(kept), device=kept.device)
+        index = (kept - 1).to(torch.long)
+        for layer in self.layers:
+            if isinstance(layer, GatedDeltaNetCache):
+                for current, steps in ((layer.conv_state, layer.step_conv_states),
+                                       (layer.recurrent_state, layer.step_recurrent_states)):
+                    current.copy_(torch.cat([steps[:num_new - 1], current[None]])[index, rows])
 
 
 def padded_causal_mask(valid: torch.Tensor, first_query: int) -> torch.Tensor:

@@ -78,6 +78,10 @@ class Qwen35Config:
     moe_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
     router_aux_loss_coef: float = 0.001
+    # Multi-token prediction head (`mtp.*`, qwen35/mtp.py): 0 builds none; published checkpoints ship 1.
+    mtp_num_hidden_layers: int = 0
+    # Training only (not written to config.json): weight of the MTP next-next-token loss; 0 = off.
+    mtp_loss_weight: float = 0.0
     # special tokens (informational for the model; used by decoding)
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -145,6 +149,12 @@ class Qwen35Config:
                        "model does not use, so it is ignored")
         if self.rope_theta <= 0:
             fail("rope_theta", "must be positive")
+        if self.mtp_num_hidden_layers not in (0, 1):
+            fail("mtp_num_hidden_layers", "must be 0 (no MTP head) or 1 (the published one-layer head)")
+        if not self.mtp_loss_weight >= 0:
+            fail("mtp_loss_weight", "must be >= 0 (0 = no MTP loss)")
+        if self.mtp_loss_weight and not self.mtp_num_hidden_layers:
+            fail("mtp_loss_weight", "needs an MTP head (mtp_num_hidden_layers = 1)")
         if self.hidden_act != "silu":
             fail("hidden_act", "only 'silu' is supported")
         if self.attention_bias:
@@ -218,7 +228,8 @@ class Qwen35Config:
             mrope_section=rope.get("mrope_section"),
         )
         for key in ("max_position_embeddings", "tie_word_embeddings", "attention_bias", "hidden_act",
-                    "initializer_range", "router_aux_loss_coef", "pad_token_id", "bos_token_id", "eos_token_id"):
+                    "initializer_range", "router_aux_loss_coef", "mtp_num_hidden_layers", "pad_token_id",
+                    "bos_token_id", "eos_token_id"):
             if key in text:
                 kwargs[key] = text[key]
         try:
@@ -251,7 +262,7 @@ class Qwen35Config:
                 "mrope_interleaved": True,
             },
         }
-        skip = {"rope_theta", "partial_rotary_factor", "mrope_section"}
+        skip = {"rope_theta", "partial_rotary_factor", "mrope_section", "mtp_loss_weight"}
         skip |= {"intermediate_size"} if self.is_moe else set(_REQUIRED_MOE_KEYS) | {"router_aux_loss_coef"}
         for f in dataclasses.fields(self):
             if f.name not in skip:

@@ -3,13 +3,16 @@ cache. The command-line front end is `python -m qwen35.generate`."""
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from .cache import Qwen35Cache
 from .model import Qwen35ForCausalLM
+from .mtp import mtp_layer_config
 
 
 def eos_set(eos_token_id) -> set[int]:
@@ -43,17 +46,86 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+@dataclass
+class SpeculationStats:
+    """Filled by `generate(..., speculative="mtp", stats=...)`: drafts made and accepted (per row), two-token
+    verification steps run, positions generated (the output's new columns) and the wall time of the decoding."""
+    drafted: int = 0
+    accepted: int = 0
+    verify_steps: int = 0
+    new_tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+class _Output:
+    """Generated tokens per row. Rows may advance by different counts per step (speculation); a position is
+    complete once every row has its token, and is then passed to `on_token`. Rows that hit EOS are filled with
+    pad_token_id afterwards; generation is over when every row is finished or has max_new_tokens tokens."""
+
+    def __init__(self, input_ids, max_new_tokens, eos, pad_token_id, on_token):
+        self.input_ids, self.max_new_tokens, self.on_token = input_ids, max_new_tokens, on_token
+        self.pad_token_id = pad_token_id
+        B = input_ids.shape[0]
+        self.rows: list[list[int]] = [[] for _ in range(B)]
+        self.eos_ids = torch.tensor(sorted(eos), device=input_ids.device, dtype=input_ids.dtype)
+        self.finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        self.streamed = 0
+
+    def append(self, token: torch.Tensor, rows: torch.Tensor | None = None) -> bool:
+        """Record one token [B] for every row (or for the rows where `rows` is True); True when generation is
+        over."""
+        token = torch.where(self.finished, torch.full_like(token, self.pad_token_id), token)
+        if rows is None:
+            rows = torch.ones_like(self.finished)
+        for b in rows.nonzero().flatten().tolist():
+            self.rows[b].append(int(token[b]))
+        self.finished |= torch.isin(token, self.eos_ids) & rows
+        complete = min(len(r) for r in self.rows)
+        for position in range(self.streamed, min(complete, self.max_new_tokens)):
+            if self.on_token is not None:
+                self.on_token(torch.tensor([r[position] for r in self.rows], device=token.device))
+        self.streamed = max(self.streamed, min(complete, self.max_new_tokens))
+        return bool(self.finished.all()) or complete >= self.max_new_tokens
+
+    def result(self) -> torch.Tensor:
+        """[B, T + n]: n is where plain decoding stops (the last row's EOS, at most max_new_tokens)."""
+        longest = max(len(r) for r in self.rows)
+        n = min(longest, self.max_new_tokens)
+        if self.eos_ids.numel():
+            eos = set(self.eos_ids.tolist())
+            ends = [next((i + 1 for i, t in enumerate(r) if t in eos), None) for r in self.rows]
+            if all(e is not None for e in ends):
+                n = min(n, max(ends))
+        new = torch.tensor([r[:n] for r in self.rows], dtype=self.input_ids.dtype, device=self.input_ids.device)
+        return torch.cat([self.input_ids, new.view(len(self.rows), n)], dim=1)
+
+
 @torch.no_grad()
 def generate(model: Qwen35ForCausalLM, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
              padding_mask: torch.Tensor | None = None, temperature: float = 0.0, top_p: float = 1.0,
              seed: int | None = None, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-             on_token: Callable[[torch.Tensor], None] | None = None, compile: bool = False) -> torch.Tensor:
+             on_token: Callable[[torch.Tensor], None] | None = None, compile: bool = False,
+             speculative: str | None = None, stats: SpeculationStats | None = None) -> torch.Tensor:
     """Greedy (default) or temperature/top-p sampling. input_ids [B, T], left-padded when padding_mask [B, T]
     (1 = token) is given. Returns [B, T + n] with the prompt; sequences that hit EOS are filled with
     pad_token_id (default: the first EOS id) until all are done. `on_token` receives each step's tokens [B].
-    compile: run the one-token steps through torch.compile (one-time compile cost; removes per-op overhead)."""
+    compile: run the one-token steps through torch.compile (one-time compile cost; removes per-op overhead).
+    speculative="mtp" (greedy only): the model's MTP head drafts one token that the main model verifies with
+    the next one in a single two-token step; the output is the plain greedy output. `stats` (a
+    `SpeculationStats`) receives the acceptance counts."""
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
+    if speculative not in (None, "mtp"):
+        raise ValueError(f"speculative must be None or 'mtp', got {speculative!r}")
+    if speculative and temperature != 0:
+        raise ValueError("speculative='mtp' implements greedy decoding only: use temperature=0")
+    if speculative and model.mtp is None:
+        raise ValueError("speculative='mtp' needs a model with an MTP head (config.mtp_num_hidden_layers = 1; "
+                         "the checkpoint's mtp.* tensors)")
     eos = eos_set(model.config.eos_token_id if eos_token_id is None else eos_token_id)
     if pad_token_id is None:
         pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else min(eos, default=0)
@@ -63,22 +135,86 @@ def generate(model: Qwen35ForCausalLM, input_ids: torch.Tensor, max_new_tokens: 
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     dtype = model.lm_head.weight.dtype
-    cache = Qwen35Cache(model.config, B, T + max_new_tokens, dtype, device)
-    eos_ids = torch.tensor(sorted(eos), device=device, dtype=input_ids.dtype)
-    step_mask = None if padding_mask is None else torch.ones(B, 1, dtype=padding_mask.dtype, device=device)
-
-    logits = model(input_ids, padding_mask=padding_mask, cache=cache, num_logits_to_keep=1)
+    # speculation may leave a hole (a rejected draft's position) per generated token
+    cache = Qwen35Cache(model.config, B, T + (2 if speculative else 1) * max_new_tokens + 1, dtype, device)
+    output = _Output(input_ids, max_new_tokens, eos, pad_token_id, on_token)
     decode = compiled_decode_step(model) if compile else model
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    out = [input_ids]
-    for step in range(max_new_tokens):
+    if max_new_tokens <= 0:
+        return output.result()
+    if speculative:
+        stats = stats if stats is not None else SpeculationStats()
+        _generate_mtp_speculative(model, decode, input_ids, padding_mask, cache, output, stats)
+        result = output.result()
+        stats.new_tokens += result.shape[1] - T
+        return result
+
+    step_mask = None if padding_mask is None else torch.ones(B, 1, dtype=padding_mask.dtype, device=device)
+    logits = model(input_ids, padding_mask=padding_mask, cache=cache, num_logits_to_keep=1)
+    while True:
         token = sample_next(logits[:, -1], temperature, top_p, generator)
-        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-        out.append(token[:, None])
-        if on_token is not None:
-            on_token(token)
-        finished |= torch.isin(token, eos_ids)
-        if bool(finished.all()) or step == max_new_tokens - 1:
-            break
+        token = torch.where(output.finished, torch.full_like(token, pad_token_id), token)
+        if output.append(token):
+            return output.result()
         logits = decode(token[:, None], padding_mask=step_mask, cache=cache, num_logits_to_keep=1)
-    return torch.cat(out, dim=1)
+
+
+def _mtp_draft(model: Qwen35ForCausalLM, hidden: torch.Tensor, next_tokens: torch.Tensor, mtp_cache: Qwen35Cache,
+               padding_mask: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the MTP head on the next positions (main hidden states [B, n, H] and the tokens that follow them
+    [B, n]; padding_mask [B, n] marks padding and holes) on its own cache; return its greedy draft [B] for the
+    token after row b's last kept position (kept[b], default n)."""
+    n = next_tokens.shape[1]
+    past = mtp_cache.valid[:, :mtp_cache.length].sum(-1, keepdim=True)
+    positions = (padding_mask.long().cumsum(-1) - 1 + past).clamp(min=0)
+    attn_mask = mtp_cache.attention_mask(padding_mask, n)
+    cos, sin = model.model.rotary_emb(positions, hidden.dtype)
+    out, _ = model.mtp(hidden, model.model.embed_tokens(next_tokens), cos, sin, attn_mask=attn_mask, cache=mtp_cache)
+    if kept is not None:
+        out = out.gather(1, (kept - 1).view(-1, 1, 1).expand(-1, 1, out.shape[-1]))
+    return model.lm_head(out[:, -1]).argmax(-1)
+
+
+def _generate_mtp_speculative(model, decode, input_ids, padding_mask, cache, output: _Output,
+                              stats: SpeculationStats) -> None:
+    """Greedy decoding with the MTP head as a one-token drafter, every row at its own pace.
+
+    Invariant at the top of the loop: the main cache holds every position before `last` (each row's newest
+    greedy token), the MTP cache holds the same positions, and `draft` is the head's guess for the token after
+    `last`. One recorded two-token step [last, draft] gives the greedy token after `last` (y1) and, where
+    draft == y1, the one after it (y2). A row that rejects keeps one position: its second one becomes a hole
+    (skipped by attention and positions, like left padding) and its Gated DeltaNet conv window and state return
+    to their values after `last`, kept by the token-by-token recorded step. So every kept state is exactly one of
+    plain decoding."""
+    start = time.perf_counter()
+    B = input_ids.shape[0]
+    device = input_ids.device
+    mtp_cache = Qwen35Cache(mtp_layer_config(model.config), B, cache.max_length, model.lm_head.weight.dtype, device)
+    if padding_mask is None:
+        padding_mask = torch.ones_like(input_ids)
+    ones = torch.ones(B, 2, dtype=padding_mask.dtype, device=device)
+    logits, hidden = model(input_ids, padding_mask=padding_mask, cache=cache, num_logits_to_keep=1,
+                           return_hidden=True)
+    last = logits[:, -1].argmax(-1)
+    done = output.append(last)
+    if not done:
+        draft = _mtp_draft(model, hidden, torch.cat([input_ids[:, 1:], last[:, None]], 1), mtp_cache,
+                           padding_mask)
+    cache.record_steps(2)
+    while not done:
+        logits, hidden = decode(torch.stack([last, draft], 1), padding_mask=ones, cache=cache, return_hidden=True)
+        stats.verify_steps += 1
+        y1, y2 = logits.argmax(-1).unbind(1)
+        accepted = y1 == draft
+        live = ~output.finished
+        stats.drafted += int(live.sum())
+        stats.accepted += int((accepted & live).sum())
+        kept = 1 + accepted.long()
+        cache.keep_positions(kept, 2)
+        output.append(y1)
+        done = output.append(y2, rows=accepted)
+        if not done:
+            kept_mask = torch.stack([torch.ones_like(accepted), accepted], 1).to(padding_mask.dtype)
+            draft = _mtp_draft(model, hidden, torch.stack([y1, y2], 1), mtp_cache, kept_mask, kept)
+            last = torch.where(accepted, y2, y1)
+    cache.record_steps(0)
+    stats.seconds += time.perf_counter() - start

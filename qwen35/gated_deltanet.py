@@ -52,11 +52,17 @@ class GatedDeltaNet(nn.Module):
         if padding_mask is not None:
             x = x * padding_mask[..., None].to(x.dtype)
         B, T, _ = x.shape
-        decode_step = cache is not None and cache.initialized and T == 1
+        # Token-by-token on the cache: one-token steps, and the recorded steps of speculative verification.
+        decode_step = cache is not None and cache.initialized and (T == 1 or cache.step_conv_states is not None)
         conv_weight = self.conv1d.weight.squeeze(1)
         mixed = self.in_proj_qkv(x)
         if decode_step:
-            mixed = kernels.causal_conv1d_update(mixed[:, 0], cache.conv_state, conv_weight)[:, None]
+            columns = []
+            for t in range(T):
+                if t:
+                    cache.step_conv_states[t - 1].copy_(cache.conv_state)
+                columns.append(kernels.causal_conv1d_update(mixed[:, t], cache.conv_state, conv_weight))
+            mixed = torch.stack(columns, 1)
         else:
             mixed, conv_state = self.sequence_kernels.causal_conv1d(
                 mixed, conv_weight, initial_state=cache.conv_state if cache is not None and cache.initialized else None,
@@ -72,13 +78,24 @@ class GatedDeltaNet(nn.Module):
         # Log-decay in fp32 even for low-precision models (exp(A_log) overflows fp16).
         g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)
 
-        rule = kernels.recurrent_gated_delta_rule if decode_step else self.sequence_kernels.chunk_gated_delta_rule
-        out, state = rule(query, key, value, g, beta,
-                          initial_state=cache.recurrent_state if cache is not None and cache.initialized else None,
-                          output_final_state=cache is not None, cu_seqlens=cu_seqlens, use_qk_l2norm=True)
-        if cache is not None:
-            cache.recurrent_state.copy_(state)
-            cache.initialized = True
+        if decode_step:
+            # The in-place op advances the cached state without allocating a new one or copying it back.
+            outs = []
+            for t in range(T):
+                if t:
+                    cache.step_recurrent_states[t - 1].copy_(cache.recurrent_state)
+                outs.append(torch.ops.qwen35.recurrent_gated_delta_rule_(
+                    query[:, t:t + 1], key[:, t:t + 1], value[:, t:t + 1], g[:, t:t + 1], beta[:, t:t + 1],
+                    cache.recurrent_state, self.head_k_dim ** -0.5, None, True, None))
+            out = outs[0] if T == 1 else torch.cat(outs, 1)
+        else:
+            out, state = self.sequence_kernels.chunk_gated_delta_rule(
+                query, key, value, g, beta, initial_state=cache.recurrent_state if cache is not None and
+                cache.initialized else None, output_final_state=cache is not None, cu_seqlens=cu_seqlens,
+                use_qk_l2norm=True)
+            if cache is not None:
+                cache.recurrent_state.copy_(state)
+                cache.initialized = True
 
         z = self.in_proj_z(x).view(B, T, self.num_v_heads, self.head_v_dim)
         out = self.norm(out, z).reshape(B, T, self.value_dim)

@@ -1,6 +1,6 @@
 """Generate text from an HF checkpoint directory, streaming tokens and reporting tokens/s.
 
-    python -m qwen35.generate --model <hf dir> --prompt "..." [--chat] [--max-new-tokens N]
+    python -m qwen35.generate --model <hf dir> --prompt "..." [--chat] [--max-new-tokens N] [--speculative mtp]
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .decoding import eos_set, generate
+from .decoding import SpeculationStats, eos_set, generate
 from .tokenizer import Qwen35Tokenizer
 
 
@@ -32,13 +32,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiles once)")
+    parser.add_argument("--speculative", choices=["mtp"], default=None,
+                        help="greedy speculative decoding with the checkpoint's MTP head (same output as greedy)")
     args = parser.parse_args(argv)
 
     try:
         tokenizer = Qwen35Tokenizer.from_dir(args.model)
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
+    if args.speculative and args.temperature != 0:
+        parser.error("--speculative mtp decodes greedily: use --temperature 0")
     model = load_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device).eval()
+    if args.speculative and model.mtp is None:
+        parser.error(f"--speculative mtp: {args.model} has no MTP head (no mtp.* tensors or "
+                     "mtp_num_hidden_layers = 0 in config.json)")
     try:
         tokenizer.check_fits(model.config.vocab_size)
         prompt = args.prompt
@@ -68,13 +75,17 @@ def main(argv: list[str] | None = None) -> None:
         printed = text
 
     sys.stdout.write(args.prompt if not args.chat else "")
+    stats = SpeculationStats()
     start = time.perf_counter()
     generate(model, input_ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-             eos_token_id=sorted(eos), on_token=stream, compile=args.compile)
+             eos_token_id=sorted(eos), on_token=stream, compile=args.compile, speculative=args.speculative,
+             stats=stats)
     elapsed = time.perf_counter() - start
     sys.stdout.write("\n")
+    speculation = (f", MTP drafts accepted {stats.accepted}/{stats.drafted} ({stats.acceptance_rate:.0%})"
+                   if args.speculative else "")
     print(f"[{len(generated)} tokens in {elapsed:.2f} s: {len(generated) / elapsed:.1f} tokens/s, "
-          f"prompt {len(ids)} tokens]", file=sys.stderr)
+          f"prompt {len(ids)} tokens{speculation}]", file=sys.stderr)
 
 
 class _CallableModule(types.ModuleType):

@@ -1,9 +1,11 @@
 """HF checkpoint import/export. Our module names are transformers' text-model names, so loading is key
 normalisation only: the multimodal prefix is dropped, per-expert MoE tensors are stacked into the fused layout,
-vision and MTP tensors are skipped. Nothing is converted arithmetically, so HF -> here -> HF is bit-exact."""
+vision tensors are skipped, and the MTP head (`mtp.*`) loads by name when the config declares one. Nothing is
+converted arithmetically, so HF -> here -> HF is bit-exact."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -22,8 +24,10 @@ log = logging.getLogger(__name__)
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _MULTIMODAL_PREFIX = "model.language_model."
-_SKIPPED_PREFIXES = ("model.visual.", "mtp.")
-_PER_EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_SKIPPED_PREFIXES = ("model.visual.",)
+MTP_PREFIX = "mtp."
+_PER_EXPERT_KEY = re.compile(r"^((?:model|mtp)\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)"
+                             r"\.weight$")
 
 
 def _checkpoint_files(hf_dir: Path) -> list[Path]:
@@ -85,12 +89,31 @@ def _fuse_per_expert(tensors: dict[str, torch.Tensor], num_experts: int) -> None
         tensors[f"{base}.down_proj"] = torch.stack([parts[(e, "down_proj")] for e in range(num_experts)])
 
 
+def _reconcile_mtp(config: Qwen35Config, tensors: dict[str, torch.Tensor], hf_dir: Path) -> Qwen35Config:
+    """The config of the model to build. A config without an MTP head drops the checkpoint's `mtp.*` tensors
+    (as transformers does); a config with one whose checkpoint has no `mtp.*` tensor at all (transformers'
+    save_pretrained drops them) builds the model without the head. Both are logged; a partial head is an error
+    (reported as missing tensors)."""
+    mtp_keys = [k for k in tensors if k.startswith(MTP_PREFIX)]
+    if config.mtp_num_hidden_layers and not mtp_keys:
+        log.warning("load_pretrained(%s): config.json declares mtp_num_hidden_layers=%d but the checkpoint has no "
+                    "mtp.* tensors; loading without the MTP head", hf_dir, config.mtp_num_hidden_layers)
+        return dataclasses.replace(config, mtp_num_hidden_layers=0)
+    if not config.mtp_num_hidden_layers and mtp_keys:
+        log.info("load_pretrained(%s): skipped %d mtp.* tensors (config.json declares no MTP head)", hf_dir,
+                 len(mtp_keys))
+        for key in mtp_keys:
+            del tensors[key]
+    return config
+
+
 def load_pretrained(hf_dir: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu") -> Qwen35ForCausalLM:
     """Load an HF directory (config.json + one or sharded safetensors; text-only or multimodal keys; fused or
     per-expert MoE). Every missing, unexpected or mis-shaped tensor raises before a model is returned."""
     hf_dir = Path(hf_dir)
     config = Qwen35Config.from_hf_file(hf_dir / "config.json")
     tensors = _read_text_tensors(hf_dir, dtype, device)
+    config = _reconcile_mtp(config, tensors, hf_dir)
     if config.is_moe:
         _fuse_per_expert(tensors, config.num_experts)
 
@@ -141,18 +164,44 @@ def _new_file_mode() -> int:
     return 0o666 & ~umask
 
 
-def save_pretrained(model: Qwen35ForCausalLM, out_dir: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
-    """Write config.json + safetensors (sharded with an index above `max_shard_size`) that transformers'
-    AutoModelForCausalLM loads. Files are written under temporary names and renamed only once all are complete."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    limit = _parse_size(max_shard_size)
+def split_per_expert(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The fused expert tensors under `prefix` as the per-expert keys `experts.{e}.{gate,up,down}_proj.weight`
+    (the layout of the published MTP layer); other tensors unchanged, order kept."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if key.startswith(prefix) and key.endswith(".mlp.experts.gate_up_proj"):
+            base = key.removesuffix(".gate_up_proj")
+            for e, (gate, up) in enumerate(t.chunk(2) for t in tensor.unbind()):
+                out[f"{base}.{e}.gate_proj.weight"] = gate.contiguous()
+                out[f"{base}.{e}.up_proj.weight"] = up.contiguous()
+                out[f"{base}.{e}.down_proj.weight"] = state[f"{base}.down_proj"][e].contiguous()
+        elif not (key.startswith(prefix) and key.endswith(".mlp.experts.down_proj")):
+            out[key] = tensor
+    return out
+
+
+def checkpoint_state(model: Qwen35ForCausalLM) -> dict[str, torch.Tensor]:
+    """The tensors written to an HF checkpoint under text-model names: no tied lm_head, the MTP layer's experts
+    per expert as published."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight")
+    return split_per_expert(state, MTP_PREFIX)
+
+
+def save_pretrained(model: Qwen35ForCausalLM, out_dir: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
+    """Write config.json + safetensors (sharded with an index above `max_shard_size`) that transformers'
+    AutoModelForCausalLM loads. Files are written under temporary names and renamed only once all are complete."""
+    state = checkpoint_state(model)
     dtypes = {v.dtype for v in state.values()}
     dtype_name = str(next(iter(dtypes))).removeprefix("torch.") if len(dtypes) == 1 else "float32"
+    outputs = _weight_files(state, _parse_size(max_shard_size))
+    outputs["config.json"] = json.dumps(model.config.to_hf_dict(dtype_name), indent=2).encode()
+    _write_atomically(Path(out_dir), outputs)
 
+
+def _weight_files(state: dict[str, torch.Tensor], limit: int) -> dict[str, bytes | dict[str, torch.Tensor]]:
+    """One model.safetensors, or shards of at most `limit` bytes (a larger tensor alone) with an index."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     shard_bytes = 0
     for key, tensor in state.items():
@@ -162,18 +211,20 @@ def save_pretrained(model: Qwen35ForCausalLM, out_dir: str | os.PathLike, max_sh
             shard_bytes = 0
         shards[-1][key] = tensor
         shard_bytes += size
-
-    outputs: dict[str, bytes | dict[str, torch.Tensor]] = {
-        "config.json": json.dumps(model.config.to_hf_dict(dtype_name), indent=2).encode()}
     if len(shards) == 1:
-        outputs[SINGLE_FILE] = shards[0]
-    else:
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        outputs.update(zip(names, shards))
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                 "weight_map": {key: name for name, shard in zip(names, shards) for key in shard}}
-        outputs[INDEX_FILE] = json.dumps(index, indent=2).encode()
+        return {SINGLE_FILE: shards[0]}
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    outputs: dict[str, bytes | dict[str, torch.Tensor]] = dict(zip(names, shards))
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+             "weight_map": {key: name for name, shard in zip(names, shards) for key in shard}}
+    outputs[INDEX_FILE] = json.dumps(index, indent=2).encode()
+    return outputs
 
+
+def _write_atomically(out_dir: Path, outputs: dict[str, bytes | dict[str, torch.Tensor]]) -> None:
+    """Write every file under a temporary name, then rename them all; weight files of an earlier save that
+    this one does not overwrite are removed (they would be read as part of it)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     temporary = []
     try:
         for name, content in outputs.items():
@@ -188,7 +239,6 @@ def save_pretrained(model: Qwen35ForCausalLM, out_dir: str | os.PathLike, max_sh
         for tmp, _ in temporary:
             tmp.unlink(missing_ok=True)
         raise
-    # A previous save's files that this one does not overwrite would be read as part of it: remove them.
     for stale in (out_dir / SINGLE_FILE, out_dir / INDEX_FILE, *out_dir.glob("model-*-of-*.safetensors")):
         if stale.name not in outputs:
             stale.unlink(missing_ok=True)
@@ -198,8 +248,8 @@ def save_pretrained(model: Qwen35ForCausalLM, out_dir: str | os.PathLike, max_sh
 
 def text_tensor_names(hf_dir: str | os.PathLike) -> set[str]:
     """The decoder tensors an HF directory holds, under our names (multimodal prefix dropped, per-expert MoE keys
-    as their fused tensor), without reading any tensor; vision and MTP tensors are left out as load_pretrained
-    skips them."""
+    as their fused tensor), without reading any tensor; vision tensors are left out as load_pretrained skips
+    them."""
     names = set()
     for path in _checkpoint_files(Path(hf_dir)):
         with safe_open(path, framework="pt", device="cpu") as f:
@@ -213,3 +263,82 @@ def text_tensor_names(hf_dir: str | os.PathLike) -> set[str]:
                     name = f"{base}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
                 names.add(name)
     return names
+
+
+# Files of the source directory that the exported one gets from the model, not by copying.
+_WEIGHT_FILE = re.compile(r"^(.*\.safetensors|.*\.safetensors\.index\.json|config\.json)$")
+
+
+def _source_tensor_names(source_dir: Path) -> dict[str, Path]:
+    names: dict[str, Path] = {}
+    for path in _checkpoint_files(source_dir):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            names.update(dict.fromkeys(f.keys(), path))
+    return names
+
+
+def _check_source_config(config: Qwen35Config, source_config: dict, source: Path) -> None:
+    if source_config.get("model_type") not in {"qwen3_5", "qwen3_5_moe"}:
+        raise ValueError(f"{source}/config.json: model_type {source_config.get('model_type')!r} is not a published "
+                         "(multimodal) Qwen3.5 layout ('qwen3_5' or 'qwen3_5_moe'); use the text layout")
+    theirs = Qwen35Config.from_hf_dict(source_config, source=f"{source}/config.json")
+    ours_hf, theirs_hf = config.to_hf_dict(), theirs.to_hf_dict()
+    ignored = {"mtp_num_hidden_layers", "pad_token_id", "bos_token_id", "eos_token_id"}
+    differ = sorted(k for k in set(ours_hf) | set(theirs_hf)
+                    if k not in ignored and ours_hf.get(k) != theirs_hf.get(k))
+    if differ:
+        raise ValueError(f"{source}/config.json does not describe this checkpoint's model: "
+                         + "; ".join(f"{k} = {theirs_hf.get(k)!r} there, {ours_hf.get(k)!r} in the checkpoint"
+                                     for k in differ))
+
+
+def save_published(model: Qwen35ForCausalLM, out_dir: str | os.PathLike, source_dir: str | os.PathLike,
+                   dtype: torch.dtype | None = None) -> None:
+    """Write `model` in the layout of the published checkpoint `source_dir` (a multimodal Qwen3.5 directory of the
+    same architecture): its config.json (vision_config kept, dtype updated), `model.language_model.*` and
+    `lm_head.weight` from the model, `model.visual.*` copied bit-identically from the source, the model's MTP
+    head as `mtp.*` (experts per expert), every other file of the source (generation_config.json, tokenizer
+    files, chat template, processor configs) copied. Text tensors are cast to `dtype` (default: the source's
+    text dtype). One file or shards with an index as the source has (shards no larger than its largest)."""
+    source_dir, out_dir = Path(source_dir), Path(out_dir)
+    source_config = json.loads((source_dir / "config.json").read_text())
+    _check_source_config(model.config, source_config, source_dir)
+    names = _source_tensor_names(source_dir)
+    embed_key = _MULTIMODAL_PREFIX + "embed_tokens.weight"
+    if embed_key not in names:
+        raise ValueError(f"{source_dir}: no {embed_key} tensor: not a published-layout checkpoint")
+    if model.config.mtp_num_hidden_layers == 0 and any(k.startswith(MTP_PREFIX) for k in names):
+        raise ValueError(f"{source_dir} ships an MTP head (mtp.*) but the model has none (mtp_num_hidden_layers = 0):"
+                         " the export would drop it")
+    with safe_open(names[embed_key], framework="pt", device="cpu") as f:
+        source_dtype = f.get_slice(embed_key).get_dtype()
+    dtype = dtype or {"BF16": torch.bfloat16, "F32": torch.float32, "F16": torch.float16}[source_dtype]
+    dtype_name = str(dtype).removeprefix("torch.")
+
+    state: dict[str, torch.Tensor] = {}
+    for key, tensor in checkpoint_state(model).items():
+        key = _MULTIMODAL_PREFIX + key.removeprefix("model.") if key.startswith("model.") else key
+        state[key] = tensor.to(dtype)
+    if any(_PER_EXPERT_KEY.match("model." + k.removeprefix(_MULTIMODAL_PREFIX)) for k in names
+           if k.startswith(_MULTIMODAL_PREFIX)):
+        state = split_per_expert(state, _MULTIMODAL_PREFIX)  # the source stores its decoder experts per expert
+    for key, path in names.items():
+        if key.startswith("model.visual."):
+            with safe_open(path, framework="pt", device="cpu") as f:
+                state[key] = f.get_tensor(key)
+
+    files = _checkpoint_files(source_dir)
+    limit = max(p.stat().st_size for p in files) if len(files) > 1 else sum(
+        t.numel() * t.element_size() for t in state.values())
+    outputs = _weight_files(state, limit)
+    config = dict(source_config)
+    for section in (config, config.get("text_config")):
+        if isinstance(section, dict):
+            section["dtype"] = dtype_name
+            section.pop("torch_dtype", None)
+    config["text_config"]["mtp_num_hidden_layers"] = model.config.mtp_num_hidden_layers
+    outputs["config.json"] = json.dumps(config, indent=2).encode()
+    for path in sorted(source_dir.iterdir()):
+        if path.is_file() and not path.name.startswith(".") and not _WEIGHT_FILE.match(path.name):
+            outputs[path.name] = path.read_bytes()
+    _write_atomically(out_dir, outputs)

@@ -12,6 +12,7 @@ from .config import LINEAR_ATTENTION, Qwen35Config
 from .gated_deltanet import GatedDeltaNet
 from .layers import GatedRMSNorm, RMSNorm, RotaryEmbedding, SwiGLU
 from .moe import GroupedExperts, SparseMoE, TopKRouter, load_balancing_loss, router_statistics
+from .mtp import MultiTokenPredictor
 
 
 class DecoderLayer(nn.Module):
@@ -88,6 +89,7 @@ class Qwen35ForCausalLM(nn.Module):
         self.config = config
         self.model = Qwen35TextModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.mtp = MultiTokenPredictor(config) if config.mtp_num_hidden_layers else None
         self.tie_weights()
         self.init_weights()
 
@@ -112,7 +114,7 @@ class Qwen35ForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None,
                 cache: Qwen35Cache | None = None, num_logits_to_keep: int = 0, return_aux_loss: bool = False,
-                return_router_stats: bool = False, return_hidden_states: bool = False):
+                return_router_stats: bool = False, return_hidden_states: bool = False, return_hidden: bool = False):
         """input_ids [B, T] -> logits [B, T, vocab] (the last `num_logits_to_keep` positions when > 0).
 
         cu_seqlens (int32 [N+1], B == 1): documents packed in one row; positions restart per document and no
@@ -121,7 +123,8 @@ class Qwen35ForCausalLM(nn.Module):
         return_router_stats: also return its summable statistics (`qwen35.moe.RouterStatistics`), from which a
         data-parallel trainer forms the loss of the global batch. return_hidden_states: the final (normed) hidden
         states [B, T, hidden] in place of the logits, for a loss that applies `lm_head` itself
-        (`qwen35.linear_cross_entropy`).
+        (`qwen35.linear_cross_entropy`). return_hidden: (logits, final normed hidden states [B, T, H] of every
+        position) in place of the logits (the MTP head's input), with the extra outputs after them.
         """
         B, T = input_ids.shape
         attn_mask = None
@@ -152,10 +155,14 @@ class Qwen35ForCausalLM(nn.Module):
                 router_logits.append(logits)
         if cache is not None:
             cache.advance(T)
-        x = self.model.norm(x)
+        hidden = x = self.model.norm(x)
         if num_logits_to_keep:
             x = x[:, -num_logits_to_keep:]
+        if return_hidden_states and return_hidden:
+            raise ValueError("return_hidden_states and return_hidden are exclusive")
         out = x if return_hidden_states else self.lm_head(x)
+        if return_hidden:
+            out = (out, hidden)
         if not (return_aux_loss or return_router_stats):
             return out
         if return_aux_loss and return_router_stats:
@@ -163,9 +170,9 @@ class Qwen35ForCausalLM(nn.Module):
         if not router_logits:
             raise ValueError("return_aux_loss / return_router_stats need an MoE config")
         experts, top_k = self.config.num_experts, self.config.num_experts_per_tok
-        if return_router_stats:
-            return out, router_statistics(router_logits, experts, top_k)
-        return out, load_balancing_loss(router_logits, experts, top_k)
+        extra = (router_statistics(router_logits, experts, top_k) if return_router_stats
+                 else load_balancing_loss(router_logits, experts, top_k))
+        return (*out, extra) if return_hidden else (out, extra)
 
     def _packed_attention_mask(self, cu_seqlens: torch.Tensor, seq_len: int):
         """(positions [1, T], the attention layers' `attn_mask` for the packed row) per `packed_attention`."""

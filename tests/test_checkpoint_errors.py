@@ -44,12 +44,12 @@ def test_misshaped_tensor(dense_dir):
         qwen35.load_pretrained(dense_dir)
 
 
-def test_mtp_and_vision_tensors_skipped_with_one_log_line(dense_dir, caplog):
+def test_mtp_tensors_without_a_declared_head_skipped_with_one_log_line(dense_dir, caplog):
     _edit(dense_dir, lambda t: t.update({"mtp.fc.weight": torch.zeros(64, 128), "mtp.norm.weight": torch.zeros(64)}))
     with caplog.at_level(logging.INFO, logger="qwen35.hf_io"):
         qwen35.load_pretrained(dense_dir)
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 1 and "2 tensors under mtp.*" in lines[0]
+    assert len(lines) == 1 and "skipped 2 mtp.* tensors (config.json declares no MTP head)" in lines[0]
 
 
 def test_tied_config_with_different_lm_head(tmp_path):

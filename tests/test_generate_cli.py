@@ -67,3 +67,25 @@ def test_cli_errors_name_the_missing_file(tmp_path, checkpoint):
     result = subprocess.run([sys.executable, "-m", "qwen35.generate", "--model", str(no_template), "--prompt", "x",
                              "--chat"], capture_output=True, text=True)
     assert result.returncode != 0 and "no chat template (expected chat_template.jinja" in result.stderr
+
+
+def test_cli_speculative_mtp_prints_greedy_text_and_acceptance(tmp_path, checkpoint):
+    result = subprocess.run([sys.executable, "-m", "qwen35.generate", "--model", str(checkpoint), "--prompt", "x",
+                             "--speculative", "mtp"], capture_output=True, text=True)
+    assert result.returncode != 0 and "has no MTP head" in result.stderr
+    # the same checkpoint with a (random) MTP head
+    plain = qwen35.load_pretrained(checkpoint)
+    torch.manual_seed(0)
+    model = qwen35.Qwen35ForCausalLM(qwen35.Qwen35Config(**{**plain.config.__dict__, "mtp_num_hidden_layers": 1}))
+    model.load_state_dict(plain.state_dict(), strict=False)
+    with_mtp = tmp_path / "mtp"
+    qwen35.save_pretrained(model, with_mtp)
+    for f in checkpoint.iterdir():
+        if not f.name.startswith(("model", "config")):
+            (with_mtp / f.name).write_bytes(f.read_bytes())
+    prompt = "Hello, delta rule!"
+    result = subprocess.run([sys.executable, "-m", "qwen35.generate", "--model", str(with_mtp), "--prompt", prompt,
+                             "--max-new-tokens", "12", "--speculative", "mtp"], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout == prompt + _expected_text(checkpoint, prompt, 12, [0]) + "\n"
+    assert "MTP drafts accepted" in result.stderr

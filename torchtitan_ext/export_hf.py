@@ -1,6 +1,8 @@
-"""`python -m torchtitan_ext.export_hf --config <toml> --checkpoint <dcp step dir> --output <hf dir>`:
-a torchtitan DCP checkpoint (full or model-only) -> an HF directory transformers loads (config.json,
-safetensors, and the tokenizer files and chat template of [model] hf_assets_path).
+"""`python -m torchtitan_ext.export_hf --config <toml> --checkpoint <dcp step dir> --output <hf dir>
+[--layout text|published --source <original hf dir>] [--dtype bfloat16|float32] [--overwrite]`:
+a torchtitan DCP checkpoint (full or model-only) -> an HF directory transformers loads. Text layout: config.json,
+safetensors, and the tokenizer files and chat template of [model] hf_assets_path. Published layout: the
+multimodal directory of --source with the trained decoder and MTP head (`qwen35.hf_io.save_published`).
 
 The output is written to a temporary directory beside it and renamed into place when complete; a non-empty
 output directory is refused unless --overwrite is given (then it is replaced as a whole).
@@ -22,6 +24,7 @@ import torch.distributed.checkpoint as dcp
 
 import qwen35
 from qwen35 import Qwen35Config, Qwen35ForCausalLM
+from qwen35.hf_io import save_published
 from qwen35.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 
 from .checkpoint import CheckpointError, check_complete
@@ -107,23 +110,36 @@ def _parser() -> argparse.ArgumentParser:
                         help="a step-N directory of a DCP checkpoint (read with pickle: trusted sources only)")
     parser.add_argument("--output", required=True, type=Path, help="HF directory to write")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
+    parser.add_argument("--layout", choices=["text", "published"], default="text",
+                        help="text: a Qwen3_5ForCausalLM directory; published: the multimodal layout of --source "
+                             "(its vision tower, config and files kept, the trained text decoder and MTP head)")
+    parser.add_argument("--source", type=Path, help="--layout published: the original HF directory")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                        help="tensor dtype (default: the source's for published, float32 for text)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if (args.layout == "published") != (args.source is not None):
+        parser.error("--source <original HF dir> is required by --layout published, and only by it")
     try:
         model_section = read_sections(args.config, [])["model"]
         _check_output(args.output, args.overwrite, args.checkpoint)
         model = load_dcp_model(model_section.architecture(), args.checkpoint)
+        dtype = getattr(torch, args.dtype) if args.dtype else None
 
         def write(directory: Path) -> None:
             with torch.no_grad():
-                qwen35.save_pretrained(model, directory)
+                if args.layout == "published":
+                    save_published(model, directory, args.source, dtype=dtype)
+                    return
+                qwen35.save_pretrained(model.to(dtype) if dtype else model, directory)
             _copy_tokenizer_files(Path(model_section.hf_assets_path), directory)
 
         _write_then_rename(args.output, write)
-    except (ConfigError, CheckpointError, ExportError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError, ExportError, FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
     print(f"wrote {args.output}")
 

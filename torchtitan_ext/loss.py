@@ -54,7 +54,23 @@ from torchtitan.components.loss import IGNORE_INDEX, CrossEntropyLoss
 from qwen35.linear_cross_entropy import DEFAULT_CHUNK_SIZE, linear_cross_entropy
 from qwen35.moe import RouterStatistics, balancing_loss_share
 
+from qwen35.mtp import mtp_targets
+
 from .model import TrainingOutput
+
+# Loss terms logged beside torchtitan's total loss (`metrics.Qwen35MetricsProcessor`): summed over the loss
+# calls (microbatches) since the last log, detached.
+_pending_loss_metrics: dict[str, torch.Tensor] = {}
+
+
+def record_loss_metric(name: str, value: torch.Tensor) -> None:
+    _pending_loss_metrics[name] = _pending_loss_metrics[name] + value if name in _pending_loss_metrics else value
+
+
+def pop_loss_metrics() -> dict[str, torch.Tensor]:
+    metrics = dict(_pending_loss_metrics)
+    _pending_loss_metrics.clear()
+    return metrics
 
 
 def global_balancing_share(stats: RouterStatistics, valid_tokens: torch.Tensor,
@@ -90,15 +106,16 @@ class Qwen35Loss(CrossEntropyLoss):
                  **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if not isinstance(pred, TrainingOutput):  # logits (eval mode)
             return super().__call__(pred, labels, global_valid_tokens, **kwargs)
-        if self.chunk_size is None:
-            logits = F.linear(_gathered_sequence(pred.hidden_states), pred.lm_head_weight)
-            loss, metrics = super().__call__(logits, labels, global_valid_tokens, **kwargs)
-        else:
-            loss, metrics = _chunked_cross_entropy(pred.hidden_states, pred.lm_head_weight, labels,
-                                                   self.chunk_size), {}
-            if global_valid_tokens is not None:
-                with spmd.no_typecheck():
-                    loss = loss / global_valid_tokens
+        loss, metrics = self._cross_entropy(pred.hidden_states, pred.lm_head_weight, labels, global_valid_tokens,
+                                            **kwargs)
+        if pred.mtp_hidden_states is not None:
+            # Normalised like the main loss (summed, divided by the global count of valid tokens), so it adds up
+            # over microbatches and data-parallel ranks the same way.
+            targets = mtp_targets(labels, pred.cu_seqlens, IGNORE_INDEX)
+            mtp, _ = self._cross_entropy(pred.mtp_hidden_states, pred.lm_head_weight, targets, global_valid_tokens,
+                                         **kwargs)
+            record_loss_metric("mtp_loss", mtp.detach())
+            loss, metrics = loss + pred.mtp_loss_weight * mtp, {**metrics, "mtp_loss": mtp.detach()}
         if pred.router_stats is None:
             return loss, metrics
         with spmd.no_typecheck():
@@ -107,6 +124,19 @@ class Qwen35Loss(CrossEntropyLoss):
                 weight = weight / global_valid_tokens
             loss = loss + pred.aux_loss_coef * share * weight
         return loss, metrics
+
+    def _cross_entropy(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                       global_valid_tokens: torch.Tensor | None,
+                       **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Cross entropy of lm_head(hidden) against labels, summed over valid tokens / global_valid_tokens."""
+        if self.chunk_size is None:
+            logits = F.linear(_gathered_sequence(hidden), weight)
+            return super().__call__(logits, labels, global_valid_tokens, **kwargs)
+        loss = _chunked_cross_entropy(hidden, weight, labels, self.chunk_size)
+        if global_valid_tokens is not None:
+            with spmd.no_typecheck():
+                loss = loss / global_valid_tokens
+        return loss, {}
 
 
 def _gathered_sequence(hidden: torch.Tensor) -> torch.Tensor:

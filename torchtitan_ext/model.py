@@ -8,7 +8,8 @@ aux_loss_coef)` instead of the logits, and `torchtitan_ext.loss.Qwen35Loss` appl
 memory-bounded linear + cross entropy (`qwen35.linear_cross_entropy`): the [tokens, vocab] logits are never
 materialised. The weight is read during the forward, when FSDP holds it unsharded (the final norm + lm_head unit
 is kept gathered after the forward; a tied weight lives in the root unit, which is too). An extra loss term on the
-final hidden states (e.g. multi-token prediction) adds a field here and a term in `Qwen35Loss`.
+final hidden states adds a field here and a term in `Qwen35Loss`, as multi-token prediction does
+(`mtp_hidden_states`, through the same chunked loss).
 
 MoE auxiliary loss: `router_stats` are the sums over this forward's (layer, token) rows that the load-balancing
 loss (transformers' definition) is made of (`qwen35.moe.RouterStatistics`: per-expert top-k assignment counts,
@@ -25,9 +26,11 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from qwen35 import Qwen35Config, Qwen35ForCausalLM
 from qwen35.moe import RouterStatistics
+from qwen35.mtp import mtp_hidden_states
 from torchtitan.protocols import BaseModel
 
 from .flops import flops_per_token
@@ -39,6 +42,9 @@ class TrainingOutput(NamedTuple):
     router_stats: RouterStatistics | None  # MoE with a non-zero router_aux_loss_coef: of this forward's tokens,
     #                                        not reduced over ranks
     aux_loss_coef: float  # router_aux_loss_coef: weight of the load-balancing loss
+    mtp_hidden_states: torch.Tensor | None = None  # [B, T-1, hidden]: row t predicts token t+2 (qwen35.mtp)
+    mtp_loss_weight: float = 0.0
+    cu_seqlens: torch.Tensor | None = None  # the packed documents, so that no MTP target crosses a boundary
 
 
 class Qwen35TitanModel(BaseModel, Qwen35ForCausalLM):
@@ -62,16 +68,24 @@ class Qwen35TitanModel(BaseModel, Qwen35ForCausalLM):
 
     def forward(self, input_ids: torch.Tensor, **kwargs):
         """Qwen35ForCausalLM.forward; in training mode (unless the caller asks for aux outputs itself)
-        `TrainingOutput`."""
+        `TrainingOutput`: the final hidden states for the loss's lm_head, the MoE router statistics (non-zero
+        router_aux_loss_coef) and, with a non-zero mtp_loss_weight, the MTP head's hidden states (the MTP layer's
+        router statistics are not part of the load-balancing loss)."""
         config = self.config
         if not self.training or "return_aux_loss" in kwargs or "return_router_stats" in kwargs:
             return Qwen35ForCausalLM.forward(self, input_ids, **kwargs)
-        if config.is_moe and config.router_aux_loss_coef:
-            hidden, stats = Qwen35ForCausalLM.forward(self, input_ids, return_hidden_states=True,
-                                                      return_router_stats=True, **kwargs)
-            return TrainingOutput(hidden, self.lm_head.weight, stats, config.router_aux_loss_coef)
-        hidden = Qwen35ForCausalLM.forward(self, input_ids, return_hidden_states=True, **kwargs)
-        return TrainingOutput(hidden, self.lm_head.weight, None, 0.0)
+        with_stats = bool(config.is_moe and config.router_aux_loss_coef)
+        out = Qwen35ForCausalLM.forward(self, input_ids, return_hidden_states=True, return_router_stats=with_stats,
+                                        **kwargs)
+        hidden, stats = out if with_stats else (out, None)
+        cu_seqlens, mtp_hidden = kwargs.get("cu_seqlens"), None
+        if config.mtp_loss_weight:
+            if isinstance(hidden, DTensor):
+                raise NotImplementedError("[model] mtp_loss_weight: the MTP head has no tensor-parallel plan yet; "
+                                          "train it with tensor_parallel_degree = 1")
+            mtp_hidden, _ = mtp_hidden_states(self, hidden, input_ids, cu_seqlens)
+        return TrainingOutput(hidden, self.lm_head.weight, stats, config.router_aux_loss_coef if with_stats else 0.0,
+                              mtp_hidden, config.mtp_loss_weight, cu_seqlens)
 
     def verify_module_protocol(self) -> None:
         """No-op: the internals are plain nn.Modules by design (HF names and layout); torchtitan's own HF

@@ -26,7 +26,6 @@ import tyro
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from torchtitan.components.checkpoint import CheckpointManager
-from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.components.optimizer import LRSchedulersContainer, OptimizersContainer
 from torchtitan.components.optimizer.optimizer import ParamGroupConfig
 from torchtitan.components.validate import Validator
@@ -44,6 +43,7 @@ from qwen35 import Qwen35Config
 from . import compat
 from .data import Qwen35DataLoader, SourceSpec, TitanTokenizer
 from .loss import Qwen35Loss
+from .metrics import Qwen35MetricsProcessor
 from .model_spec import model_registry
 from .trainer import Qwen35Trainer
 
@@ -70,11 +70,19 @@ class ModelSection:
     tie_word_embeddings: bool | None = None
     # MoE load-balancing loss weight; unset = the flavor's (0.001). 0 trains on cross entropy alone.
     router_aux_loss_coef: float | None = None
+    # Weight of the MTP head's next-next-token loss (Qwen35Config.mtp_loss_weight); 0 = off. Non-zero builds the
+    # head (mtp_num_hidden_layers = 1) unless mtp_num_hidden_layers is set.
+    mtp_loss_weight: float | None = None
+    # 1 builds the published one-layer MTP head (`mtp.*`, loaded from and exported to HF); unset = the flavor's.
+    mtp_num_hidden_layers: int | None = None
 
     def architecture(self) -> Qwen35Config:
         """The flavor's Qwen35Config with this section's overrides applied."""
-        overrides = {key: getattr(self, key) for key in ("tie_word_embeddings", "router_aux_loss_coef")
+        overrides = {key: getattr(self, key) for key in ("tie_word_embeddings", "router_aux_loss_coef",
+                                                         "mtp_loss_weight", "mtp_num_hidden_layers")
                      if getattr(self, key) is not None}
+        if self.mtp_loss_weight and self.mtp_num_hidden_layers is None:
+            overrides["mtp_num_hidden_layers"] = 1
         return Qwen35Config.from_flavor(self.flavor, **overrides)
 
 
@@ -168,7 +176,7 @@ SECTIONS: dict[str, tuple[type, typing.Callable[[], Any]]] = {
     "lr_scheduler": (LRSchedulersContainer.Config, LRSchedulersContainer.Config),
     "parallelism": (ParallelismConfig, _spmd_parallelism),
     "checkpoint": (CheckpointManager.Config, CheckpointManager.Config),
-    "metrics": (MetricsProcessor.Config, MetricsProcessor.Config),
+    "metrics": (Qwen35MetricsProcessor.Config, Qwen35MetricsProcessor.Config),
     "compile": (CompileConfig, CompileConfig),
     "activation_checkpoint": (ActivationCheckpointSection, ActivationCheckpointSection),
     "float8": (Float8Section, Float8Section),
@@ -319,6 +327,12 @@ def read_sections(path: Path, overrides: list[str]) -> dict[str, Any]:
         if sections["validator"].steps == -1:
             raise ConfigError(f"{path}: [validator] steps = -1 (the whole file) is not supported: the data loaders "
                               "repeat their data, so a validation pass needs a number of steps")
+    if sections["checkpoint"].last_save_in_hf:
+        raise ConfigError(
+            f"{path}: [checkpoint] last_save_in_hf = true is not supported: torchtitan's HF writer neither writes "
+            "config.json nor the published layout (vision tower, MTP experts per expert). Save DCP checkpoints and "
+            "export the last one with `python -m torchtitan_ext.export_hf --config ... --checkpoint <step dir> "
+            "--output <dir> [--layout published --source <original HF dir>]`")
     return sections
 
 
