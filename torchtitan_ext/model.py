@@ -84,7 +84,15 @@ class Qwen35TitanModel(BaseModel, Qwen35ForCausalLM):
                 raise NotImplementedError("[model] mtp_loss_weight: the MTP head has no tensor-parallel plan yet; "
                                           "train it with tensor_parallel_degree = 1")
             mtp_hidden, _ = mtp_hidden_states(self, hidden, input_ids, cu_seqlens)
-        return TrainingOutput(hidden, self.lm_head.weight, stats, config.router_aux_loss_coef if with_stats else 0.0,
+        weight = self.lm_head.weight
+        device = input_ids.device.type
+        if torch.is_autocast_enabled(device):
+            # The loss applies the lm_head after this autocast region ends (parallelism.autocast): hand it the
+            # inputs in the compute dtype, as the lm_head would have run here.
+            dtype = torch.get_autocast_dtype(device)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+            mtp_hidden = mtp_hidden.to(dtype) if mtp_hidden is not None else None
+        return TrainingOutput(hidden, weight, stats, config.router_aux_loss_coef if with_stats else 0.0,
                               mtp_hidden, config.mtp_loss_weight, cu_seqlens)
 
     def verify_module_protocol(self) -> None:
