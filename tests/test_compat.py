@@ -88,3 +88,20 @@ def test_data_parallel_mesh_dims_stand_in_only_where_torch_lacks_it(monkeypatch)
 
     with pytest.raises(NotImplementedError, match="has no torch.distributed.fsdp.DataParallelMeshDims"):
         DataParallelMeshDims(shard="fsdp")
+
+
+ENTRY_POINT_WITHOUT_MESH_DIMS = """
+import runpy, sys
+import torch.distributed.fsdp as fsdp
+del fsdp.DataParallelMeshDims  # as on torch 2.11, where importing torchtitan's trainer needs the stand-in
+sys.argv = ["train", "--config", "train_configs/debug.toml", "--print-config"]
+runpy.run_module("torchtitan_ext.train", run_name="__main__")
+"""
+
+
+def test_train_entry_point_applies_the_shims_before_importing_torchtitans_trainer():
+    """`python -m torchtitan_ext.train` on a torch without DataParallelMeshDims (2.11): the module imports no
+    torchtitan trainer at the top, so main() installs the stand-in first and runs."""
+    printed = subprocess.run([sys.executable, "-c", ENTRY_POINT_WITHOUT_MESH_DIMS], cwd=REPO, check=True,
+                             timeout=300, capture_output=True, text=True).stdout
+    assert 'flavor = "debug"' in printed

@@ -18,7 +18,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import torchtitan_ext  # noqa: F401  (compat shims before torchtitan)
 import torch
 import torch.distributed.checkpoint as dcp
 
@@ -27,8 +26,8 @@ from qwen35 import Qwen35Config, Qwen35ForCausalLM
 from qwen35.hf_io import save_published
 from qwen35.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 
+from . import compat
 from .checkpoint import CheckpointError, check_complete
-from .toml_config import ConfigError, read_sections
 
 TIED_LM_HEAD = "lm_head.weight"
 EMBEDDING = "model.embed_tokens.weight"
@@ -120,6 +119,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    compat.apply()  # before torchtitan's config classes are imported (.toml_config): torch 2.11 needs a shim
+    from .toml_config import ConfigError, read_sections
+
     parser = _parser()
     args = parser.parse_args(argv)
     if (args.layout == "published") != (args.source is not None):

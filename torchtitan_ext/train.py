@@ -8,22 +8,23 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torchtitan.tools.logging import init_logger, logger
-from torchtitan.trainer import Trainer
 
 from . import compat
-from .data import DataError
-from .checkpoint import CheckpointError
-from .preflight import prepare_files
-from .toml_config import ConfigError, read_sections, to_toml, to_trainer_config
-from .trainer import NonFiniteLossError
-from .validation import validate
+
+if TYPE_CHECKING:
+    from torchtitan.trainer import Trainer
+
+# torchtitan's trainer (and so .toml_config, .trainer, .validation) is imported inside the functions below, after
+# compat.apply(): on torch 2.11 importing it needs a shim (compat._install_data_parallel_mesh_dims_stand_in), and
+# this module, imported by tests and tools, must patch nothing at import.
 
 
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
+    from .toml_config import read_sections
+
     parser = argparse.ArgumentParser(prog="python -m torchtitan_ext.train", allow_abbrev=False)
     parser.add_argument("--config", required=True, type=Path, help="TOML file (see train_configs/)")
     parser.add_argument("--print-config", action="store_true",
@@ -35,6 +36,10 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
 def _build_config(sections: dict[str, Any], config_path: Path) -> Trainer.Config:
     """The Trainer.Config of checked sections, after the files they name are checked (or created). The one place
     a built config is checked before any work starts."""
+    from .preflight import prepare_files
+    from .toml_config import to_trainer_config
+    from .validation import validate
+
     prepare_files(sections, config_path)
     config = to_trainer_config(sections, config_path)
     validate(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
@@ -73,6 +78,14 @@ def run(config: Trainer.Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    compat.apply()
+    from torchtitan.tools.logging import init_logger, logger
+
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .toml_config import ConfigError, to_toml
+    from .trainer import NonFiniteLossError
+
     argv = sys.argv[1:] if argv is None else argv
     try:
         args, sections = _parse(argv)
