@@ -4,8 +4,8 @@
 emulation) converts the linears and trains close to the fp32 run.
 
 Same global batch: TP ranks share their data, so TP-only runs use local batch 4 like the 1-process references.
-Data-parallel ranks read different data. The pretraining loader splits *documents* by rank (record i -> dp rank
-i % dp) and each rank packs its own stream, so no 1-process run sees their global batch; data-parallel runs
+Data-parallel ranks read different data. The pretraining loader deals *units* of documents (row groups, blocks,
+files) to the ranks and each rank packs its own stream, so no 1-process run sees their global batch; data-parallel runs
 therefore train on SFT windows, which are dealt whole (window j -> dp rank j % dp): dp ranks x local batch 4 / dp
 see the 1-process batch of 4 windows. `mixed_precision_param = float32` because torchtitan's FSDP otherwise
 computes in bf16 (its default), which a 1-process run never does.
