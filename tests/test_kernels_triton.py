@@ -106,6 +106,19 @@ def test_triton_chunk_fp32_matches_oracle(case):
     _compare(case, "triton", torch.float32, atol_out=1e-5, atol_grad=1e-4)
 
 
+def test_state_walks_at_32_wide_v_blocks(monkeypatch):
+    """The state walks take V blocks of 16 when their grid would be small (every shape the interpreter can afford)
+    and of 32 otherwise: the 32-wide walks (three V blocks at V = 80, the last partial; K = 24 in one state tile),
+    forced here, against the oracle."""
+    from kernels.gated_delta_rule import triton_chunk
+
+    assert triton_chunk._walk_block_sizes(1, 16, 128, 128) == (64, 16)  # 64 programs at 32: too few
+    assert triton_chunk._walk_block_sizes(8, 16, 128, 128) == (64, 32)
+    assert triton_chunk._walk_block_sizes(1, 2, 24, 80) == (32, 16)
+    monkeypatch.setattr(ops._triton_module("triton_chunk", torch.device("cpu")), "_WALK_MIN_PROGRAMS", 0)
+    _compare(CASES[3], "triton", torch.float32, atol_out=1e-5, atol_grad=1e-4)
+
+
 # Sequences ending inside a chunk, no final state, and a decay ~30x the other cases' (log decay about -4 per
 # token, as fast heads of trained models and of the model's A_log init have): gamma within a chunk passes -88,
 # where exp(-gamma) overflows fp32. The backward once turned the rows past a sequence's end into 0 * inf = NaN.
@@ -290,7 +303,8 @@ def test_kernels_compile_for_sm90(features):
         pytest.skip("the kernels were imported under TRITON_INTERPRET=1: nothing to compile")
 
     BK, BV = triton_chunk._block_sizes(128, 128)
-    flags = dict(H=16, HV=32, K=128, V=128, BT=64, BC=16, BK=BK, BV=BV, L2NORM=features, PREC="tf32",
+    BKB, _ = triton_chunk._walk_block_sizes(1, 32, 128, 128)
+    flags = dict(H=16, HV=32, K=128, V=128, BT=64, BC=16, BK=BK, BKB=BKB, BV=BV, L2NORM=features, PREC="tf32",
                  HAS_H0=features, STORE_HT=features, HAS_DHT=features, STORE_DH0=features)
     if not features:
         flags.update({pointer: None for pointer in _OPTIONAL_POINTERS})

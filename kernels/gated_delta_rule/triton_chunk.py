@@ -342,34 +342,104 @@ def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, gcum_ptr, tm_ptr, w_ptr, u_pt
 
 
 @triton.jit
+def _load_tile(ptr, tok, tok_mask, row_stride, col0, n_cols, BKB: tl.constexpr):
+    """Columns col0..col0+BKB-1 of rows `tok` of a row-major tensor, a [len(tok), BKB] tile in the stored dtype."""
+    cols = col0 + tl.arange(0, BKB)
+    return tl.load(ptr + tok[:, None] * row_stride + cols[None, :],
+                   mask=tok_mask[:, None] & (cols < n_cols)[None, :], other=0.0)
+
+
+@triton.jit
+def _load_tile_t(ptr, tok, tok_mask, row_stride, col0, n_cols, BKB: tl.constexpr):
+    """The transpose of `_load_tile`, [BKB, len(tok)], read as such from memory: a matmul operand that needs no
+    transpose through registers or shared memory."""
+    cols = col0 + tl.arange(0, BKB)
+    return tl.load(ptr + tok[None, :] * row_stride + cols[:, None],
+                   mask=tok_mask[None, :] & (cols < n_cols)[:, None], other=0.0)
+
+
+@triton.jit
+def _walk_gamma(gcum_ptr, tok, valid, last_tok, hv, HV):
+    """(gamma of a chunk's rows, gamma of its last valid row `last_tok`) for a state walk. The last value is read as
+    a scalar (no reduction across the tile inside the sequential loop); rows past the end of the sequence read 0,
+    which the walks only use as the factor of a zero row (masked loads) or under a mask."""
+    gam = tl.load(gcum_ptr + tok * HV + hv, mask=valid, other=0.0)
+    gam_last = tl.load(gcum_ptr + last_tok * HV + hv)
+    return gam, gam_last
+
+
+# The state walks hold the [K, BV] state as up to four [BKB, BV] register tiles (BKB = 64 for K > 32; K <= 4 BKB):
+# rows [j BKB, (j + 1) BKB) are tile j. Each matmul then has a 64-wide contraction or output dimension, the
+# [64, BT] / [BT, 64] operand tiles are read straight from memory in the input dtype, and the loop holds no
+# [BT, K] tile in registers. The `if K > j * BKB` branches are resolved at compile time.
+
+
+@triton.jit
 def _state_kernel(k_ptr, w_ptr, u_ptr, gcum_ptr, h0_ptr, h_ptr, vnew_ptr, ht_ptr, cu_ptr, chunk_offsets_ptr,
                   H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                  BT: tl.constexpr, BKB: tl.constexpr, BV: tl.constexpr,
                   HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
     """Per (sequence x value head, V block): walk the chunks in order, keeping S [K, BV] in fp32. Stores the
-    entry state of every chunk (h) and V_new = U - W S; optionally the final state."""
+    entry state of every chunk (h) and V_new = U - W S; optionally the final state. Per chunk:
+        S <- exp(gamma_last) S + K^T (diag(exp(gamma_last - gamma)) V_new)
+    (the decay on the rows of V_new, a [BT, BV] tile, rather than on K, which is read as its [BKB, BT] transpose)."""
+    tl.static_assert(K <= 4 * BKB)
     hv, bos, eos, first_chunk, num_chunks, state_offset = _sequence_of_program(cu_ptr, chunk_offsets_ptr, HV, K, V)
-    h = hv // (HV // H)
     DT = k_ptr.dtype.element_ty
+    k_head = k_ptr + (hv // (HV // H)) * K
+    w_head = w_ptr + hv * K
     rows = tl.arange(0, BT)
-    rows_k = tl.arange(0, BK)
+    rows_kb = tl.arange(0, BKB)
     cols_v = tl.program_id(1) * BV + tl.arange(0, BV)
-    s = _load_state_or_zeros(h0_ptr, state_offset, rows_k, cols_v, K, V, HAS_H0, BK, BV)
+    s0 = _load_state_or_zeros(h0_ptr, state_offset, rows_kb, cols_v, K, V, HAS_H0, BKB, BV)
+    if K > BKB:
+        s1 = _load_state_or_zeros(h0_ptr, state_offset, BKB + rows_kb, cols_v, K, V, HAS_H0, BKB, BV)
+    if K > 2 * BKB:
+        s2 = _load_state_or_zeros(h0_ptr, state_offset, 2 * BKB + rows_kb, cols_v, K, V, HAS_H0, BKB, BV)
+    if K > 3 * BKB:
+        s3 = _load_state_or_zeros(h0_ptr, state_offset, 3 * BKB + rows_kb, cols_v, K, V, HAS_H0, BKB, BV)
     for i in range(0, num_chunks):
         t0 = bos + i * BT
         tok = t0 + rows
         valid = tok < eos
-        _store_state(h_ptr + ((first_chunk + i) * HV + hv) * K * V, rows_k, cols_v, K, V, s)
-        w = _load_rows(w_ptr + hv * K, tok, valid, HV * K, rows_k, K).to(DT)
-        u = _load_rows(u_ptr + hv * V, tok, valid, HV * V, cols_v, V)
-        v_new = (u - tl.dot(w, s.to(DT), input_precision=PREC)).to(DT)
+        # The entry state, and W S one K block at a time.
+        h_chunk = h_ptr + ((first_chunk + i) * HV + hv) * K * V
+        _store_state(h_chunk, rows_kb, cols_v, K, V, s0)
+        ws = tl.dot(_load_tile(w_head, tok, valid, HV * K, 0, K, BKB), s0.to(DT), input_precision=PREC)
+        if K > BKB:
+            _store_state(h_chunk, BKB + rows_kb, cols_v, K, V, s1)
+            ws = tl.dot(_load_tile(w_head, tok, valid, HV * K, BKB, K, BKB), s1.to(DT), ws, input_precision=PREC)
+        if K > 2 * BKB:
+            _store_state(h_chunk, 2 * BKB + rows_kb, cols_v, K, V, s2)
+            ws = tl.dot(_load_tile(w_head, tok, valid, HV * K, 2 * BKB, K, BKB), s2.to(DT), ws,
+                        input_precision=PREC)
+        if K > 3 * BKB:
+            _store_state(h_chunk, 3 * BKB + rows_kb, cols_v, K, V, s3)
+            ws = tl.dot(_load_tile(w_head, tok, valid, HV * K, 3 * BKB, K, BKB), s3.to(DT), ws,
+                        input_precision=PREC)
+        v_new = _load_rows(u_ptr + hv * V, tok, valid, HV * V, cols_v, V) - ws
         _store_rows(vnew_ptr + hv * V, tok, valid, HV * V, cols_v, V, v_new)
-        gam, gam_last = _load_gamma(gcum_ptr, tok, valid, hv, HV, rows, tl.minimum(eos - t0, BT) - 1)
-        k = _load_qk(k_ptr, tok, valid, h, H, K, rows_k)
-        k_to_end = (k * tl.where(valid, tl.exp(gam_last - gam), 0.0)[:, None]).to(DT)
-        s = tl.dot(tl.trans(k_to_end), v_new, s * tl.exp(gam_last), input_precision=PREC)
+        gam, gam_last = _walk_gamma(gcum_ptr, tok, valid, tl.minimum(eos, t0 + BT) - 1, hv, HV)
+        v_to_end = (v_new * tl.where(valid, tl.exp(gam_last - gam), 0.0)[:, None]).to(DT)
+        decay = tl.exp(gam_last)
+        s0 = tl.dot(_load_tile_t(k_head, tok, valid, H * K, 0, K, BKB), v_to_end, s0 * decay, input_precision=PREC)
+        if K > BKB:
+            s1 = tl.dot(_load_tile_t(k_head, tok, valid, H * K, BKB, K, BKB), v_to_end, s1 * decay,
+                        input_precision=PREC)
+        if K > 2 * BKB:
+            s2 = tl.dot(_load_tile_t(k_head, tok, valid, H * K, 2 * BKB, K, BKB), v_to_end, s2 * decay,
+                        input_precision=PREC)
+        if K > 3 * BKB:
+            s3 = tl.dot(_load_tile_t(k_head, tok, valid, H * K, 3 * BKB, K, BKB), v_to_end, s3 * decay,
+                        input_precision=PREC)
     if STORE_HT:
-        _store_state(ht_ptr + state_offset, rows_k, cols_v, K, V, s)
+        _store_state(ht_ptr + state_offset, rows_kb, cols_v, K, V, s0)
+        if K > BKB:
+            _store_state(ht_ptr + state_offset, BKB + rows_kb, cols_v, K, V, s1)
+        if K > 2 * BKB:
+            _store_state(ht_ptr + state_offset, 2 * BKB + rows_kb, cols_v, K, V, s2)
+        if K > 3 * BKB:
+            _store_state(ht_ptr + state_offset, 3 * BKB + rows_kb, cols_v, K, V, s3)
 
 
 @triton.jit
@@ -454,38 +524,83 @@ def _local_dv_kernel(q_ptr, k_ptr, gcum_ptr, do_ptr, dv_local_ptr, chunks_ptr, s
 def _state_bwd_kernel(q_ptr, k_ptr, w_ptr, gcum_ptr, do_ptr, dv_local_ptr, dht_ptr, dh_ptr, dvnew_ptr, dh0_ptr,
                       cu_ptr, chunk_offsets_ptr, scale,
                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                      BT: tl.constexpr, BKB: tl.constexpr, BV: tl.constexpr,
                       HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr):
     """Per (sequence x value head, V block): walk the chunks in reverse with dS = dL/dS at the chunk end.
-    Stores dS per chunk (dh), the full dV_new = dv_local + K~ dS, and dL/d(initial state)."""
+    Stores dS per chunk (dh), the full dV_new = dv_local + diag(exp(gamma_last - gamma)) K dS, and dL/d(initial
+    state). Per chunk:
+        dS <- exp(gamma_last) dS + Q^T (diag(scale exp(gamma)) dO) - W^T dV_new
+    (the row factors on the [BT, BV] tiles K dS and dO, so q^T, w^T and k are read straight into the matmuls).
+    fla PR #1262: ptxas 12.8 / 13.0 miscompile fla's Hopper state backward; tests/test_cuda.py checks this kernel
+    at scale = 1 on a GPU."""
+    tl.static_assert(K <= 4 * BKB)
     hv, bos, eos, first_chunk, num_chunks, state_offset = _sequence_of_program(cu_ptr, chunk_offsets_ptr, HV, K, V)
-    h = hv // (HV // H)
     DT = k_ptr.dtype.element_ty
+    q_head = q_ptr + (hv // (HV // H)) * K
+    k_head = k_ptr + (hv // (HV // H)) * K
+    w_head = w_ptr + hv * K
     rows = tl.arange(0, BT)
-    rows_k = tl.arange(0, BK)
+    rows_kb = tl.arange(0, BKB)
     cols_v = tl.program_id(1) * BV + tl.arange(0, BV)
-    ds = _load_state_or_zeros(dht_ptr, state_offset, rows_k, cols_v, K, V, HAS_DHT, BK, BV)
+    ds0 = _load_state_or_zeros(dht_ptr, state_offset, rows_kb, cols_v, K, V, HAS_DHT, BKB, BV)
+    if K > BKB:
+        ds1 = _load_state_or_zeros(dht_ptr, state_offset, BKB + rows_kb, cols_v, K, V, HAS_DHT, BKB, BV)
+    if K > 2 * BKB:
+        ds2 = _load_state_or_zeros(dht_ptr, state_offset, 2 * BKB + rows_kb, cols_v, K, V, HAS_DHT, BKB, BV)
+    if K > 3 * BKB:
+        ds3 = _load_state_or_zeros(dht_ptr, state_offset, 3 * BKB + rows_kb, cols_v, K, V, HAS_DHT, BKB, BV)
     for j in range(0, num_chunks):
         i = num_chunks - 1 - j
         t0 = bos + i * BT
         tok = t0 + rows
         valid = tok < eos
-        _store_state(dh_ptr + ((first_chunk + i) * HV + hv) * K * V, rows_k, cols_v, K, V, ds)
-        gam, gam_last = _load_gamma(gcum_ptr, tok, valid, hv, HV, rows, tl.minimum(eos - t0, BT) - 1)
-        k = _load_qk(k_ptr, tok, valid, h, H, K, rows_k)
-        k_to_end = (k * tl.where(valid, tl.exp(gam_last - gam), 0.0)[:, None]).to(DT)
-        ds_c = ds.to(DT)
-        dv_local = _load_rows(dv_local_ptr + hv * V, tok, valid, HV * V, cols_v, V)
-        dv_new = tl.dot(k_to_end, ds_c, dv_local, input_precision=PREC).to(DT)
+        # dS at the chunk end, and K dS one K block at a time.
+        dh_chunk = dh_ptr + ((first_chunk + i) * HV + hv) * K * V
+        _store_state(dh_chunk, rows_kb, cols_v, K, V, ds0)
+        k_ds = tl.dot(_load_tile(k_head, tok, valid, H * K, 0, K, BKB), ds0.to(DT), input_precision=PREC)
+        if K > BKB:
+            _store_state(dh_chunk, BKB + rows_kb, cols_v, K, V, ds1)
+            k_ds = tl.dot(_load_tile(k_head, tok, valid, H * K, BKB, K, BKB), ds1.to(DT), k_ds,
+                          input_precision=PREC)
+        if K > 2 * BKB:
+            _store_state(dh_chunk, 2 * BKB + rows_kb, cols_v, K, V, ds2)
+            k_ds = tl.dot(_load_tile(k_head, tok, valid, H * K, 2 * BKB, K, BKB), ds2.to(DT), k_ds,
+                          input_precision=PREC)
+        if K > 3 * BKB:
+            _store_state(dh_chunk, 3 * BKB + rows_kb, cols_v, K, V, ds3)
+            k_ds = tl.dot(_load_tile(k_head, tok, valid, H * K, 3 * BKB, K, BKB), ds3.to(DT), k_ds,
+                          input_precision=PREC)
+        gam, gam_last = _walk_gamma(gcum_ptr, tok, valid, tl.minimum(eos, t0 + BT) - 1, hv, HV)
+        dv_new = _load_rows(dv_local_ptr + hv * V, tok, valid, HV * V, cols_v, V) + \
+            k_ds * tl.where(valid, tl.exp(gam_last - gam), 0.0)[:, None]
         _store_rows(dvnew_ptr + hv * V, tok, valid, HV * V, cols_v, V, dv_new)
-        q = _load_qk(q_ptr, tok, valid, h, H, K, rows_k)
-        q_from_start = (q * (scale * tl.exp(gam))[:, None]).to(DT)
-        do = _load_rows(do_ptr + hv * V, tok, valid, HV * V, cols_v, V).to(DT)
-        w = _load_rows(w_ptr + hv * K, tok, valid, HV * K, rows_k, K).to(DT)
-        ds = tl.dot(tl.trans(q_from_start), do, ds * tl.exp(gam_last), input_precision=PREC)
-        ds -= tl.dot(tl.trans(w), dv_new, input_precision=PREC)
+        minus_dv_new = (-dv_new).to(DT)
+        do = (_load_rows(do_ptr + hv * V, tok, valid, HV * V, cols_v, V) * (scale * tl.exp(gam))[:, None]).to(DT)
+        decay = tl.exp(gam_last)
+        ds0 = tl.dot(_load_tile_t(q_head, tok, valid, H * K, 0, K, BKB), do, ds0 * decay, input_precision=PREC)
+        ds0 = tl.dot(_load_tile_t(w_head, tok, valid, HV * K, 0, K, BKB), minus_dv_new, ds0, input_precision=PREC)
+        if K > BKB:
+            ds1 = tl.dot(_load_tile_t(q_head, tok, valid, H * K, BKB, K, BKB), do, ds1 * decay, input_precision=PREC)
+            ds1 = tl.dot(_load_tile_t(w_head, tok, valid, HV * K, BKB, K, BKB), minus_dv_new, ds1,
+                         input_precision=PREC)
+        if K > 2 * BKB:
+            ds2 = tl.dot(_load_tile_t(q_head, tok, valid, H * K, 2 * BKB, K, BKB), do, ds2 * decay,
+                         input_precision=PREC)
+            ds2 = tl.dot(_load_tile_t(w_head, tok, valid, HV * K, 2 * BKB, K, BKB), minus_dv_new, ds2,
+                         input_precision=PREC)
+        if K > 3 * BKB:
+            ds3 = tl.dot(_load_tile_t(q_head, tok, valid, H * K, 3 * BKB, K, BKB), do, ds3 * decay,
+                         input_precision=PREC)
+            ds3 = tl.dot(_load_tile_t(w_head, tok, valid, HV * K, 3 * BKB, K, BKB), minus_dv_new, ds3,
+                         input_precision=PREC)
     if STORE_DH0:
-        _store_state(dh0_ptr + state_offset, rows_k, cols_v, K, V, ds)
+        _store_state(dh0_ptr + state_offset, rows_kb, cols_v, K, V, ds0)
+        if K > BKB:
+            _store_state(dh0_ptr + state_offset, BKB + rows_kb, cols_v, K, V, ds1)
+        if K > 2 * BKB:
+            _store_state(dh0_ptr + state_offset, 2 * BKB + rows_kb, cols_v, K, V, ds2)
+        if K > 3 * BKB:
+            _store_state(dh0_ptr + state_offset, 3 * BKB + rows_kb, cols_v, K, V, ds3)
 
 
 @triton.jit
@@ -689,13 +804,30 @@ def _wide_block_v(kernel, V):
 # Hopper traps: `_wy_bwd_kernel` must not run at 4 warps (fla #984 / #988: the WY backward at chunk 64 and 4 warps
 # gives wrong dk / dbeta or an illegal access on sm_90); `_state_bwd_kernel` is the kernel fla PR #1262 saw
 # miscompiled by ptxas 12.8 / 13.0 on Hopper, which tests/test_cuda.py checks with scale = 1 on a GPU.
-_WARPS = dict(prepare=8, state=4, output=8, local_dv=8, state_bwd=4, wy_bwd=8, qk_bwd=8)
+_WARPS = dict(prepare=8, output=8, local_dv=8, wy_bwd=8, qk_bwd=8)
 assert _WARPS["wy_bwd"] != 4, "fla #984 / #988"
-# Software pipelining of the state walks' chunk loops (cp.async prefetch of the next chunk). Offline sm_90 compiles
-# at K = V = 128, bf16 (stack bytes of the forward / backward walk): Triton 3.9 at 2 stages 8 / 88 with prefetch
-# (3 stages: 768 / 96); Triton 3.6 (the GPU image's) at 2 stages 208 / 848 against 0 / 160 at 1 stage, so it keeps
-# 1 stage.
-_SEQUENTIAL_STAGES = 2 if tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9) else 1
+# The state walks (`_state_kernel`, `_state_bwd_kernel`), the same on Triton 3.9 and 3.6 (the GPU image's): 4 warps,
+# the chunk loop software-pipelined at 2 stages (cp.async prefetch of the next chunk's tiles, which do not depend on
+# the state). Offline sm_90 compiles at K = V = 128, bf16 (bench/sm90_report.py; BENCHMARKS.md, issue 11): 0 B
+# spilled at 2 and 3 stages and V blocks of 16, 32 and 64 under both releases; 3 stages would take 115 / 173 KB
+# of shared memory (forward / backward) against 78 / 115 KB at 2, for a loop that only needs the next chunk.
+_WALK_WARPS = 4
+_WALK_STAGES = 2
+# V blocks of 32 give the walks V / 32 times more programs than sequences x value heads (4x at V = 128); a grid
+# that would still have fewer programs than _WALK_MIN_PROGRAMS (about the SM count of an H100 / H200, 132) takes
+# V blocks of 16 instead, e.g. one 4,096-token row of 16 heads: 128 programs instead of 64. Not timed yet.
+_WALK_MIN_PROGRAMS = 128
+
+
+def _walk_block_sizes(num_seqs, HV, K, V):
+    """(BKB, BV) of the state walks: the height of their state tiles (64, or K rounded up to a power of two when
+    smaller; K <= 4 tiles) and their V-block width."""
+    if K > 256:
+        raise ValueError(f"the Triton chunked gated delta rule takes head sizes K <= 256, got K={K}")
+    BV = min(32, max(16, triton.next_power_of_2(V)))
+    if num_seqs * HV * triton.cdiv(V, BV) < _WALK_MIN_PROGRAMS:
+        BV = 16
+    return min(64, max(16, triton.next_power_of_2(K))), BV
 
 
 # CUDA grids allow 2^31 - 1 programs on axis 0 but only 65,535 on axes 1 and 2: the axes that grow with the data
@@ -796,10 +928,11 @@ class _Problem:
         final = (torch.empty(self.N, self.HV, self.K, self.V, dtype=torch.float32, device=self.q.device)
                  if store_final else None)
         h0 = initial_state.contiguous() if initial_state is not None else None
-        grid = launch_grid(self.N * self.HV, triton.cdiv(self.V, self.BV))
-        _state_kernel[grid](self.k, w, u, gcum, h0, h, v_new, final, self.cu, self.chunk_offsets,
-                            BV=self.BV, HAS_H0=h0 is not None, STORE_HT=store_final, **self.consts(),
-                            num_warps=_WARPS["state"], num_stages=_SEQUENTIAL_STAGES)
+        BKB, BV = _walk_block_sizes(self.N, self.HV, self.K, self.V)
+        _state_kernel[launch_grid(self.N * self.HV, triton.cdiv(self.V, BV))](
+            self.k, w, u, gcum, h0, h, v_new, final, self.cu, self.chunk_offsets, H=self.H, HV=self.HV, K=self.K,
+            V=self.V, BT=CHUNK, BKB=BKB, BV=BV, HAS_H0=h0 is not None, STORE_HT=store_final, PREC=self.prec,
+            num_warps=_WALK_WARPS, num_stages=_WALK_STAGES)
         return h, v_new, final
 
 
@@ -856,10 +989,11 @@ def chunk_gated_delta_rule_bwd(do, dht, q, k, v, g, beta, residuals, scale=None,
     dh0 = (torch.empty(initial_state.shape, dtype=torch.float32, device=q.device)
            if initial_state is not None else None)
     dht = dht.contiguous() if dht is not None else None
-    _state_bwd_kernel[launch_grid(p.N * HV, triton.cdiv(V, p.BV))](
-        p.q, p.k, w, gcum, do, dv_local, dht, dh, dv_new, dh0, p.cu, p.chunk_offsets, p.scale, BV=p.BV,
-        HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, **p.consts(), num_warps=_WARPS["state_bwd"],
-        num_stages=_SEQUENTIAL_STAGES)
+    BKB, walk_bv = _walk_block_sizes(p.N, HV, K, V)
+    _state_bwd_kernel[launch_grid(p.N * HV, triton.cdiv(V, walk_bv))](
+        p.q, p.k, w, gcum, do, dv_local, dht, dh, dv_new, dh0, p.cu, p.chunk_offsets, p.scale, H=p.H, HV=HV, K=K,
+        V=V, BT=CHUNK, BKB=BKB, BV=walk_bv, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=p.prec,
+        num_warps=_WALK_WARPS, num_stages=_WALK_STAGES)
 
     # dq, dk per value head in fp32 (the value heads of a group are summed below); dk and dgamma are started by
     # the WY part and finished by the q/k part.
