@@ -9,7 +9,7 @@ norm, no initial / final state (a training step: Qwen3.5-0.8B's delta-rule layer
 packed with cu_seqlens (1 x 4,096 and 8 x 4,096 tokens); the decode step: 1 and 8 rows of one token with the state
 read and written.
 
-Per kernel: registers, spill bytes (stores / loads), shared memory, num_warps / num_stages, programs launched at
+Per kernel: V-block width (BV, "-" where the kernel takes none), registers, spill bytes (stores / loads), shared memory, num_warps / num_stages, programs launched at
 the two shapes, whether the programs walk the sequence (their number does not grow with the tokens: the state
 walks), and whether its PTX prefetches with cp.async or TMA (cp.async.bulk), i.e. whether a loop was software
 pipelined with asynchronous copies.
@@ -190,36 +190,39 @@ def _compile_key(launch: Launch) -> tuple:
 
 
 def report(kernel_filter=None) -> list[dict]:
-    """One row per distinct compiled launch (in launch order); kernel_filter(name, is_state_walk) selects rows."""
+    """One row per distinct compiled launch (in launch order, over both shapes: a kernel whose launch configuration
+    depends on the shape, like the state walks' V-block width, has a row per configuration, with the programs of
+    the shapes that launch it); kernel_filter(name, is_state_walk) selects rows."""
     rows = []
     for kind, make, shapes in (("chunk fwd+bwd", training_launches, SHAPES), ("decode", decode_launches, SHAPES)):
         per_shape = [make(n) for n in shapes]
         walks = state_walks(per_shape, training_launches(1, 2 * DOC_TOKENS)) if make is training_launches else set()
-        keyed = [_by_occurrence(launches) for launches in per_shape]
-        compiled = {}
-        for key, launch in keyed[0].items():
-            is_walk = launch.name in walks
-            if kernel_filter is not None and not kernel_filter(launch.name, is_walk):
-                continue
-            ckey = _compile_key(launch)
-            if ckey in compiled:
-                continue
-            compiled[ckey] = compile_for_sm90(launch)
-            rows.append(dict(kind=kind, kernel=launch.name, state_walk=is_walk,
-                             programs={n: k[key].programs for n, k in zip(shapes, keyed)},
-                             grid={n: k[key].grid for n, k in zip(shapes, keyed)},
-                             **dataclasses.asdict(compiled[ckey])))
+        by_binary = {}
+        for n, launches in zip(shapes, per_shape):
+            for launch in launches:
+                is_walk = launch.name in walks
+                if kernel_filter is not None and not kernel_filter(launch.name, is_walk):
+                    continue
+                ckey = _compile_key(launch)
+                if ckey not in by_binary:
+                    by_binary[ckey] = dict(kind=kind, kernel=launch.name, state_walk=is_walk,
+                                           block_v=launch.kwargs.get("BV"), programs={}, grid={},
+                                           **dataclasses.asdict(compile_for_sm90(launch)))
+                    rows.append(by_binary[ckey])
+                by_binary[ckey]["programs"][n] = launch.programs
+                by_binary[ckey]["grid"][n] = launch.grid
     return rows
 
 
 def _print_table(rows):
-    header = (f"{'kind':<14} {'kernel':<22} {'walk':<5} {'warps':>5} {'stages':>6} {'regs':>5} {'spill st/ld B':>14} "
+    header = (f"{'kind':<14} {'kernel':<22} {'walk':<5} {'BV':>4} {'warps':>5} {'stages':>6} {'regs':>5} {'spill st/ld B':>14} "
               f"{'smem B':>7} {'prefetch':<9} {'programs 1x / 8x':>18}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        programs = " / ".join(f"{r['programs'][n]:,}" for n in SHAPES)
-        print(f"{r['kind']:<14} {r['kernel']:<22} {'yes' if r['state_walk'] else 'no':<5} {r['num_warps']:>5} "
+        programs = " / ".join(f"{r['programs'][n]:,}" if n in r["programs"] else "-" for n in SHAPES)
+        print(f"{r['kind']:<14} {r['kernel']:<22} {'yes' if r['state_walk'] else 'no':<5} "
+              f"{r['block_v'] or '-':>4} {r['num_warps']:>5} "
               f"{r['num_stages']:>6} {r['registers']:>5} {r['spill_stores']:>6} / {r['spill_loads']:<5} "
               f"{r['shared_bytes']:>7} {r['prefetch']:<9} {programs:>18}")
 

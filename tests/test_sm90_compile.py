@@ -1,6 +1,8 @@
 """The state walks of the chunked delta rule (the sequential loops over chunks: forward h, backward dh), compiled for
-sm_90 at exactly the launch configurations our launch code uses for bf16, K = V = 128 (bench/sm90_report.py, no
-GPU needed): ptxas may not spill more than 64 B in them, and their loop must prefetch (cp.async or TMA)."""
+sm_90 at exactly the launch configurations our launch code uses for bf16, K = V = 128 at one and eight packed
+4,096-token documents of 16 value heads (bench/sm90_report.py, no GPU needed; both V-block widths the walks pick
+by shape): ptxas may not spill more than 64 B in them, their loop must prefetch (cp.async or TMA), and V is split
+so that they launch at least 4 programs per (sequence, value head)."""
 
 import importlib.util
 import os
@@ -45,6 +47,12 @@ def test_state_walks_do_not_spill(sm90, state_walks):
 def test_state_walks_prefetch(state_walks):
     for row in state_walks:
         assert row["prefetch"] != "none", row
+
+
+def test_state_walks_split_v(sm90, state_walks):
+    for row in state_walks:
+        for docs, programs in row["programs"].items():
+            assert programs >= 4 * docs * sm90.HV, row
 
 
 def test_state_walks_are_found_by_their_program_count(sm90):
