@@ -8,7 +8,8 @@ and forward+backward time (triton.testing.do_bench, median), TFLOP/s with the al
 implementation (180,224 forward and 464,896 backward FLOPs per token per value head at d = 128), the speed ratio
 against fla measured in the same run, and the difference between our outputs/gradients and fla's. Also checks that
 a function calling the op compiles with fullgraph=True without graph breaks, and breaks our forward + backward
-down by kernel (torch.profiler) at the first shape. Results go to stdout and, as JSON, to --out.
+down by kernel (torch.profiler) at every shape (the state walks' V-block width depends on the shape). Results go
+to stdout and, as JSON, to --out.
 
     python bench/kernel_gdn.py --out bench_gdn.json [--shapes 1x4096x16 8x4096x16 1x32768x64]
 """
@@ -181,29 +182,26 @@ def main():
         results["compile_check"] = {"error": f"{type(err).__name__}: {err}"}
     print(f"compile check: {results['compile_check']}", flush=True)
 
-    num_docs0, doc_len0, heads0 = args.shapes[0]
-    try:
-        breakdown = kernel_breakdown(num_docs0 * doc_len0, heads0, doc_len0, device)
-        results["kernel_breakdown"] = {"shape": "x".join(map(str, args.shapes[0])), "ms_per_fwd_bwd": dict(breakdown)}
-        print(f"ours, GPU ms per forward + backward by kernel ({results['kernel_breakdown']['shape']}; "
-              f"torch.profiler):")
-        for name, ms in breakdown[:12]:
-            print(f"  {ms:8.3f}  {name}")
-    except Exception as err:  # noqa: BLE001  (report it; the timings below do not depend on it)
-        results["kernel_breakdown"] = {"error": f"{type(err).__name__}: {err}"}
-        print(f"kernel breakdown failed: {results['kernel_breakdown']['error']}")
-
     impls = {name: fn for name, fn in IMPLS.items()
              if not (name == "fla" and fla_chunk_gated_delta_rule is None)
              and not (name == "torch_reference" and args.skip_reference)}
     header = f"{'shape':>12} {'impl':>16} {'fwd ms':>9} {'fwd TF/s':>9} {'f+b ms':>9} {'f+b TF/s':>9}"
-    print(header)
     for index, (num_docs, doc_len, HV) in enumerate(args.shapes):
         T = num_docs * doc_len
         shape = f"{num_docs}x{doc_len}x{HV}"
         inputs, cu_seqlens = make_inputs(T, HV, doc_len, device)
         do = torch.randn(1, T, HV, V, device=device).bfloat16()
         run = {"shape": shape, "T": T, "H": HV, "HV": HV, "num_docs": num_docs, "impls": {}}
+        try:
+            breakdown = kernel_breakdown(T, HV, doc_len, device)
+            run["kernel_breakdown_ms_per_fwd_bwd"] = dict(breakdown)
+            print(f"ours at {shape}, GPU ms per forward + backward by kernel (torch.profiler):")
+            for name, ms in breakdown[:12]:
+                print(f"  {ms:8.3f}  {name}")
+        except Exception as err:  # noqa: BLE001  (report it; the timings below do not depend on it)
+            run["kernel_breakdown_ms_per_fwd_bwd"] = {"error": f"{type(err).__name__}: {err}"}
+            print(f"kernel breakdown at {shape} failed: {run['kernel_breakdown_ms_per_fwd_bwd']['error']}")
+        print(header)
         for name, fn in impls.items():
             if name == "torch_reference" and index > 0:
                 continue  # the reference's speed is known after one shape; it only slows the run

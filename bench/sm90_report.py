@@ -9,10 +9,11 @@ norm, no initial / final state (a training step: Qwen3.5-0.8B's delta-rule layer
 packed with cu_seqlens (1 x 4,096 and 8 x 4,096 tokens); the decode step: 1 and 8 rows of one token with the state
 read and written.
 
-Per kernel: V-block width (BV, "-" where the kernel takes none), registers, spill bytes (stores / loads), shared memory, num_warps / num_stages, programs launched at
-the two shapes, whether the programs walk the sequence (their number does not grow with the tokens: the state
-walks), and whether its PTX prefetches with cp.async or TMA (cp.async.bulk), i.e. whether a loop was software
-pipelined with asynchronous copies.
+Per distinct compiled launch: V-block width (BV, "-" where the kernel takes none), registers, spill bytes (stores /
+loads), shared memory, num_warps / num_stages, programs launched at the two shapes ("-" at a shape that launches
+the kernel with another configuration), whether the programs walk the sequence (their number does not grow with the
+tokens: the state walks), and whether its PTX prefetches with cp.async or TMA (cp.async.bulk), i.e. whether a loop
+was software pipelined with asynchronous copies.
 
     python bench/sm90_report.py [--json out.json]
 """
@@ -215,8 +216,8 @@ def report(kernel_filter=None) -> list[dict]:
 
 
 def _print_table(rows):
-    header = (f"{'kind':<14} {'kernel':<22} {'walk':<5} {'BV':>4} {'warps':>5} {'stages':>6} {'regs':>5} {'spill st/ld B':>14} "
-              f"{'smem B':>7} {'prefetch':<9} {'programs 1x / 8x':>18}")
+    header = (f"{'kind':<14} {'kernel':<22} {'walk':<5} {'BV':>4} {'warps':>5} {'stages':>6} {'regs':>5} "
+              f"{'spill st/ld B':>14} {'smem B':>7} {'prefetch':<9} {'programs 1x / 8x':>18}")
     print(header)
     print("-" * len(header))
     for r in rows:
