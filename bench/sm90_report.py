@@ -5,12 +5,13 @@ a decode step of the recurrent kernel) on meta tensors with triton's JITFunction
 follows whatever kernels, grids, constexprs, num_warps and num_stages that code chooses. Each distinct launch is
 then compiled for sm_90 (GPUTarget("cuda", 90, 32)) through Triton's own argument binder and compiler, and ptxas's
 report is read. Shapes: bf16 q/k/v/beta, fp32 g, K = V = 128, 16 q/k heads and 16 value heads, in-kernel q/k L2
-norm, no initial / final state (a training step: Qwen3.5-0.8B's delta-rule layers); rows of 4,096-token documents
-packed with cu_seqlens (1 x 4,096 and 8 x 4,096 tokens); the decode step: 1 and 8 rows of one token with the state
-read and written.
+norm, no initial / final state (a training step: Qwen3.5-0.8B's delta-rule layers; kind "chunk fwd+bwd") and with
+initial and final states and their gradients (as context parallelism and chunked prefill call it: "chunk +states");
+rows of 4,096-token documents packed with cu_seqlens (1 x 4,096 and 8 x 4,096 tokens); the decode step: 1 and 8
+rows of one token with the state read and written.
 
 Per distinct compiled launch: V-block width (BV, "-" where the kernel takes none), registers, spill bytes (stores /
-loads), shared memory, num_warps / num_stages, programs launched at the two shapes ("-" at a shape that launches
+loads), stack frame bytes, shared memory, num_warps / num_stages, programs launched at the two shapes ("-" at a shape that launches
 the kernel with another configuration), whether the programs walk the sequence (their number does not grow with the
 tokens: the state walks), and whether its PTX prefetches with cp.async or TMA (cp.async.bulk), i.e. whether a loop
 was software pipelined with asynchronous copies.
@@ -86,18 +87,24 @@ def _meta(*shape, dtype=torch.bfloat16):
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-def training_launches(docs: int, doc_tokens: int = DOC_TOKENS) -> list[Launch]:
-    """Launches of the chunked forward + backward for one packed row of `docs` documents."""
+def training_launches(docs: int, doc_tokens: int = DOC_TOKENS, states: bool = False) -> list[Launch]:
+    """Launches of the chunked forward + backward for one packed row of `docs` documents; with `states`, an initial
+    state per document, the final states, and their gradients."""
     T = docs * doc_tokens
     q, k, v = _meta(1, T, H, K), _meta(1, T, H, K), _meta(1, T, HV, V)
     g, beta = _meta(1, T, HV, dtype=torch.float32), _meta(1, T, HV)
     cu_seqlens = torch.arange(docs + 1, dtype=torch.int32, device="meta") * doc_tokens
+    h0 = _meta(docs, HV, K, V, dtype=torch.float32) if states else None
     with recorded_launches() as launches:
-        o, _, residuals = triton_chunk.chunk_gated_delta_rule_fwd(q, k, v, g, beta, cu_seqlens=cu_seqlens,
-                                                                  use_qk_l2norm=True)
-        triton_chunk.chunk_gated_delta_rule_bwd(o, None, q, k, v, g, beta, residuals, cu_seqlens=cu_seqlens,
-                                                use_qk_l2norm=True)
+        o, final, residuals = triton_chunk.chunk_gated_delta_rule_fwd(
+            q, k, v, g, beta, initial_state=h0, output_final_state=states, cu_seqlens=cu_seqlens, use_qk_l2norm=True)
+        triton_chunk.chunk_gated_delta_rule_bwd(o, final, q, k, v, g, beta, residuals, initial_state=h0,
+                                                cu_seqlens=cu_seqlens, use_qk_l2norm=True)
     return launches
+
+
+def training_launches_with_states(docs: int) -> list[Launch]:
+    return training_launches(docs, states=True)
 
 
 def decode_launches(rows: int) -> list[Launch]:
@@ -116,6 +123,7 @@ class Compiled:
     registers: int
     spill_stores: int
     spill_loads: int
+    stack_bytes: int  # the stack frame (spills and local arrays), which cuobjdump -res-usage reports as STACK
     shared_bytes: int
     num_warps: int
     num_stages: int
@@ -164,6 +172,7 @@ def compile_for_sm90(launch: Launch) -> Compiled:
     return Compiled(registers=_ptxas_figure(log, r"Used (\d+) registers"),
                     spill_stores=_ptxas_figure(log, r"(\d+) bytes spill stores"),
                     spill_loads=_ptxas_figure(log, r"(\d+) bytes spill loads"),
+                    stack_bytes=_ptxas_figure(log, r"(\d+) bytes stack frame"),
                     shared_bytes=compiled.metadata.shared, num_warps=compiled.metadata.num_warps,
                     num_stages=compiled.metadata.num_stages, prefetch=prefetch, ptxas=_ptxas_release(log))
 
@@ -191,14 +200,16 @@ def _compile_key(launch: Launch) -> tuple:
 
 
 def report(kernel_filter=None) -> list[dict]:
-    """One row per distinct compiled launch (in launch order, over both shapes: a kernel whose launch configuration
-    depends on the shape, like the state walks' V-block width, has a row per configuration, with the programs of
-    the shapes that launch it); kernel_filter(name, is_state_walk) selects rows."""
-    rows = []
-    for kind, make, shapes in (("chunk fwd+bwd", training_launches, SHAPES), ("decode", decode_launches, SHAPES)):
+    """One row per distinct compiled launch (in launch order, over both shapes and the kinds of call: a kernel whose
+    launch configuration depends on the shape, like the state walks' V-block width, or on the call, like their
+    optional states, has a row per configuration, with the programs of the shapes that launch it);
+    kernel_filter(name, is_state_walk) selects rows."""
+    rows, by_binary = [], {}
+    for kind, make, shapes in (("chunk fwd+bwd", training_launches, SHAPES),
+                               ("chunk +states", training_launches_with_states, SHAPES),
+                               ("decode", decode_launches, SHAPES)):
         per_shape = [make(n) for n in shapes]
-        walks = state_walks(per_shape, training_launches(1, 2 * DOC_TOKENS)) if make is training_launches else set()
-        by_binary = {}
+        walks = state_walks(per_shape, training_launches(1, 2 * DOC_TOKENS)) if make is not decode_launches else set()
         for n, launches in zip(shapes, per_shape):
             for launch in launches:
                 is_walk = launch.name in walks
@@ -217,7 +228,7 @@ def report(kernel_filter=None) -> list[dict]:
 
 def _print_table(rows):
     header = (f"{'kind':<14} {'kernel':<22} {'walk':<5} {'BV':>4} {'warps':>5} {'stages':>6} {'regs':>5} "
-              f"{'spill st/ld B':>14} {'smem B':>7} {'prefetch':<9} {'programs 1x / 8x':>18}")
+              f"{'spill st/ld B':>14} {'stack B':>7} {'smem B':>7} {'prefetch':<9} {'programs 1x / 8x':>18}")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -225,7 +236,7 @@ def _print_table(rows):
         print(f"{r['kind']:<14} {r['kernel']:<22} {'yes' if r['state_walk'] else 'no':<5} "
               f"{r['block_v'] or '-':>4} {r['num_warps']:>5} "
               f"{r['num_stages']:>6} {r['registers']:>5} {r['spill_stores']:>6} / {r['spill_loads']:<5} "
-              f"{r['shared_bytes']:>7} {r['prefetch']:<9} {programs:>18}")
+              f"{r['stack_bytes']:>7} {r['shared_bytes']:>7} {r['prefetch']:<9} {programs:>18}")
 
 
 def main():
@@ -235,7 +246,7 @@ def main():
     rows = report()
     ptxas = ", ".join(sorted({row["ptxas"] for row in rows}))
     print(f"Triton {triton.__version__} ({ptxas}), torch {torch.__version__}, target sm_90; bf16, K = V = {K}, H = HV = {H}, "
-          f"L2 norm in kernel, no initial/final state; programs at 1 x {DOC_TOKENS:,} and 8 x {DOC_TOKENS:,} tokens "
+          f"L2 norm in kernel, without and with initial/final states; programs at 1 x {DOC_TOKENS:,} and 8 x {DOC_TOKENS:,} tokens "
           f"(chunked: packed documents of {DOC_TOKENS:,}; decode: 1 and 8 rows)")
     _print_table(rows)
     if args.json:

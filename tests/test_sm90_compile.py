@@ -1,8 +1,8 @@
 """The state walks of the chunked delta rule (the sequential loops over chunks: forward h, backward dh), compiled for
 sm_90 at exactly the launch configurations our launch code uses for bf16, K = V = 128 at one and eight packed
-4,096-token documents of 16 value heads (bench/sm90_report.py, no GPU needed; both V-block widths the walks pick
-by shape): ptxas may not spill more than 64 B in them, their loop must prefetch (cp.async or TMA), and V is split
-so that they launch at least 4 programs per (sequence, value head)."""
+4,096-token documents of 16 value heads, without and with initial / final states (bench/sm90_report.py, no GPU
+needed; both V-block widths the walks pick by shape): ptxas may not spill more than 64 B in them, their loop must
+prefetch (cp.async or TMA), and V is split so that they launch at least 4 programs per (sequence, value head)."""
 
 import importlib.util
 import os
