@@ -67,6 +67,21 @@ FLA_MATRIX_CASES = [
 def test_triton_chunk_16bit_cuda_meets_fla_tolerances(case, dtype):
     """16-bit inputs on tensor cores against the float64 recurrence, with fla's metric and tolerances: initial and
     final states, in-kernel L2 norm, grouped value heads, packed documents ending inside chunks."""
+    _check_fla_tolerances(case, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", [FLA_MATRIX_CASES[0], FLA_MATRIX_CASES[4]], ids=lambda c: c[0])
+def test_triton_chunk_16bit_cuda_32_wide_walks_meet_fla_tolerances(case, dtype, monkeypatch):
+    """As above with the state walks at V blocks of 32, which they take on grids of >= 128 programs (these small
+    cases would get 16)."""
+    from kernels.gated_delta_rule import triton_chunk
+
+    monkeypatch.setattr(triton_chunk, "_WALK_MIN_PROGRAMS", 0)
+    _check_fla_tolerances(case, dtype)
+
+
+def _check_fla_tolerances(case, dtype):
     _, lengths, H, HV, D, scale, decay_scale, zero_gates = case
     (q, k, v, g, beta), _, cu_seqlens = _inputs(1, lengths, None, H, HV, D, D, False, True, dtype,
                                                 decay_scale=decay_scale)
