@@ -119,6 +119,12 @@ def test_state_walks_at_32_wide_v_blocks(monkeypatch):
     _compare(CASES[3], "triton", torch.float32, atol_out=1e-5, atol_grad=1e-4)
 
 
+def test_triton_chunk_refuses_head_sizes_over_256():
+    (q, k, v, g, beta), _, _ = _inputs(1, None, 4, 1, 1, 257, 16, False, False)
+    with pytest.raises(ValueError, match="head sizes K <= 256, got K=257"):
+        ops.chunk_gated_delta_rule_op(q, k, v, g, beta, backend="triton")
+
+
 # Sequences ending inside a chunk, no final state, and a decay ~30x the other cases' (log decay about -4 per
 # token, as fast heads of trained models and of the model's A_log init have): gamma within a chunk passes -88,
 # where exp(-gamma) overflows fp32. The backward once turned the rows past a sequence's end into 0 * inf = NaN.

@@ -817,13 +817,13 @@ _WALK_STAGES = 2
 # that would still have fewer programs than _WALK_MIN_PROGRAMS (about the SM count of an H100 / H200, 132) takes
 # V blocks of 16 instead, e.g. one 4,096-token row of 16 heads: 128 programs instead of 64. Not timed yet.
 _WALK_MIN_PROGRAMS = 128
+# The state walks hold at most four 64-row state tiles.
+MAX_HEAD_DIM_K = 256
 
 
 def _walk_block_sizes(num_seqs, HV, K, V):
     """(BKB, BV) of the state walks: the height of their state tiles (64, or K rounded up to a power of two when
-    smaller; K <= 4 tiles) and their V-block width."""
-    if K > 256:
-        raise ValueError(f"the Triton chunked gated delta rule takes head sizes K <= 256, got K={K}")
+    smaller; K <= MAX_HEAD_DIM_K = 4 tiles) and their V-block width."""
     BV = min(32, max(16, triton.next_power_of_2(V)))
     if num_seqs * HV * triton.cdiv(V, BV) < _WALK_MIN_PROGRAMS:
         BV = 16
@@ -885,6 +885,8 @@ class _Problem:
         HV, V = v.shape[2:]
         if HV % H:
             raise ValueError(f"value heads ({HV}) must be a multiple of q/k heads ({H})")
+        if K > MAX_HEAD_DIM_K:
+            raise ValueError(f"the Triton chunked gated delta rule takes head sizes K <= {MAX_HEAD_DIM_K}, got K={K}")
         dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise TypeError(f"the Triton gated delta rule takes fp16 / bf16 / fp32 q, k, v, got {dtype}")
