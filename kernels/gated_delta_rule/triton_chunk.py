@@ -371,7 +371,9 @@ def _walk_gamma(gcum_ptr, tok, valid, last_tok, hv, HV):
 # The state walks hold the [K, BV] state as up to four [BKB, BV] register tiles (BKB = 64 for K > 32; K <= 4 BKB):
 # rows [j BKB, (j + 1) BKB) are tile j. Each matmul then has a 64-wide contraction or output dimension, the
 # [64, BT] / [BT, 64] operand tiles are read straight from memory in the input dtype, and the loop holds no
-# [BT, K] tile in registers. The `if K > j * BKB` branches are resolved at compile time.
+# [BT, K] tile in registers. The `if K > j * BKB` branches are resolved at compile time. The dot results they cast
+# to 16 bits (the state tiles, V_new and dV_new scaled by row factors) go into the next tl.dot untransposed: the
+# transposed operands are loaded tiles, never a tl.trans of such a cast (the Hopper miscompile of fla #640).
 
 
 @triton.jit
