@@ -290,8 +290,8 @@ def test_kernels_compile_for_sm90(features):
         pytest.skip("the kernels were imported under TRITON_INTERPRET=1: nothing to compile")
 
     BK, BV = triton_chunk._block_sizes(128, 128)
-    flags = dict(H=16, HV=32, K=128, V=128, BT=64, BC=16, BK=BK, BV=BV, L2NORM=features, PREC="tf32",
-                 HAS_H0=features, STORE_HT=features, HAS_DHT=features, STORE_DH0=features)
+    flags = dict(H=16, HV=32, K=128, V=128, BT=64, BC=16, BK=BK, BV=BV, BW=triton_chunk._WU_BLOCK, L2NORM=features,
+                 PREC="tf32", HAS_H0=features, STORE_HT=features, HAS_DHT=features, STORE_DH0=features)
     if not features:
         flags.update({pointer: None for pointer in _OPTIONAL_POINTERS})
     kernels = [getattr(triton_chunk, name) for name in dir(triton_chunk) if name.endswith("_kernel")]
