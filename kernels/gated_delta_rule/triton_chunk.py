@@ -589,7 +589,6 @@ def _qk_bwd_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, do_ptr, dq_p
     dq = tl.full([BT, BK], 0.0, tl.float32)
     dk = tl.full([BT, BK], 0.0, tl.float32)
     do_vnew = tl.full([BT, BT], 0.0, tl.float32)  # dO V_new^T
-    vnew_do = tl.full([BT, BT], 0.0, tl.float32)  # its transpose, from its own product (fla #640: see below)
     k_dot_end = tl.full([BT], 0.0, tl.float32)  # exp(gamma_last - gamma_i) k_i . (V_new dS^T)_i
     s_dot_ds = tl.full([BK], 0.0, tl.float32)  # <h, dS>, per row of K
     for v0 in range(0, V, BV):
@@ -602,7 +601,6 @@ def _qk_bwd_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, do_ptr, dq_p
         v_new = _load_rows(vnew_ptr + hv * V, tok, valid, HV * V, cols_v, V)
         dq = tl.dot(do, tl.trans(s.to(DT)), dq, input_precision=PREC)
         do_vnew = tl.dot(do, tl.trans(v_new.to(DT)), do_vnew, input_precision=PREC)
-        vnew_do = tl.dot(v_new.to(DT), tl.trans(do), vnew_do, input_precision=PREC)
         # dk += diag(exp(gamma_last - gamma)) V_new dS^T (the row factors go on the left operand)
         k_dot_end += tl.reduce(v_new * tl.dot(k, ds, input_precision=PREC), 1, _ADD) * decay_out
         dk = tl.dot((v_new * decay_out[:, None]).to(DT), tl.trans(ds), dk, input_precision=PREC)
@@ -611,20 +609,19 @@ def _qk_bwd_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, do_ptr, dq_p
     dq = dq * (scale * decay_in)[:, None]
     dgam = tl.load(dgam_ptr + tok * HV + hv, mask=valid, other=0.0) + tl.reduce(dq * q.to(tl.float32), 1, _ADD)
 
-    # Intra-chunk scores M = lower(Q K^T * Gamma), dM = scale dO V_new^T. dk takes (dM * Gamma)^T from the
-    # product V_new dO^T: a tl.trans of the 16-bit dM fed to tl.dot is the Hopper miscompile of fla #640 (wrong
-    # dk / dbeta / dg with Triton 3.4 to 3.7.1).
+    # Intra-chunk scores M = lower(Q K^T * Gamma), dM = scale dO V_new^T: dq += (dM * Gamma) K and
+    # dk += (dM * Gamma)^T Q, formed as (Q^T (dM * Gamma))^T. Hopper miscompile fla #640 (wrong dk / dbeta / dg with
+    # Triton 3.4 to 3.7.1) is tl.trans of a dot result cast to 16 bits and fed to another tl.dot: here the 16-bit
+    # dM * Gamma enters both products untransposed, and the transposed result is fp32 and only added to dk.
     causal = rows[:, None] >= rows[None, :]
-    anticausal = rows[:, None] <= rows[None, :]
     decay = tl.exp(tl.where(causal, gam[:, None] - gam[None, :], 0.0))
-    decay_t = tl.exp(tl.where(anticausal, gam[None, :] - gam[:, None], 0.0))
     scores = tl.where(causal, tl.dot(q, tl.trans(k), input_precision=PREC) * decay, 0.0)
     dscores = tl.where(causal, do_vnew * scale, 0.0)
-    dq = tl.dot((dscores * decay).to(DT), k, dq, input_precision=PREC)
-    dscores_t = tl.where(anticausal, vnew_do * (scale * decay_t), 0.0)
-    dk = tl.dot(dscores_t.to(DT), q, dk, input_precision=PREC)
     ds_s = dscores * scores
     dgam += tl.reduce(ds_s, 1, _ADD) - tl.reduce(ds_s, 0, _ADD)
+    dscores = (dscores * decay).to(DT)
+    dq = tl.dot(dscores, k, dq, input_precision=PREC)
+    dk += tl.trans(tl.dot(tl.trans(q), dscores, input_precision=PREC))
 
     # State update: the decay of h, and exp(gamma_last - gamma_i) on the rows of K.
     dgam -= k_dot_end
