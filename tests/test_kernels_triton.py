@@ -296,7 +296,8 @@ def test_kernels_compile_for_sm90(features):
         flags.update({pointer: None for pointer in _OPTIONAL_POINTERS})
     kernels = [getattr(triton_chunk, name) for name in dir(triton_chunk) if name.endswith("_kernel")]
     kernels.append(triton_recurrent._recurrent_kernel)
-    wide_v_blocks = {triton_chunk._output_kernel: "output", triton_chunk._local_dv_kernel: "local_dv"}
+    wide_v_blocks = {triton_chunk._output_kernel: "output", triton_chunk._local_dv_kernel: "local_dv",
+                     triton_chunk._wy_bwd_kernel: "wy_bwd", triton_chunk._qk_bwd_kernel: "qk_bwd"}
     for kernel in kernels:
         kernel_flags = dict(flags, BV=triton_chunk._wide_block_v(wide_v_blocks[kernel], 128)) \
             if kernel in wide_v_blocks else flags

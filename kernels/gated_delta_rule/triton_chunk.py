@@ -651,6 +651,9 @@ def _block_sizes(K, V):
 # times (V = 128: the output kernel twice instead of 4 times, local dv once); the widest without ptxas spills at
 # K = V = 128 on sm_90 (the output kernel spills 1 KB at 128).
 _WIDE_BV = dict(output=64, local_dv=128)
+# The backward's chunk-parallel kernels loop over V blocks accumulating [64, K] and [64, 64] tiles: the widest blocks
+# without ptxas spills at K = V = 128 on sm_90 with Triton 3.9 and 3.6 (`_qk_bwd_kernel` spills 74 B at 64).
+_WIDE_BV.update(wy_bwd=64, qk_bwd=32)
 
 
 def _wide_block_v(kernel, V):
@@ -853,9 +856,9 @@ def chunk_gated_delta_rule_bwd(do, dht, q, k, v, g, beta, residuals, scale=None,
     dgam = torch.empty_like(dg)
     dbeta = torch.empty_like(dg)
     _wy_bwd_kernel[launch_grid(p.NC, HV)](p.k, p.v, p.beta, gcum, tm, h, dv_new, dv, dk, dbeta, dgam, p.chunks,
-                                          BV=p.BV, **p.consts(), num_warps=_WARPS["wy_bwd"])
+                                          BV=_wide_block_v("wy_bwd", V), **p.consts(), num_warps=_WARPS["wy_bwd"])
     _qk_bwd_kernel[launch_grid(p.NC, HV)](p.q, p.k, gcum, h, dh, v_new, do, dq, dk, dgam, dg, p.chunks, p.scale,
-                                          BV=p.BV, **p.consts(), num_warps=_WARPS["qk_bwd"])
+                                          BV=_wide_block_v("qk_bwd", V), **p.consts(), num_warps=_WARPS["qk_bwd"])
     group_shape = (p.B, p.T, p.H, HV // p.H, K)
     dq, dk = (d.view(group_shape).sum(3) for d in (dq, dk))
     if p.rstd:
