@@ -501,7 +501,8 @@ def _wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gcum_ptr, tm_ptr, h_ptr, dvnew_ptr, d
     gam, _ = _load_gamma(gcum_ptr, tok, valid, hv, HV, rows, tl.minimum(eos - t0, BT) - 1)
     # Hopper miscompile fla #640 (Triton 3.4 to 3.7.1; the GPU image has 3.6): tl.trans of a tl.dot result cast to
     # 16 bits and fed to another tl.dot gives wrong dk / dbeta / dg. Here every tl.dot operand that is transposed
-    # is a loaded tile (Tm, h, V, K); products cast to 16 bits (X, X h^T, Tm^T dTm, dA) only enter tl.dot as they are.
+    # is a loaded tile, possibly scaled by rows (Tm, h, diag(beta) V, K, diag(beta exp(gamma)) K); products cast to
+    # 16 bits (X, X h^T, Tm^T dTm, dA * Gamma * beta) only enter tl.dot as they are.
     tm_t = tl.trans(tl.load(tm_ptr + (tok * HV + hv)[:, None] * BT + rows[None, :],
                             mask=valid[:, None] & (rows[None, :] <= rows[:, None]), other=0.0).to(DT))
 
@@ -766,13 +767,10 @@ class _Problem:
         w = torch.empty(tokens, HV, self.K, dtype=self.dtype, device=self.q.device)
         u = torch.empty_like(self.v)
         grid = launch_grid(self.NC, HV)
-        consts = self.consts()
-        _prepare_kernel[grid](self.k, self.g, self.beta, gcum, tm, self.chunks, BC=SUB_CHUNK,
-                              **{name: consts[name] for name in ("H", "HV", "K", "BT", "BK", "PREC")},
-                              num_warps=_WARPS["prepare"])
-        _wu_kernel[grid](self.k, self.v, self.beta, gcum, tm, w, u, self.chunks, BW=_WU_BLOCK,
-                         **{name: consts[name] for name in ("H", "HV", "K", "V", "BT", "PREC")},
-                         num_warps=_WARPS["wu"])
+        _prepare_kernel[grid](self.k, self.g, self.beta, gcum, tm, self.chunks, H=self.H, HV=HV, K=self.K, BT=CHUNK,
+                              BC=SUB_CHUNK, BK=self.BK, PREC=self.prec, num_warps=_WARPS["prepare"])
+        _wu_kernel[grid](self.k, self.v, self.beta, gcum, tm, w, u, self.chunks, H=self.H, HV=HV, K=self.K, V=self.V,
+                         BT=CHUNK, BW=_WU_BLOCK, PREC=self.prec, num_warps=_WARPS["wu"])
         return gcum, tm, w, u
 
     def states(self, w, u, gcum, initial_state, store_final):
