@@ -310,13 +310,15 @@ def test_kernels_compile_for_sm90(features):
 
     BK, BV = triton_chunk._block_sizes(128, 128)
     BKB, _ = triton_chunk._walk_block_sizes(1, 32, 128, 128)
-    flags = dict(H=16, HV=32, K=128, V=128, BT=64, BC=16, BK=BK, BKB=BKB, BV=BV, L2NORM=features, PREC="tf32",
-                 HAS_H0=features, STORE_HT=features, HAS_DHT=features, STORE_DH0=features)
+    flags = dict(H=16, HV=32, K=128, V=128, BT=64, BC=16, BK=BK, BKB=BKB, BV=BV, BW=triton_chunk._WU_BLOCK,
+                 L2NORM=features, PREC="tf32", HAS_H0=features, STORE_HT=features, HAS_DHT=features,
+                 STORE_DH0=features)
     if not features:
         flags.update({pointer: None for pointer in _OPTIONAL_POINTERS})
     kernels = [getattr(triton_chunk, name) for name in dir(triton_chunk) if name.endswith("_kernel")]
     kernels.append(triton_recurrent._recurrent_kernel)
-    wide_v_blocks = {triton_chunk._output_kernel: "output", triton_chunk._local_dv_kernel: "local_dv"}
+    wide_v_blocks = {triton_chunk._output_kernel: "output", triton_chunk._local_dv_kernel: "local_dv",
+                     triton_chunk._wy_bwd_kernel: "wy_bwd", triton_chunk._qk_bwd_kernel: "qk_bwd"}
     for kernel in kernels:
         kernel_flags = dict(flags, BV=triton_chunk._wide_block_v(wide_v_blocks[kernel], 128)) \
             if kernel in wide_v_blocks else flags

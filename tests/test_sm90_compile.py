@@ -2,7 +2,9 @@
 sm_90 at exactly the launch configurations our launch code uses for bf16, K = V = 128 at one and eight packed
 4,096-token documents of 16 value heads, without and with initial / final states (bench/sm90_report.py, no GPU
 needed; both V-block widths the walks pick by shape): ptxas may not spill more than 64 B in them, their loop must
-prefetch (cp.async or TMA), and V is split so that they launch at least 4 programs per (sequence, value head)."""
+prefetch (cp.async or TMA), and V is split so that they launch at least 4 programs per (sequence, value head). The
+chunk-parallel kernels of the prepare (kkt + inverse, W / U) and of the WY and q/k backward may not spill at all,
+and the prepare runs at 2-4 warps."""
 
 import importlib.util
 import os
@@ -53,6 +55,26 @@ def test_state_walks_split_v(sm90, state_walks):
     for row in state_walks:
         for docs, programs in row["programs"].items():
             assert programs >= 4 * docs * sm90.HV, row
+
+
+SPILL_FREE_CHUNK_KERNELS = {"_prepare_kernel", "_wu_kernel", "_wy_bwd_kernel", "_qk_bwd_kernel"}
+
+
+@pytest.fixture(scope="module")
+def spill_free_chunk_kernels(sm90):
+    rows = sm90.report(kernel_filter=lambda name, is_state_walk: name in SPILL_FREE_CHUNK_KERNELS)
+    assert {row["kernel"] for row in rows} == SPILL_FREE_CHUNK_KERNELS, rows
+    return rows
+
+
+def test_prepare_and_backward_chunk_kernels_do_not_spill(spill_free_chunk_kernels):
+    for row in spill_free_chunk_kernels:
+        assert (row["spill_stores"], row["spill_loads"]) == (0, 0), row
+
+
+def test_prepare_runs_at_2_to_4_warps(spill_free_chunk_kernels):
+    warps = {row["kernel"]: row["num_warps"] for row in spill_free_chunk_kernels}
+    assert 2 <= warps["_prepare_kernel"] <= 4, warps
 
 
 def test_state_walks_are_found_by_their_program_count(sm90):

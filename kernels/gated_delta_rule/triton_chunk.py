@@ -9,8 +9,9 @@ Per value head, a chunk of C = 64 tokens entering with state S [K, V] is process
     O     = scale (diag(exp(gamma)) Q S + lower(Q K^T * Gamma) V_new)      (lower: diagonal included)
     S'    = exp(gamma_last) S + (diag(exp(gamma_last - gamma)) K)^T V_new
 
-Forward, three launches: `_prepare_kernel` (gamma, Tm, W, U; chunk-parallel) -> `_state_kernel` (walks the
-chunks of a sequence: per-chunk entry states h and V_new) -> `_output_kernel` (O; chunk-parallel).
+Forward, four launches: `_prepare_kernel` (gamma, Tm; chunk-parallel) -> `_wu_kernel` (W, U; chunk-parallel)
+-> `_state_kernel` (walks the chunks of a sequence: per-chunk entry states h and V_new) -> `_output_kernel` (O;
+chunk-parallel).
 q and k are L2-normalised (when asked) once, before the kernels, which read them normalised in the input dtype.
 Backward: from the forward's residuals (gamma, Tm, W, h, V_new, the norms, the chunk table: nothing of the forward
 is recomputed), `_local_dv_kernel` (the part of dV_new that does not depend on the state), `_state_bwd_kernel` (walks the chunks in reverse:
@@ -181,33 +182,6 @@ def _invert_unit_lower(a, BC: tl.constexpr):
 
 
 @triton.jit
-def _store_lower_blocks_product(out_ptr, row_stride, cols, n_cols, tok0, tok1, tok2, tok3, m0, m1, m2, m3,
-                                t00, t10, t11, t20, t21, t22, t30, t31, t32, t33, x0, x1, x2, x3,
-                                PREC: tl.constexpr):
-    """Tm @ X for a block-lower-triangular Tm (4x4 blocks of 16 rows) and X given as 4 row blocks. Each row block
-    is stored as soon as it is computed, so that one [16, n] accumulator is live at a time."""
-    col_mask = (cols < n_cols)[None, :]
-    y = tl.dot(t00, x0, input_precision=PREC)
-    tl.store(out_ptr + tok0[:, None] * row_stride + cols[None, :], y.to(out_ptr.dtype.element_ty),
-             mask=m0[:, None] & col_mask)
-    y = tl.dot(t10, x0, input_precision=PREC)
-    y = tl.dot(t11, x1, y, input_precision=PREC)
-    tl.store(out_ptr + tok1[:, None] * row_stride + cols[None, :], y.to(out_ptr.dtype.element_ty),
-             mask=m1[:, None] & col_mask)
-    y = tl.dot(t20, x0, input_precision=PREC)
-    y = tl.dot(t21, x1, y, input_precision=PREC)
-    y = tl.dot(t22, x2, y, input_precision=PREC)
-    tl.store(out_ptr + tok2[:, None] * row_stride + cols[None, :], y.to(out_ptr.dtype.element_ty),
-             mask=m2[:, None] & col_mask)
-    y = tl.dot(t30, x0, input_precision=PREC)
-    y = tl.dot(t31, x1, y, input_precision=PREC)
-    y = tl.dot(t32, x2, y, input_precision=PREC)
-    y = tl.dot(t33, x3, y, input_precision=PREC)
-    tl.store(out_ptr + tok3[:, None] * row_stride + cols[None, :], y.to(out_ptr.dtype.element_ty),
-             mask=m3[:, None] & col_mask)
-
-
-@triton.jit
 def _load_sub_block(k_ptr, g_ptr, beta_ptr, tok, tok_mask, h, hv, H, HV, K, cols_k):
     """k rows (in the input dtype), g and beta of a 16-token sub-block."""
     k = tl.load(k_ptr + (tok * H + h)[:, None] * K + cols_k[None, :],
@@ -222,17 +196,17 @@ def _load_sub_block(k_ptr, g_ptr, beta_ptr, tok, tok_mask, h, hv, H, HV, K, cols
 
 
 @triton.jit
-def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, gcum_ptr, tm_ptr, w_ptr, u_ptr, chunks_ptr,
-                    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+def _prepare_kernel(k_ptr, g_ptr, beta_ptr, gcum_ptr, tm_ptr, chunks_ptr,
+                    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
+                    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                     PREC: tl.constexpr):
-    """Per (chunk, value head): gamma, Tm = (I + A)^-1, W and U. The 64-row chunk is handled as four 16-row
-    sub-blocks so that Tm can be assembled from inverted 16x16 diagonal blocks."""
+    """Per (chunk, value head): gamma and Tm = (I + A)^-1 (stored in the input dtype; W and U are `_wu_kernel`'s).
+    The 64-row chunk is handled as four 16-row sub-blocks so that Tm can be assembled from inverted 16x16 diagonal
+    blocks."""
     tl.static_assert(BT == 4 * BC)
     c = tl.program_id(0)
     hv = tl.program_id(1)
     h = hv // (HV // H)
-    DT = k_ptr.dtype.element_ty
     kind, t0, eos = _chunk_of_program(chunks_ptr, c)
     if kind == PADDING:
         return  # TAIL chunks are prepared like a sequence's: the residuals saved for the backward are all defined
@@ -313,32 +287,37 @@ def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, gcum_ptr, tm_ptr, w_ptr, u_pt
     _store_rows(tm_head + 2 * BC, tok3, m3, tm_row, sub, BC, t32)
     _store_rows(tm_head + 3 * BC, tok3, m3, tm_row, sub, BC, t33)
 
-    # W = Tm diag(beta exp(gamma)) K and U = Tm diag(beta) V as matmuls in the input dtype.
-    tc00 = t00.to(DT)
-    tc10 = t10.to(DT)
-    tc11 = t11.to(DT)
-    tc20 = t20.to(DT)
-    tc21 = t21.to(DT)
-    tc22 = t22.to(DT)
-    tc30 = t30.to(DT)
-    tc31 = t31.to(DT)
-    tc32 = t32.to(DT)
-    tc33 = t33.to(DT)
-    _store_lower_blocks_product(
-        w_ptr + hv * K, HV * K, cols_k, K, tok0, tok1, tok2, tok3, m0, m1, m2, m3,
-        tc00, tc10, tc11, tc20, tc21, tc22, tc30, tc31, tc32, tc33,
-        (kc0 * (b0 * tl.exp(gam0))[:, None]).to(DT), (kc1 * (b1 * tl.exp(gam1))[:, None]).to(DT),
-        (kc2 * (b2 * tl.exp(gam2))[:, None]).to(DT), (kc3 * (b3 * tl.exp(gam3))[:, None]).to(DT), PREC)
-    v_head = v_ptr + hv * V
-    for v0 in range(0, V, BV):
-        cols_v = v0 + tl.arange(0, BV)
-        _store_lower_blocks_product(
-            u_ptr + hv * V, HV * V, cols_v, V, tok0, tok1, tok2, tok3, m0, m1, m2, m3,
-            tc00, tc10, tc11, tc20, tc21, tc22, tc30, tc31, tc32, tc33,
-            (_load_rows(v_head, tok0, m0, HV * V, cols_v, V) * b0[:, None]).to(DT),
-            (_load_rows(v_head, tok1, m1, HV * V, cols_v, V) * b1[:, None]).to(DT),
-            (_load_rows(v_head, tok2, m2, HV * V, cols_v, V) * b2[:, None]).to(DT),
-            (_load_rows(v_head, tok3, m3, HV * V, cols_v, V) * b3[:, None]).to(DT), PREC)
+
+@triton.jit
+def _wu_kernel(k_ptr, v_ptr, beta_ptr, gcum_ptr, tm_ptr, w_ptr, u_ptr, chunks_ptr,
+               H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+               BT: tl.constexpr, BW: tl.constexpr, PREC: tl.constexpr):
+    """Per (chunk, value head): W = Tm diag(beta exp(gamma)) K and U = Tm diag(beta) V, as [BT, BT] x [BT, BW]
+    matmuls in the input dtype over column blocks of K and V (Tm as `_prepare_kernel` stored it)."""
+    c = tl.program_id(0)
+    hv = tl.program_id(1)
+    h = hv // (HV // H)
+    DT = k_ptr.dtype.element_ty
+    kind, t0, eos = _chunk_of_program(chunks_ptr, c)
+    if kind == PADDING:
+        return  # TAIL chunks get W like a sequence's (the backward reads it)
+    rows = tl.arange(0, BT)
+    tok = t0 + rows
+    valid = tok < eos
+    # Tm's rows past the end are not stored; its entries above the diagonal are stored zeros.
+    tm = tl.load(tm_ptr + (tok * HV + hv)[:, None] * BT + rows[None, :], mask=valid[:, None], other=0.0).to(DT)
+    beta = _load_head_scalar(beta_ptr, tok, valid, hv, HV)
+    beta_decayed = beta * tl.exp(_load_head_scalar(gcum_ptr, tok, valid, hv, HV))
+    for k0 in range(0, K, BW):
+        cols = k0 + tl.arange(0, BW)
+        k = _load_qk(k_ptr, tok, valid, h, H, K, cols)
+        w = tl.dot(tm, (k * beta_decayed[:, None]).to(DT), input_precision=PREC)
+        _store_rows(w_ptr + hv * K, tok, valid, HV * K, cols, K, w)
+    for v0 in range(0, V, BW):
+        cols = v0 + tl.arange(0, BW)
+        v = _load_rows(v_ptr + hv * V, tok, valid, HV * V, cols, V)
+        u = tl.dot(tm, (v * beta[:, None]).to(DT), input_precision=PREC)
+        _store_rows(u_ptr + hv * V, tok, valid, HV * V, cols, V, u)
 
 
 @triton.jit
@@ -612,10 +591,12 @@ def _wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gcum_ptr, tm_ptr, h_ptr, dvnew_ptr, d
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    PREC: tl.constexpr):
     """Per (chunk, value head), the gradients through V_new = U - W h with U = Tm diag(beta) V,
-    W = Tm diag(beta exp(gamma)) K and Tm = (I + A)^-1. With X = Tm^T dV_new (dU = dV_new, dW = -dV_new h^T):
-        dv = diag(beta) X,   dTm = dV_new (diag(beta) (V - exp(gamma) K h))^T,   dA = -Tm^T dTm Tm^T.
-    Stores dv, dbeta, and the partial dk (w.r.t. normalised k) and dgamma that `_qk_bwd_kernel` completes; on the
-    rows after cu_seqlens[-1], zero dv and dbeta."""
+    W = Tm diag(beta exp(gamma)) K and Tm = (I + A)^-1. With dU = dV_new, dW = -dV_new h^T, X = Tm^T dV_new and
+    K_in = diag(exp(gamma)) K:
+        dv = diag(beta) X,   Tm^T dTm = X (diag(beta) V)^T - X h^T (diag(beta) K_in)^T,   dA = -Tm^T dTm Tm^T,
+    so one pass over V blocks accumulates X h^T [BT, K] and X (diag(beta) V)^T [BT, BT] and everything else
+    follows from them (K_in h is never formed). Stores dv, dbeta, and the partial dk (w.r.t. normalised k) and
+    dgamma that `_qk_bwd_kernel` completes; on the rows after cu_seqlens[-1], zero dv and dbeta."""
     c = tl.program_id(0)
     hv = tl.program_id(1)
     h = hv // (HV // H)
@@ -633,24 +614,18 @@ def _wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gcum_ptr, tm_ptr, h_ptr, dvnew_ptr, d
         return
     state_offset = (c.to(tl.int64) * HV + hv) * K * V
 
-    k = _load_qk(k_ptr, tok, valid, h, H, K, rows_k).to(DT)
     beta = _load_head_scalar(beta_ptr, tok, valid, hv, HV)
     gam, _ = _load_gamma(gcum_ptr, tok, valid, hv, HV, rows, tl.minimum(eos - t0, BT) - 1)
-    decay_in = tl.exp(gam)
     # Hopper miscompile fla #640 (Triton 3.4 to 3.7.1; the GPU image has 3.6): tl.trans of a tl.dot result cast to
-    # 16 bits and fed to another tl.dot gives wrong dk / dbeta / dg. Here only loaded tiles are transposed; the
-    # transposes of dot results (dTm^T, dA^T) come from their own products.
-    tm = tl.load(tm_ptr + (tok * HV + hv)[:, None] * BT + rows[None, :],
-                 mask=valid[:, None] & (rows[None, :] <= rows[:, None]), other=0.0).to(DT)
-    tm_t = tl.trans(tm)
-    k_in = (k * decay_in[:, None]).to(DT)
-    k_in_t = tl.trans(k_in)
+    # 16 bits and fed to another tl.dot gives wrong dk / dbeta / dg. Here every tl.dot operand that is transposed
+    # is a loaded tile, possibly scaled by rows (Tm, h, diag(beta) V, K, diag(beta exp(gamma)) K); products cast to
+    # 16 bits (X, X h^T, Tm^T dTm, dA * Gamma * beta) only enter tl.dot as they are.
+    tm_t = tl.trans(tl.load(tm_ptr + (tok * HV + hv)[:, None] * BT + rows[None, :],
+                            mask=valid[:, None] & (rows[None, :] <= rows[:, None]), other=0.0).to(DT))
 
-    dk = tl.full([BT, BK], 0.0, tl.float32)
-    dtm = tl.full([BT, BT], 0.0, tl.float32)
-    dtm_t = tl.full([BT, BT], 0.0, tl.float32)
+    x_h = tl.full([BT, BK], 0.0, tl.float32)  # X h^T
+    x_v = tl.full([BT, BT], 0.0, tl.float32)  # X (diag(beta) V)^T
     dbeta = tl.full([BT], 0.0, tl.float32)
-    x_dot_kh = tl.full([BT], 0.0, tl.float32)  # rows of X . (exp(gamma) K h)
     for v0 in range(0, V, BV):
         cols_v = v0 + tl.arange(0, BV)
         s = _load_state(h_ptr + state_offset, rows_k, cols_v, K, V).to(DT)
@@ -658,32 +633,35 @@ def _wy_bwd_kernel(k_ptr, v_ptr, beta_ptr, gcum_ptr, tm_ptr, h_ptr, dvnew_ptr, d
         v = _load_rows(v_ptr + hv * V, tok, valid, HV * V, cols_v, V)
         x = tl.dot(tm_t, dv_new, input_precision=PREC)
         _store_rows(dv_ptr + hv * V, tok, valid, HV * V, cols_v, V, x * beta[:, None])
-        kh = tl.dot(k_in, s, input_precision=PREC)
-        dbeta += tl.reduce(x * (v - kh), 1, _ADD)
-        x_dot_kh += tl.reduce(x * kh, 1, _ADD)
-        # dTm = dV_new (diag(beta) (V - K_in h))^T and its transpose, each from loaded tiles (fla #640)
-        kh_t = tl.dot(tl.trans(s), k_in_t, input_precision=PREC)
-        dtm = tl.dot(dv_new, ((tl.trans(v) - kh_t) * beta[None, :]).to(DT), dtm, input_precision=PREC)
-        dtm_t = tl.dot(((v - kh) * beta[:, None]).to(DT), tl.trans(dv_new), dtm_t, input_precision=PREC)
-        # dk -= diag(beta exp(gamma)) X h^T (the row factors go on the left operand)
-        dk = tl.dot((x * (-beta * decay_in)[:, None]).to(DT), tl.trans(s), dk, input_precision=PREC)
-    dgam = -beta * x_dot_kh
+        dbeta += tl.reduce(x * v, 1, _ADD)
+        x_h = tl.dot(x.to(DT), tl.trans(s), x_h, input_precision=PREC)
+        x_v = tl.dot(x.to(DT), tl.trans((v * beta[:, None]).to(DT)), x_v, input_precision=PREC)
 
-    # A_ij = beta_i k_i . k_j Gamma_ij (j < i); dA = -Tm^T dTm Tm^T and dA^T = -Tm dTm^T Tm.
+    # Through W: dbeta and dgamma take -rows of X . (K_in h) = -rows of (X h^T) . K_in, and
+    # dk = -diag(beta exp(gamma)) X h^T (+ the A part below).
+    k = _load_qk(k_ptr, tok, valid, h, H, K, rows_k)
+    decay_in = tl.exp(gam)
+    x_dot_kh = tl.reduce(x_h * k * decay_in[:, None], 1, _ADD)
+    dbeta -= x_dot_kh
+    dgam = -beta * x_dot_kh
+    dk = x_h * (-beta * decay_in)[:, None]
+    k = k.to(DT)
+    k_in_beta = (k * (beta * decay_in)[:, None]).to(DT)
+    tm_dtm = x_v - tl.dot(x_h.to(DT), tl.trans(k_in_beta), input_precision=PREC)  # Tm^T dTm
+
+    # A_ij = beta_i k_i . k_j Gamma_ij (j < i).
     strict = rows[:, None] > rows[None, :]
-    strict_t = rows[:, None] < rows[None, :]
     decay = tl.exp(tl.where(strict, gam[:, None] - gam[None, :], 0.0))
-    decay_t = tl.exp(tl.where(strict_t, gam[None, :] - gam[:, None], 0.0))
-    da = tl.dot(tl.dot(tm_t, dtm.to(DT), input_precision=PREC).to(DT), tm_t, input_precision=PREC)
-    da = tl.where(strict, -da, 0.0)
-    da_t = tl.dot(tl.dot(tm, dtm_t.to(DT), input_precision=PREC).to(DT), tm, input_precision=PREC)
-    da_t = tl.where(strict_t, -da_t, 0.0)
-    kk_decayed = tl.where(strict, tl.dot(k, tl.trans(k), input_precision=PREC) * decay, 0.0)
-    dbeta += tl.reduce(da * kk_decayed, 1, _ADD)
-    dk = tl.dot((da * decay * beta[:, None]).to(DT), k, dk, input_precision=PREC)
-    dk = tl.dot((da_t * decay_t * beta[None, :]).to(DT), k, dk, input_precision=PREC)
-    da_a = da * kk_decayed * beta[:, None]
+    da = tl.where(strict, -tl.dot(tm_dtm.to(DT), tm_t, input_precision=PREC), 0.0)
+    da_a = da * tl.where(strict, tl.dot(k, tl.trans(k), input_precision=PREC) * decay, 0.0)
+    dbeta += tl.reduce(da_a, 1, _ADD)
+    da_a = da_a * beta[:, None]
     dgam += tl.reduce(da_a, 1, _ADD) - tl.reduce(da_a, 0, _ADD)
+    # dk += M K + M^T K with M = dA * Gamma * beta_i. M^T K is formed as (K^T M)^T: its transpose is of an fp32
+    # product that is only added and stored, never a 16-bit tl.dot operand (the fla #640 pattern).
+    m = (da * decay * beta[:, None]).to(DT)
+    dk = tl.dot(m, k, dk, input_precision=PREC)
+    dk += tl.trans(tl.dot(tl.trans(k), m, input_precision=PREC))
 
     _store_rows(dk_ptr + hv * K, tok, valid, HV * K, rows_k, K, dk)
     tl.store(dbeta_ptr + tok * HV + hv, dbeta, mask=valid)
@@ -729,7 +707,6 @@ def _qk_bwd_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, do_ptr, dq_p
     dq = tl.full([BT, BK], 0.0, tl.float32)
     dk = tl.full([BT, BK], 0.0, tl.float32)
     do_vnew = tl.full([BT, BT], 0.0, tl.float32)  # dO V_new^T
-    vnew_do = tl.full([BT, BT], 0.0, tl.float32)  # its transpose, from its own product (fla #640: see below)
     k_dot_end = tl.full([BT], 0.0, tl.float32)  # exp(gamma_last - gamma_i) k_i . (V_new dS^T)_i
     s_dot_ds = tl.full([BK], 0.0, tl.float32)  # <h, dS>, per row of K
     for v0 in range(0, V, BV):
@@ -742,7 +719,6 @@ def _qk_bwd_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, do_ptr, dq_p
         v_new = _load_rows(vnew_ptr + hv * V, tok, valid, HV * V, cols_v, V)
         dq = tl.dot(do, tl.trans(s.to(DT)), dq, input_precision=PREC)
         do_vnew = tl.dot(do, tl.trans(v_new.to(DT)), do_vnew, input_precision=PREC)
-        vnew_do = tl.dot(v_new.to(DT), tl.trans(do), vnew_do, input_precision=PREC)
         # dk += diag(exp(gamma_last - gamma)) V_new dS^T (the row factors go on the left operand)
         k_dot_end += tl.reduce(v_new * tl.dot(k, ds, input_precision=PREC), 1, _ADD) * decay_out
         dk = tl.dot((v_new * decay_out[:, None]).to(DT), tl.trans(ds), dk, input_precision=PREC)
@@ -751,20 +727,19 @@ def _qk_bwd_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, do_ptr, dq_p
     dq = dq * (scale * decay_in)[:, None]
     dgam = tl.load(dgam_ptr + tok * HV + hv, mask=valid, other=0.0) + tl.reduce(dq * q.to(tl.float32), 1, _ADD)
 
-    # Intra-chunk scores M = lower(Q K^T * Gamma), dM = scale dO V_new^T. dk takes (dM * Gamma)^T from the
-    # product V_new dO^T: a tl.trans of the 16-bit dM fed to tl.dot is the Hopper miscompile of fla #640 (wrong
-    # dk / dbeta / dg with Triton 3.4 to 3.7.1).
+    # Intra-chunk scores M = lower(Q K^T * Gamma), dM = scale dO V_new^T: dq += (dM * Gamma) K and
+    # dk += (dM * Gamma)^T Q, formed as (Q^T (dM * Gamma))^T. Hopper miscompile fla #640 (wrong dk / dbeta / dg with
+    # Triton 3.4 to 3.7.1) is tl.trans of a dot result cast to 16 bits and fed to another tl.dot: here the 16-bit
+    # dM * Gamma enters both products untransposed, and the transposed result is fp32 and only added to dk.
     causal = rows[:, None] >= rows[None, :]
-    anticausal = rows[:, None] <= rows[None, :]
     decay = tl.exp(tl.where(causal, gam[:, None] - gam[None, :], 0.0))
-    decay_t = tl.exp(tl.where(anticausal, gam[None, :] - gam[:, None], 0.0))
     scores = tl.where(causal, tl.dot(q, tl.trans(k), input_precision=PREC) * decay, 0.0)
     dscores = tl.where(causal, do_vnew * scale, 0.0)
-    dq = tl.dot((dscores * decay).to(DT), k, dq, input_precision=PREC)
-    dscores_t = tl.where(anticausal, vnew_do * (scale * decay_t), 0.0)
-    dk = tl.dot(dscores_t.to(DT), q, dk, input_precision=PREC)
     ds_s = dscores * scores
     dgam += tl.reduce(ds_s, 1, _ADD) - tl.reduce(ds_s, 0, _ADD)
+    dscores = (dscores * decay).to(DT)
+    dq = tl.dot(dscores, k, dq, input_precision=PREC)
+    dk += tl.trans(tl.dot(tl.trans(q), dscores, input_precision=PREC))
 
     # State update: the decay of h, and exp(gamma_last - gamma_i) on the rows of K.
     dgam -= k_dot_end
@@ -794,11 +769,17 @@ def _block_sizes(K, V):
 # times (V = 128: the output kernel twice instead of 4 times, local dv once); the widest without ptxas spills at
 # K = V = 128 on sm_90 (the output kernel spills 1 KB at 128).
 _WIDE_BV = dict(output=64, local_dv=128)
+# The backward's chunk-parallel kernels loop over V blocks accumulating [64, K] and [64, 64] tiles: the widest blocks
+# without ptxas spills at K = V = 128 on sm_90 with Triton 3.9 and 3.6 (`_qk_bwd_kernel` spills 74 B at 64).
+_WIDE_BV.update(wy_bwd=64, qk_bwd=32)
 
 
 def _wide_block_v(kernel, V):
     return min(_WIDE_BV[kernel], max(16, triton.next_power_of_2(V)))
 
+
+# Column-block width of `_wu_kernel`'s [64, 64] x [64, BW] products (W over K, U over V).
+_WU_BLOCK = 64
 
 # Launch configurations (fixed: no autotuning, which needs a GPU driver and would not run in the interpreter).
 # Chosen from offline sm_90 compiles at K = V = 128, bf16, as the settings with the fewest ptxas spills; they
@@ -806,7 +787,7 @@ def _wide_block_v(kernel, V):
 # Hopper traps: `_wy_bwd_kernel` must not run at 4 warps (fla #984 / #988: the WY backward at chunk 64 and 4 warps
 # gives wrong dk / dbeta or an illegal access on sm_90); `_state_bwd_kernel` is the kernel fla PR #1262 saw
 # miscompiled by ptxas 12.8 / 13.0 on Hopper, which tests/test_cuda.py checks with scale = 1 on a GPU.
-_WARPS = dict(prepare=8, output=8, local_dv=8, wy_bwd=8, qk_bwd=8)
+_WARPS = dict(prepare=4, wu=4, output=8, local_dv=8, wy_bwd=8, qk_bwd=8)
 assert _WARPS["wy_bwd"] != 4, "fla #984 / #988"
 # The state walks (`_state_kernel`, `_state_bwd_kernel`), the same on Triton 3.9 and 3.6 (the GPU image's): 4 warps,
 # the chunk loop software-pipelined at 2 stages (cp.async prefetch of the next chunk's tiles, which do not depend on
@@ -921,8 +902,11 @@ class _Problem:
         tm = torch.empty(tokens, HV, CHUNK, dtype=self.dtype, device=self.q.device)
         w = torch.empty(tokens, HV, self.K, dtype=self.dtype, device=self.q.device)
         u = torch.empty_like(self.v)
-        _prepare_kernel[launch_grid(self.NC, HV)](self.k, self.v, self.g, self.beta, gcum, tm, w, u, self.chunks,
-                                                  BC=SUB_CHUNK, BV=self.BV, **self.consts(), num_warps=_WARPS["prepare"])
+        grid = launch_grid(self.NC, HV)
+        _prepare_kernel[grid](self.k, self.g, self.beta, gcum, tm, self.chunks, H=self.H, HV=HV, K=self.K, BT=CHUNK,
+                              BC=SUB_CHUNK, BK=self.BK, PREC=self.prec, num_warps=_WARPS["prepare"])
+        _wu_kernel[grid](self.k, self.v, self.beta, gcum, tm, w, u, self.chunks, H=self.H, HV=HV, K=self.K, V=self.V,
+                         BT=CHUNK, BW=_WU_BLOCK, PREC=self.prec, num_warps=_WARPS["wu"])
         return gcum, tm, w, u
 
     def states(self, w, u, gcum, initial_state, store_final):
@@ -1008,9 +992,9 @@ def chunk_gated_delta_rule_bwd(do, dht, q, k, v, g, beta, residuals, scale=None,
     dgam = torch.empty_like(dg)
     dbeta = torch.empty_like(dg)
     _wy_bwd_kernel[launch_grid(p.NC, HV)](p.k, p.v, p.beta, gcum, tm, h, dv_new, dv, dk, dbeta, dgam, p.chunks,
-                                          BV=p.BV, **p.consts(), num_warps=_WARPS["wy_bwd"])
+                                          BV=_wide_block_v("wy_bwd", V), **p.consts(), num_warps=_WARPS["wy_bwd"])
     _qk_bwd_kernel[launch_grid(p.NC, HV)](p.q, p.k, gcum, h, dh, v_new, do, dq, dk, dgam, dg, p.chunks, p.scale,
-                                          BV=p.BV, **p.consts(), num_warps=_WARPS["qk_bwd"])
+                                          BV=_wide_block_v("qk_bwd", V), **p.consts(), num_warps=_WARPS["qk_bwd"])
     group_shape = (p.B, p.T, p.H, HV // p.H, K)
     dq, dk = (d.view(group_shape).sum(3) for d in (dq, dk))
     if p.rstd:
