@@ -18,7 +18,7 @@ from torchtitan.components.optimizer import OptimizersContainer, default_adamw
 from torchtitan.components.quantization.float8 import Float8LinearConverter
 from torchtitan.config.configs import DebugConfig
 from torchtitan.distributed.activation_checkpoint import FullAC, MemoryBudgetAC, SelectiveAC
-from torchtitan_ext.toml_config import (UNSUPPORTED, ConfigError, parallelize_settings, read_sections, to_toml,
+from torchtitan_ext.toml_config import (REFUSED, UNSUPPORTED, ConfigError, parallelize_settings, read_sections, to_toml,
                                         to_trainer_config)
 from torchtitan_ext.train import load_config, main
 
@@ -160,7 +160,7 @@ def test_extends_merges_keys_over_a_base_relative_to_the_file(tmp_path, files):
         read_sections(child, [])
 
 
-@pytest.mark.parametrize("overrides, message", [
+REFUSED_CASES = [
     (["--parallelism.no_enable_sequence_parallel"],
      r"\[parallelism\] enable_sequence_parallel = False is not supported: tensor parallelism here always"),
     (["--parallelism.enable_fsdp_symm_mem"], r"\[parallelism\] enable_fsdp_symm_mem = True is not supported"),
@@ -176,10 +176,18 @@ def test_extends_merges_keys_over_a_base_relative_to_the_file(tmp_path, files):
     (["--data.prefetch_factor", "2"], r"\[data\] prefetch_factor = 2 is not supported: there are no worker"),
     (["--job.moe_force_load_balance"], r"\[job\] moe_force_load_balance = True is not supported: .*own MoE layers"),
     (["--job.batch_invariant"], r"\[job\] batch_invariant = True is not supported: .*pre-training"),
-])
+]
+
+
+@pytest.mark.parametrize("overrides, message", REFUSED_CASES)
 def test_keys_this_trainer_cannot_honour_are_refused_with_the_reason(tmp_path, files, overrides, message):
     with pytest.raises(ConfigError, match=rf"{message}.*run\.toml|run\.toml: {message}"):
         read_sections(_toml(tmp_path, files), overrides)
+
+
+def test_every_refused_key_has_a_case():
+    tested = {re.search(r"\\\[(\w+)\\\] (\w+)", message).groups() for _, message in REFUSED_CASES}
+    assert set(REFUSED) <= tested
 
 
 @pytest.mark.parametrize("section, key", sorted(UNSUPPORTED))
