@@ -162,20 +162,21 @@ def test_extends_merges_keys_over_a_base_relative_to_the_file(tmp_path, files):
 
 REFUSED_CASES = [
     (["--parallelism.no_enable_sequence_parallel"],
-     r"\[parallelism\] enable_sequence_parallel = False is not supported: tensor parallelism here always"),
-    (["--parallelism.enable_fsdp_symm_mem"], r"\[parallelism\] enable_fsdp_symm_mem = True is not supported"),
-    (["--compile.enable_async_tensor_parallel"], r"\[compile\] enable_async_tensor_parallel = True is not supported"),
-    (["--comm.mode", "fake_backend"], r"\[comm\] mode = 'fake_backend' is not supported: .*real process groups"),
+     r"\[parallelism\] enable_sequence_parallel = false is not supported: tensor parallelism here always"),
+    (["--parallelism.enable_fsdp_symm_mem"], r"\[parallelism\] enable_fsdp_symm_mem = true is not supported"),
+    (["--compile.enable_async_tensor_parallel"], r"\[compile\] enable_async_tensor_parallel = true is not supported"),
+    (["--comm.mode", "fake_backend"], r"\[comm\] mode = \"fake_backend\" is not supported: .*real process groups"),
     (["--validator.enable"], r"\[validator\] enable = true needs \[validator\] dataset_path"),
     (["--validator.enable", "--validator.dataset_path", "x.jsonl"], r"\[validator\] steps = -1 .* is not supported"),
     (["--profiler.trace_post_processor", "f"], r"unknown key \[profiler\] trace_post_processor"),  # tyro-suppressed
     (["--validator.dataloader", "x"], r"unknown key \[validator\] dataloader"),  # a component: built from [data]
     (["--data.num_workers", "2"], r"\[data\] num_workers = 2 is not supported: .*iterable datasets"),
-    (["--data.dataset", "c4"], r"\[data\] dataset = 'c4' is not supported"),
-    (["--data.persistent_workers"], r"\[data\] persistent_workers = True is not supported: there are no worker"),
+    (["--data.dataset", "c4"], r"\[data\] dataset = \"c4\" is not supported"),
+    (["--data.persistent_workers"], r"\[data\] persistent_workers = true is not supported: there are no worker"),
     (["--data.prefetch_factor", "2"], r"\[data\] prefetch_factor = 2 is not supported: there are no worker"),
-    (["--job.moe_force_load_balance"], r"\[job\] moe_force_load_balance = True is not supported: .*own MoE layers"),
-    (["--job.batch_invariant"], r"\[job\] batch_invariant = True is not supported: .*pre-training"),
+    (["--job.moe_force_load_balance"], r"\[job\] moe_force_load_balance = true is not supported: .*own MoE layers"),
+    (["--checkpoint.last_save_in_hf"], r"\[checkpoint\] last_save_in_hf = true is not supported: .*export_hf"),
+    (["--job.batch_invariant"], r"\[job\] batch_invariant = true is not supported: .*pre-training"),
 ]
 
 

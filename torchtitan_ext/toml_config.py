@@ -159,20 +159,15 @@ def _check_table(path: Path, label: str, table: dict[str, Any], known: dict[str,
 # ---------------------------------------------------------------------------------------------- sections
 # Keys of the configs below that this trainer cannot honour at any value: naming one is an error with the reason.
 # (Keys it honours at some values only are in REFUSED.)
+_OWN_AC = "parallelism/activation_checkpoint.py checkpoints whole blocks without torchtitan's AC policies"
 UNSUPPORTED: dict[tuple[str, str], str] = {
     ("job", "enable_structured_logging"): "torchtitan's Trainer starts no structured trace logger to switch",
     ("optimizer", "param_groups"): "[optimizer] configures one group for every parameter",
     ("optimizer", "optimizer_factory_kwargs_by_name"): "it takes Python objects, which a TOML file cannot hold",
-    ("activation_checkpoint", "preserve_rng_state"): (
-        "parallelism/activation_checkpoint.py recomputes without restoring the RNG (Qwen3.5 has no dropout)"),
-    ("activation_checkpoint", "determinism_check"): "parallelism/activation_checkpoint.py uses torch's default",
-    ("activation_checkpoint", "debug"): "parallelism/activation_checkpoint.py has no debug mode",
-    ("activation_checkpoint", "force_recompute_mm_shapes_by_fqns"): (
-        "selective mode saves a fixed list of ops (parallelism/activation_checkpoint.py), not every other matmul"),
-    ("activation_checkpoint", "memory_budget"): "mode is one of none, full, selective (no memory-budget mode)",
+    **{("activation_checkpoint", key): _OWN_AC for key in ("preserve_rng_state", "determinism_check", "debug",
+                                                          "force_recompute_mm_shapes_by_fqns", "memory_budget")},
     ("float8", "recipe_name"): "parallelism/float8.py implements torchao's tensorwise recipe only",
-    ("float8", "filter_fqns"): ("parallelism/float8.py keeps a fixed set in high precision (lm_head, in_proj_a/b, "
-                                "shared_expert_gate)"),
+    ("float8", "filter_fqns"): "parallelism/float8.py keeps a fixed set of layers in high precision",
     ("float8", "model_compile_enabled"): "it follows [compile]",
 }
 
@@ -349,6 +344,11 @@ REFUSED: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("job", "moe_force_load_balance"): (
         operator.not_, "it is read by torchtitan's own MoE layers; Qwen3.5's router always routes by its top-k"),
     ("job", "batch_invariant"): (operator.not_, "torchtitan's Trainer does not support it in pre-training"),
+    ("checkpoint", "last_save_in_hf"): (
+        operator.not_, "torchtitan's HF writer neither writes config.json nor the published layout (vision tower, "
+        "MTP experts per expert). Save DCP checkpoints and export the last one with `python -m "
+        "torchtitan_ext.export_hf --config ... --checkpoint <step dir> --output <dir> [--layout published --source "
+        "<original HF dir>]`"),
 }
 # Paths are relative to the working directory; torchtitan insists on an absolute one for these.
 ABSOLUTE_PATHS = (("checkpoint", "initial_load_path"),)
@@ -368,7 +368,7 @@ def read_sections(path: Path, overrides: list[str]) -> dict[str, Any]:
             values[section][key] = str(Path(values[section][key]).absolute())
     for (section, key), (supported, reason) in REFUSED.items():  # the defaults are all supported
         if key in values[section] and not supported(value := values[section][key]):
-            raise ConfigError(f"{path}: [{section}] {key} = {value!r} is not supported: {reason}")
+            raise ConfigError(f"{path}: [{section}] {key} = {_toml_value(value)} is not supported: {reason}")
     values["parallelism"].setdefault("spmd_backend", compat.default_spmd_backend())
     sections = {}
     for name, cls in SECTIONS.items():
@@ -388,12 +388,6 @@ def read_sections(path: Path, overrides: list[str]) -> dict[str, Any]:
         if sections["validator"].steps == -1:
             raise ConfigError(f"{path}: [validator] steps = -1 (the whole file) is not supported: the data loaders "
                               "repeat their data, so a validation pass needs a number of steps")
-    if sections["checkpoint"].last_save_in_hf:
-        raise ConfigError(
-            f"{path}: [checkpoint] last_save_in_hf = true is not supported: torchtitan's HF writer neither writes "
-            "config.json nor the published layout (vision tower, MTP experts per expert). Save DCP checkpoints and "
-            "export the last one with `python -m torchtitan_ext.export_hf --config ... --checkpoint <step dir> "
-            "--output <dir> [--layout published --source <original HF dir>]`")
     return sections
 
 
@@ -523,6 +517,10 @@ def parallelize_settings(sections: dict[str, Any]) -> ParallelizeSettings:
         fsdp_cpu_offload=training.enable_cpu_offload)
 
 
+# Sections that are torchtitan's Trainer.Config fields as they are
+_TORCHTITAN_SECTIONS = ("lr_scheduler", "training", "parallelism", "checkpoint", "metrics", "compile", "comm", "profiler")
+
+
 def to_trainer_config(sections: dict[str, Any], config_path: Path) -> Trainer.Config:
     job, model, opt, data = sections["job"], sections["model"], sections["optimizer"], sections["data"]
     validator = sections["validator"]
@@ -537,17 +535,10 @@ def to_trainer_config(sections: dict[str, Any], config_path: Path) -> Trainer.Co
         optimizer=derive(opt, OptimizersContainer.Config, param_groups=[derive(
             opt, ParamGroupConfig, pattern=_DEFAULT_GROUP.pattern,
             optimizer_kwargs={key: getattr(opt, key) for key in _DEFAULT_GROUP.optimizer_kwargs})]),
-        lr_scheduler=sections["lr_scheduler"],
-        training=sections["training"],
-        parallelism=sections["parallelism"],
-        checkpoint=sections["checkpoint"],
-        metrics=sections["metrics"],
-        compile=sections["compile"],
+        **{name: sections[name] for name in _TORCHTITAN_SECTIONS},
         activation_checkpoint=None,  # parallelize_settings: the model's own activation checkpointing
         tokenizer=TitanTokenizer.Config(),
         dataloader=loader,
-        comm=sections["comm"],
-        profiler=sections["profiler"],
         validator=derive(validator, Validator.Config, dataloader=derive(loader, HeldOutDataLoader.Config,
                                                                              sources=[validator.source(data)])),
         debug=derive(job, DebugConfig),
