@@ -172,15 +172,15 @@ UNSUPPORTED: dict[tuple[str, str], str] = {
 }
 
 
-def _owned_fields(owner) -> dict[str, tuple[Any, Any]]:
-    """{key: (type, default)} of a dataclass's TOML keys, or of a function's keyword parameters (types without
-    torch.Tensor, which no TOML value is); a default is dataclasses.MISSING or a zero-argument factory."""
+def _owned_fields(owner) -> dict[str, tuple[Any, dataclasses.Field]]:
+    """{key: (type, field with the default)} of a dataclass's TOML keys, or of a function's keyword parameters
+    (their types without torch.Tensor, which no TOML value is)."""
     if dataclasses.is_dataclass(owner):
-        defaults = {field.name: field.default if field.default_factory is dataclasses.MISSING else field.default_factory
-                    for field in dataclasses.fields(owner)}
-        return {key: (hint, defaults[key]) for key, hint in _fields(owner).items()}
+        fields = {field.name: field for field in dataclasses.fields(owner)}
+        return {key: (hint, dataclasses.field(default=fields[key].default, default_factory=fields[key].default_factory))
+                for key, hint in _fields(owner).items()}
     hints = typing.get_type_hints(owner)
-    return {name: (_without_tensor(hints[name]), parameter.default)
+    return {name: (_without_tensor(hints[name]), dataclasses.field(default=parameter.default))
             for name, parameter in inspect.signature(owner).parameters.items() if name in hints}
 
 
@@ -195,25 +195,21 @@ def _without_tensor(hint):
 
 def _section(name: str, *parts: tuple, methods: dict[str, Any] | None = None) -> type:
     """The dataclass of TOML section `name`, its fields copied from the configs that own them. A part is (owner,
-    keys, defaults): keys are owner's fields, {key: owner's field} or None for all its keys not in UNSUPPORTED; defaults
-    are "owner's" (the owner's own), "unset" (`type | None = None`: unset keeps the value the owner gets elsewhere,
-    e.g. the flavor's) or a dict replacing some. A field added to an owner is a key here with no second declaration."""
+    keys, defaults): keys are owner's fields, {key: owner's field} or None for all its keys not in UNSUPPORTED;
+    defaults replace the owner's ({key: value}; dataclasses.MISSING: required) or are "unset" (`type | None = None`:
+    unset keeps the value the owner gets elsewhere, e.g. the flavor's). A field added to an owner is a key here with
+    no second declaration."""
     specs = []
     for owner, keys, defaults in parts:
         owned = _owned_fields(owner)
         keys = keys or [key for key in owned if (name, key) not in UNSUPPORTED]
         for key, field_name in (keys if isinstance(keys, dict) else {key: key for key in keys}).items():
-            hint, default = owned[field_name]
+            hint, field = owned[field_name]
             if defaults == "unset":
-                hint, default = hint | None, None
-            elif isinstance(defaults, dict):
-                default = defaults.get(key, default)
-            if default is dataclasses.MISSING:
-                specs.append((key, hint))
-            elif callable(default) and not isinstance(default, type):
-                specs.append((key, hint, dataclasses.field(default_factory=default)))
-            else:
-                specs.append((key, hint, dataclasses.field(default=default)))
+                hint, field = hint | None, dataclasses.field(default=None)
+            elif key in defaults:
+                field = dataclasses.field(default=defaults[key])
+            specs.append((key, hint, field))
     return dataclasses.make_dataclass(f"{name.title().replace('_', '')}Section", specs, namespace=methods,
                                       kw_only=True)
 
@@ -239,16 +235,16 @@ _DEFAULT_GROUP = default_adamw().param_groups[0]
 SETTINGS_KEYS = {"activation_checkpoint": {"mode": "activation_checkpoint"},
                  "float8": {"enable": "float8", "emulate": "float8_emulate"}}
 
-JobSection = _section("job", (Trainer.Config, ["dump_folder"], "owner's"), (DebugConfig, None, "owner's"))
-ModelSection = _section("model", (Qwen35TitanModel.Config, ["flavor"], "owner's"),
+JobSection = _section("job", (Trainer.Config, ["dump_folder"], {}), (DebugConfig, None, {}))
+ModelSection = _section("model", (Qwen35TitanModel.Config, ["flavor"], {}),
                         (Trainer.Config, ["hf_assets_path"], {"hf_assets_path": dataclasses.MISSING}),  # required
                         (Qwen35Config, ARCHITECTURE_KEYS, "unset"), methods={"architecture": _architecture})
 OptimizerSection = _section(
-    "optimizer", (OptimizersContainer.Config, None, "owner's"),
+    "optimizer", (OptimizersContainer.Config, None, {}),
     (ParamGroupConfig, ["optimizer_name"], {"optimizer_name": _DEFAULT_GROUP.optimizer_name}),
     (torch.optim.AdamW.__init__, list(_DEFAULT_GROUP.optimizer_kwargs), _DEFAULT_GROUP.optimizer_kwargs))
 ActivationCheckpointSection, Float8Section = (
-    _section(name, (ParallelizeSettings, keys, "owner's")) for name, keys in SETTINGS_KEYS.items())
+    _section(name, (ParallelizeSettings, keys, {})) for name, keys in SETTINGS_KEYS.items())
 
 
 @dataclass(kw_only=True, slots=True)
