@@ -167,6 +167,7 @@ REFUSED_CASES = [
     (["--compile.enable_async_tensor_parallel"], r"\[compile\] enable_async_tensor_parallel = true is not supported"),
     (["--comm.mode", "fake_backend"], r"\[comm\] mode = \"fake_backend\" is not supported: .*real process groups"),
     (["--validator.enable"], r"\[validator\] enable = true needs \[validator\] dataset_path"),
+    (["--job.spmd_typechecking"], r"\[job\] spmd_typechecking = true needs \[parallelism\] spmd_backend"),
     (["--validator.enable", "--validator.dataset_path", "x.jsonl"], r"\[validator\] steps = -1 .* is not supported"),
     (["--profiler.trace_post_processor", "f"], r"unknown key \[profiler\] trace_post_processor"),  # tyro-suppressed
     (["--validator.dataloader", "x"], r"unknown key \[validator\] dataloader"),  # a component: built from [data]

@@ -378,6 +378,9 @@ def read_sections(path: Path, overrides: list[str]) -> dict[str, Any]:
             sections[name] = cls(**table)
         except ValueError as err:  # torchtitan's own checks in __post_init__
             raise ConfigError(f"{path}: [{name}] {err}") from None
+    if sections["job"].spmd_typechecking and sections["parallelism"].spmd_backend != "spmd_types":
+        raise ConfigError(f"{path}: [job] spmd_typechecking = true needs [parallelism] spmd_backend = \"spmd_types\" "
+                          "(torchtitan type-checks only there)")
     if sections["validator"].enable:
         if not sections["validator"].dataset_path:
             raise ConfigError(f"{path}: [validator] enable = true needs [validator] dataset_path (held-out data)")
@@ -514,7 +517,8 @@ def parallelize_settings(sections: dict[str, Any]) -> ParallelizeSettings:
 
 
 # Sections that are torchtitan's Trainer.Config fields as they are
-_TORCHTITAN_SECTIONS = ("lr_scheduler", "training", "parallelism", "checkpoint", "metrics", "compile", "comm", "profiler")
+_TORCHTITAN_SECTIONS = ("lr_scheduler", "training", "parallelism", "checkpoint", "metrics", "compile", "comm",
+                        "profiler")
 
 
 def to_trainer_config(sections: dict[str, Any], config_path: Path) -> Trainer.Config:
