@@ -5,6 +5,7 @@ without FSDP, autocast)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -26,7 +27,7 @@ from .tensor_parallel import apply_tensor_parallel
 class ParallelizeSettings:
     """The transforms `parallelize` applies besides splitting the model over the ParallelDims."""
 
-    activation_checkpoint: str = "none"  # one of AC_MODES
+    activation_checkpoint: Literal[AC_MODES] = "none"
     compile: bool = False  # torch.compile per block
     compile_backend: str = "inductor"
     float8: bool = False  # torchao float8 (tensorwise) for the large nn.Linear layers

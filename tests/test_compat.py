@@ -69,7 +69,23 @@ def test_cpu_sharded_init_shim_still_needed_dtensor_rng_has_no_cpu_support():
         assert not is_rng_supported_mesh(types.SimpleNamespace(device_type="cpu"))
 
 
-def test_spmd_backend_default_still_needed_fully_shard_lacks_spmd_types():
+def _fully_shard_plain_parameter_on_spmd_mesh() -> str:
+    """What torchtitan's spmd_types backend asks of fully_shard: a plain parameter on the full SPMD mesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import DataParallelMeshDims, fully_shard
+
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("fsdp",))
+    try:
+        fully_shard(torch.nn.Linear(4, 4), mesh=mesh, dp_mesh_dims=DataParallelMeshDims(shard="fsdp"))
+    except (ValueError, NotImplementedError) as err:  # NotImplementedError: compat's stand-in (torch 2.11)
+        return str(err)
+    return "sharded"
+
+
+def test_spmd_backend_default_still_needed_fully_shard_refuses_plain_parameters_on_spmd_meshes():
+    """The probe compat decides by agrees with fully_shard itself, and both still say no."""
+    refusal = run_distributed(_fully_shard_plain_parameter_on_spmd_mesh)
+    assert "must be DTensors" in refusal or "DataParallelMeshDims" in refusal
     assert not compat.fully_shard_understands_spmd_types()
     assert compat.default_spmd_backend() == "partial_dtensor"
 

@@ -17,7 +17,7 @@ from torchtitan_ext.train import load_config
     (["--training.global_batch_size", "6"], r"\[training\] global_batch_size = 6: must be a multiple of "
                                             r"local_batch_size x data-parallel degree = 4"),
     (["--optimizer.lr", "-0.001"], r"\[optimizer\] lr = -0.001: must be >= 0 \(a negative learning rate"),
-    (["--optimizer.beta2", "1.0"], r"\[optimizer\] beta2 = 1.0: must be in \[0, 1\)"),
+    (["--optimizer.betas", "0.9,1.0"], r"\[optimizer\] betas = \(0.9, 1.0\): each must be in \[0, 1\)"),
     (["--optimizer.weight_decay", "-0.1"], r"\[optimizer\] weight_decay = -0.1: must be >= 0"),
     (["--lr_scheduler.warmup_steps", "-5"], r"\[lr_scheduler\] warmup_steps = -5: must be >= 0"),
     (["--lr_scheduler.min_lr_factor", "2"], r"\[lr_scheduler\] min_lr_factor = 2.0: must be in \[0, 1\]"),

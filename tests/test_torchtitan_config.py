@@ -1,5 +1,7 @@
 """TOML front end: errors name the key and the file; overrides win; every train_configs/*.toml validates."""
 
+import dataclasses
+import re
 import shutil
 from pathlib import Path
 
@@ -12,7 +14,12 @@ from qwen35 import Qwen35Config
 from test_train_helpers import debug_assets
 from torchtitan_ext import compat
 from torchtitan_ext.preflight import prepare_files
-from torchtitan_ext.toml_config import ConfigError, parallelize_settings, read_sections, to_toml, to_trainer_config
+from torchtitan.components.optimizer import OptimizersContainer, default_adamw
+from torchtitan.components.quantization.float8 import Float8LinearConverter
+from torchtitan.config.configs import DebugConfig
+from torchtitan.distributed.activation_checkpoint import FullAC, MemoryBudgetAC, SelectiveAC
+from torchtitan_ext.toml_config import (REFUSED, UNSUPPORTED, ConfigError, parallelize_settings, read_sections, to_toml,
+                                        to_trainer_config)
 from torchtitan_ext.train import load_config, main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "train_configs"
@@ -153,24 +160,79 @@ def test_extends_merges_keys_over_a_base_relative_to_the_file(tmp_path, files):
         read_sections(child, [])
 
 
-@pytest.mark.parametrize("overrides, message", [
+REFUSED_CASES = [
     (["--parallelism.no_enable_sequence_parallel"],
-     r"\[parallelism\] enable_sequence_parallel = False is not supported: tensor parallelism here always"),
-    (["--parallelism.enable_fsdp_symm_mem"], r"\[parallelism\] enable_fsdp_symm_mem = True is not supported"),
-    (["--compile.enable_async_tensor_parallel"], r"\[compile\] enable_async_tensor_parallel = True is not supported"),
-    (["--comm.mode", "fake_backend"], r"\[comm\] mode = 'fake_backend' is not supported: .*real process groups"),
+     r"\[parallelism\] enable_sequence_parallel = false is not supported: tensor parallelism here always"),
+    (["--parallelism.enable_fsdp_symm_mem"], r"\[parallelism\] enable_fsdp_symm_mem = true is not supported"),
+    (["--compile.enable_async_tensor_parallel"], r"\[compile\] enable_async_tensor_parallel = true is not supported"),
+    (["--comm.mode", "fake_backend"], r"\[comm\] mode = \"fake_backend\" is not supported: .*real process groups"),
     (["--validator.enable"], r"\[validator\] enable = true needs \[validator\] dataset_path"),
+    (["--job.spmd_typechecking"], r"\[job\] spmd_typechecking = true needs \[parallelism\] spmd_backend"),
     (["--validator.enable", "--validator.dataset_path", "x.jsonl"], r"\[validator\] steps = -1 .* is not supported"),
     (["--profiler.trace_post_processor", "f"], r"unknown key \[profiler\] trace_post_processor"),  # tyro-suppressed
     (["--validator.dataloader", "x"], r"unknown key \[validator\] dataloader"),  # a component: built from [data]
     (["--data.num_workers", "2"], r"\[data\] num_workers = 2 is not supported: .*iterable datasets"),
-    (["--data.dataset", "c4"], r"\[data\] dataset = 'c4' is not supported"),
-    (["--data.persistent_workers"], r"\[data\] persistent_workers = True is not supported: there are no worker"),
+    (["--data.dataset", "c4"], r"\[data\] dataset = \"c4\" is not supported"),
+    (["--data.persistent_workers"], r"\[data\] persistent_workers = true is not supported: there are no worker"),
     (["--data.prefetch_factor", "2"], r"\[data\] prefetch_factor = 2 is not supported: there are no worker"),
-])
+    (["--job.moe_force_load_balance"], r"\[job\] moe_force_load_balance = true is not supported: .*own MoE layers"),
+    (["--checkpoint.last_save_in_hf"], r"\[checkpoint\] last_save_in_hf = true is not supported: .*export_hf"),
+    (["--job.batch_invariant"], r"\[job\] batch_invariant = true is not supported: .*pre-training"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", REFUSED_CASES)
 def test_keys_this_trainer_cannot_honour_are_refused_with_the_reason(tmp_path, files, overrides, message):
     with pytest.raises(ConfigError, match=rf"{message}.*run\.toml|run\.toml: {message}"):
         read_sections(_toml(tmp_path, files), overrides)
+
+
+def test_every_refused_key_has_a_case():
+    tested = {re.search(r"\\\[(\w+)\\\] (\w+)", message).groups() for _, message in REFUSED_CASES}
+    assert set(REFUSED) <= tested
+
+
+@pytest.mark.parametrize("section, key", sorted(UNSUPPORTED))
+def test_torchtitan_keys_this_trainer_has_no_use_for_are_refused_with_the_reason(tmp_path, files, section, key):
+    """Each is a field of torchtitan's config for the section, and naming it (file or command line) is an error
+    that says why, not "unknown key"."""
+    torchtitan_configs = {"job": [DebugConfig], "optimizer": [OptimizersContainer.Config],
+                          "activation_checkpoint": [FullAC.Config, SelectiveAC.Config, MemoryBudgetAC.Config],
+                          "float8": [Float8LinearConverter.Config]}[section]
+    assert any(key in {f.name for f in dataclasses.fields(c)} for c in torchtitan_configs)
+    message = rf"\[{section}\] {key} is not supported: {re.escape(UNSUPPORTED[section, key])}"
+    with pytest.raises(ConfigError, match=rf"run\.toml: {message}"):
+        read_sections(_toml(tmp_path, files, f"[{section}]\n{key} = 1\n"), [])
+    with pytest.raises(ConfigError, match=rf"--{section}\.{key}: {message} \(overriding .*run\.toml\)"):
+        read_sections(_toml(tmp_path, files), [f"--{section}.{key}", "1"])
+
+
+def test_sections_take_their_keys_types_and_defaults_from_the_configs_that_own_them(tmp_path, files):
+    """[job] = torchtitan's Trainer.Config dump_folder + DebugConfig; [model] = the flavor, hf_assets_path and
+    Qwen35Config fields (unset: the flavor's); [optimizer] = OptimizersContainer.Config + one group of torchtitan's
+    default_adamw; [activation_checkpoint] / [float8] = ParallelizeSettings fields."""
+    from torchtitan_ext.toml_config import SECTIONS, _fields
+
+    assert _fields(SECTIONS["job"]) == {"dump_folder": str, **{
+        key: hint for key, hint in _fields(DebugConfig).items() if ("job", key) not in UNSUPPORTED}}
+    model_keys = _fields(SECTIONS["model"])
+    assert model_keys.pop("flavor") is str and model_keys.pop("hf_assets_path") is str
+    assert model_keys == {key: _fields(Qwen35Config)[key] | None for key in model_keys}
+    settings = _fields(ParallelizeSettings)
+    assert _fields(SECTIONS["activation_checkpoint"]) == {"mode": settings["activation_checkpoint"]}
+    assert _fields(SECTIONS["float8"]) == {"enable": settings["float8"], "emulate": settings["float8_emulate"]}
+
+    path = _toml(tmp_path, files, "[optimizer]\nlr = 0.01\nimplementation = \"foreach\"\n[job]\nseed = 3\n"
+                                  "dump_folder = \"out\"\ndetect_anomaly = true\n")
+    config = to_trainer_config(read_sections(path, []), path)
+    expected = default_adamw(lr=0.01)
+    expected.implementation = "foreach"
+    assert config.optimizer == expected
+    assert config.debug == DebugConfig(seed=3, detect_anomaly=True) and config.dump_folder == "out"
+    architecture = config.model_spec.model.architecture
+    assert architecture == Qwen35Config.from_flavor("debug")
+    tied = to_trainer_config(read_sections(path, ["--model.tie_word_embeddings"]), path)
+    assert tied.model_spec.model.architecture == Qwen35Config.from_flavor("debug", tie_word_embeddings=True)
 
 
 def test_validator_held_out_file_must_exist(tmp_path, files):

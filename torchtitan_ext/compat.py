@@ -10,7 +10,7 @@ that fails once the installed versions no longer need it. See shared/reference/t
 from __future__ import annotations
 
 import contextlib
-import inspect
+import dataclasses
 import os
 import resource
 import sys
@@ -136,12 +136,26 @@ def _install_data_parallel_mesh_dims_stand_in() -> None:
 
 
 def fully_shard_understands_spmd_types() -> bool:
-    """torch nightlies teach FSDP2 about spmd_types annotations; stable 2.11-2.13 do not (their FSDP param code
-    never mentions them), so torchtitan 0.3.0's default `spmd_backend = "spmd_types"` fails for any FSDP degree > 1
-    ("all parameters must be DTensors on the full SPMD mesh")."""
-    from torch.distributed.fsdp._fully_shard import _fsdp_param
+    """torch nightlies teach FSDP2 about spmd_types annotations; stable 2.11-2.13 do not, so torchtitan 0.3.0's
+    default `spmd_backend = "spmd_types"` fails for any FSDP degree > 1 ("all parameters must be DTensors on the
+    full SPMD mesh"). Probe: hand FSDP2's parameter code a plain parameter on an SPMD data-parallel mesh, as that
+    backend does (a stand-in parameter record: no process group needed). torch 2.12-2.13 refuse it; 2.11 has no
+    SPMD meshes (no FSDPMeshInfo.dp_mesh_dims). tests/test_compat.py checks this answer against fully_shard itself."""
+    from torch.distributed.fsdp._fully_shard._fsdp_common import FSDPMeshInfo
+    from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
+    from torch.distributed.tensor import Shard
 
-    return "spmd_types" in inspect.getsource(_fsdp_param)
+    if "dp_mesh_dims" not in {field.name for field in dataclasses.fields(FSDPMeshInfo)}:
+        return False
+    record = types.SimpleNamespace(mesh_info=types.SimpleNamespace(is_spmd_mesh=True), is_dtensor=False,
+                                   _module_info=types.SimpleNamespace(param_name="probe"))
+    try:
+        FSDPParam._init_sharding_spec(record, torch.nn.Parameter(torch.zeros(2)), Shard(0), 0)
+    except ValueError as err:
+        return "must be DTensors" not in str(err)
+    except Exception:  # past the plain-parameter check; the stand-in lacks what sharding itself needs
+        return True
+    return True
 
 
 def default_spmd_backend() -> str:

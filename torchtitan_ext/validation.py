@@ -45,8 +45,9 @@ def _check_optimizer(config: Trainer.Config) -> None:
         if "lr" in kwargs:
             _require(math.isfinite(kwargs["lr"]) and kwargs["lr"] >= 0, "[optimizer] lr", kwargs["lr"],
                      "must be >= 0 (a negative learning rate trains uphill)")
-        for name, beta in zip(("beta1", "beta2"), kwargs.get("betas", ())):
-            _require(0 <= beta < 1, f"[optimizer] {name}", beta, "must be in [0, 1)")
+        if "betas" in kwargs:
+            _require(all(0 <= beta < 1 for beta in kwargs["betas"]), "[optimizer] betas", kwargs["betas"],
+                     "each must be in [0, 1)")
         if "eps" in kwargs:
             _require(kwargs["eps"] > 0, "[optimizer] eps", kwargs["eps"], "must be > 0")
         if "weight_decay" in kwargs:
