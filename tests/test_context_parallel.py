@@ -19,10 +19,11 @@ from parallelism.context_parallel import ContextParallel, apply_context_parallel
 from qwen35 import Qwen35ForCausalLM
 from tiny_configs import tiny
 
-KERNEL_SEQ_LEN = 48
-# Boundaries per degree: C = 2 (24 tokens a rank) has a document starting one token before the rank boundary and
-# crossing it; C = 4 (12 a rank) adds one ending exactly at a rank boundary and one crossing into the last rank.
-PACKED = {2: [0, 5, 23, 30, 48], 4: [0, 5, 12, 23, 30, 48]}
+KERNEL_SEQ_LEN = 64
+# Boundaries per degree (each rank holds chunks r and 2C - 1 - r of T / 2C tokens): C = 2 (chunks of 16) has a
+# document starting one token before the chunk boundary 32 and crossing it, and ones crossing 16 and 48; C = 4
+# (chunks of 8) adds one ending exactly at a chunk boundary (16), one starting there and one spanning four chunks.
+PACKED = {2: [0, 5, 31, 40, 64], 4: [0, 5, 16, 31, 40, 64]}
 # The model cases: (dtype, T, document boundaries). fp32 at T = 1024: one document ending exactly at the C = 4 rank
 # boundary 256, one starting there, one starting one token before the boundary 512 (of both degrees) and crossing it,
 # one crossing 768. float64 at T = 128: the same layout scaled down, and one document spanning all ranks.
@@ -57,13 +58,12 @@ def _delta_rule_errors(cp: ContextParallel, cu_seqlens: list[int]) -> dict[str, 
     (o_ref * weight).sum().backward()
 
     shard = cp.shard(cu, T)
-    window = slice(shard.start, shard.end)
-    local = [_leaf(x[:, window]) for x in (q, k, v, g, beta)]
+    local = [_leaf(shard.take(x)) for x in (q, k, v, g, beta)]
     o, _ = cp.chunk_gated_delta_rule(*local, cu_seqlens=shard.cu_seqlens, use_qk_l2norm=True)
-    (o * weight[:, window]).sum().backward()
-    errors = {"o": _max_error(o, o_ref[:, window])}
+    (o * shard.take(weight)).sum().backward()
+    errors = {"o": _max_error(o, shard.take(o_ref))}
     for name, x_local, x_full in zip(("q", "k", "v", "g", "beta"), local, full):
-        errors[f"d{name}"] = _max_error(x_local.grad, x_full.grad[:, window])
+        errors[f"d{name}"] = _max_error(x_local.grad, shard.take(x_full.grad))
     return errors
 
 
@@ -78,11 +78,10 @@ def _conv_errors(cp: ContextParallel, cu_seqlens: list[int]) -> dict[str, float]
     y_ref, _ = kernels.causal_conv1d(x_full, weight, cu_seqlens=cu)
     (y_ref * out_weight).sum().backward()
     shard = cp.shard(cu, T)
-    window = slice(shard.start, shard.end)
-    x_local = _leaf(x[:, window])
+    x_local = _leaf(shard.take(x))
     y, _ = cp.causal_conv1d(x_local, weight, cu_seqlens=shard.cu_seqlens)
-    (y * out_weight[:, window]).sum().backward()
-    return {"y": _max_error(y, y_ref[:, window]), "dx": _max_error(x_local.grad, x_full.grad[:, window])}
+    (y * shard.take(out_weight)).sum().backward()
+    return {"y": _max_error(y, shard.take(y_ref)), "dx": _max_error(x_local.grad, shard.take(x_full.grad))}
 
 
 def _worst_over_ranks(results: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -94,15 +93,15 @@ def _worst_over_ranks(results: dict[str, dict[str, float]]) -> dict[str, dict[st
 
 
 def _bad_batches_raise(cp: ContextParallel) -> None:
-    for cu_seqlens, seq_len, message in (([0, 49], 49, "must be divisible by the context-parallel degree"),
+    for cu_seqlens, seq_len, message in (([0, 49], 49, "must be divisible by 2 x the context-parallel degree"),
                                          ([0, 30, 20, 48], 48, "must rise strictly from 0 to the sequence length"),
                                          ([0, 40], 48, "must rise strictly from 0 to the sequence length 48"),
                                          ([0, 4 * cp.size], 4 * cp.size, "must cover a conv window")):
         with pytest.raises(ValueError, match=message):
             cp.shard(torch.tensor(cu_seqlens, dtype=torch.int32), seq_len)
-    shard = cp.shard(torch.tensor([0, 48], dtype=torch.int32), 48)
-    x = torch.zeros(1, shard.end - shard.start, 5)
-    with pytest.raises(ValueError, match="must be called with cu_seqlens=shard.cu_seqlens"):
+    shard = cp.shard(torch.tensor([0, 64], dtype=torch.int32), 64)
+    x = torch.zeros(1, 2 * shard.chunk, 5)
+    with pytest.raises(ValueError, match="with cu_seqlens=shard.cu_seqlens of the current"):
         cp.causal_conv1d(x, torch.zeros(5, 4), cu_seqlens=shard.cu_seqlens.clone())
     with pytest.raises(ValueError, match="does not carry caller states"):
         cp.causal_conv1d(x, torch.zeros(5, 4), cu_seqlens=shard.cu_seqlens, output_final_state=True)
@@ -137,10 +136,9 @@ def _model_errors(dtype: torch.dtype, seq_len: int, cu_seqlens: list[int]) -> di
     (F.cross_entropy(logits_ref[0], labels[0], reduction="sum") / seq_len).backward()
 
     shard = cp.shard(cu, seq_len)
-    window = slice(shard.start, shard.end)
-    logits = cp_model(ids[:, window], position_ids=shard.position_ids, cu_seqlens=shard.cu_seqlens)
-    (F.cross_entropy(logits[0], labels[0, window], reduction="sum") / seq_len).backward()
-    errors = {"logits": _max_error(logits, logits_ref[:, window])}
+    logits = cp_model(shard.take(ids), position_ids=shard.position_ids, cu_seqlens=shard.cu_seqlens)
+    (F.cross_entropy(logits[0], shard.take(labels)[0], reduction="sum") / seq_len).backward()
+    errors = {"logits": _max_error(logits, shard.take(logits_ref))}
     scale = max(p.grad.abs().max().item() for p in model.parameters())
     for (name, p_ref), p in zip(model.named_parameters(), cp_model.parameters()):
         dist.all_reduce(p.grad)  # each rank holds its tokens' share of every parameter gradient
