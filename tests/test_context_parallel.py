@@ -1,7 +1,8 @@
 """Context parallelism (parallelism.context_parallel) on 2 and 4 gloo processes against one process: the delta rule
 across ranks against the float64 sequential recurrence (values and gradients of every input), the causal conv with
 its halo, and the whole model (logits and every parameter gradient), over packed documents that start exactly at a
-rank boundary, one token before one, cross one or several boundaries, and one document spanning all ranks."""
+chunk boundary, one token before one, cross one or several boundaries, and one document spanning all ranks; and the
+model with every block compiled at C = 2."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 import kernels
 from delta_rule_oracle import naive_gated_delta_rule_f64
 from distributed_utils import run_distributed
+from parallelism.compile import apply_compile
 from parallelism.context_parallel import ContextParallel, apply_context_parallel
 from qwen35 import Qwen35ForCausalLM
 from tiny_configs import tiny
@@ -147,17 +149,61 @@ def _model_errors(dtype: torch.dtype, seq_len: int, cu_seqlens: list[int]) -> di
     return errors
 
 
-def _all_checks() -> dict[str, dict[str, float]]:
+# Packings of a 256-token row, one per step of the compiled model: the document count changes every step.
+COMPILED_PACKINGS = ([0, 37, 100, 256], [0, 64, 127, 200, 256], [0, 256], [0, 5, 60, 61, 190, 256])
+
+
+def _compiled_model_errors() -> dict[str, float]:
+    """The tiny model under context parallelism with every block compiled (fullgraph: no graph break, the
+    all-gathers and their reduce-scatters inside the graphs; aot_eager, which traces forward and backward as
+    inductor gets them), over packings that change every step: max |CP compiled - one process eager| of the logits
+    and of every parameter gradient (relative to the largest entry) over the steps, and the graphs compiled."""
+    torch.manual_seed(0)
+    model = Qwen35ForCausalLM(tiny())
+    cp_model = copy.deepcopy(model)
+    cp = apply_context_parallel(cp_model, dist.group.WORLD)
+    apply_compile(cp_model, backend="aot_eager")
+    torch._dynamo.utils.counters.clear()
+    gen = torch.Generator().manual_seed(3)
+    errors = {"logits": 0.0, "grads": 0.0}
+    for cu_seqlens in COMPILED_PACKINGS:
+        seq_len = cu_seqlens[-1]
+        ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=gen)
+        cu = torch.tensor(cu_seqlens, dtype=torch.int32)
+        model.zero_grad(set_to_none=True)
+        cp_model.zero_grad(set_to_none=True)
+        logits_ref = model(ids, cu_seqlens=cu)
+        (logits_ref.square().sum() / logits_ref.numel()).backward()
+        shard = cp.shard(cu, seq_len)
+        logits = cp_model(shard.take(ids), position_ids=shard.position_ids, cu_seqlens=shard.cu_seqlens)
+        (logits.square().sum() / logits_ref.numel()).backward()
+        errors["logits"] = max(errors["logits"], _max_error(logits, shard.take(logits_ref)))
+        scale = max(p.grad.abs().max().item() for p in model.parameters())
+        for p_ref, p in zip(model.parameters(), cp_model.parameters()):
+            dist.all_reduce(p.grad)
+            errors["grads"] = max(errors["grads"], _max_error(p.grad, p_ref.grad) / scale)
+    errors["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    return errors
+
+
+def _all_checks(compiled: bool) -> dict[str, dict[str, float]]:
     """One process group for every check (starting processes is most of the cost on two cores)."""
     results = _kernel_checks()
     results.update({f"model_{case}": _model_errors(*args) for case, args in MODEL_CASES.items()})
+    if compiled:
+        results["compiled"] = _compiled_model_errors()
     return _worst_over_ranks(results)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_context_parallel_matches_one_process(world_size):
-    """Kernels (float64 throughout) to 1e-10 absolute; the model to 1e-5 (see _model_errors)."""
-    for case, errors in run_distributed(_all_checks, world_size=world_size).items():
-        tolerance = 1e-5 if case.startswith("model_") else 1e-10
+    """Kernels (float64 throughout) to 1e-10 absolute; the model to 1e-5 (see _model_errors); at C = 2 also the
+    compiled model, with at most 4 graphs for 4 packings (the GDN and the attention block, each once with the first
+    document count and once with a dynamic one: Dynamo's automatic dynamic shapes; no recompile after)."""
+    results = run_distributed(_all_checks, world_size == 2, world_size=world_size)
+    if world_size == 2:
+        assert 2 <= results["compiled"].pop("graphs") <= 4
+    for case, errors in results.items():
+        tolerance = 1e-5 if case.startswith(("model_", "compiled")) else 1e-10
         for name, error in errors.items():
             assert error < tolerance, (case, name, error)
