@@ -82,6 +82,16 @@ def chunks_of_rank(rank: int, size: int) -> tuple[int, int]:
     return rank, 2 * size - 1 - rank
 
 
+def rank_positions(rank: int, size: int, chunk: int, device=None) -> torch.Tensor:
+    """The global positions of a rank's tokens, in its local order (its two chunks)."""
+    return torch.cat([torch.arange(c * chunk, (c + 1) * chunk, device=device) for c in chunks_of_rank(rank, size)])
+
+
+def gathered_positions(size: int, chunk: int, device=None) -> torch.Tensor:
+    """The global positions of an all-gather of every rank's tokens (rank-major)."""
+    return torch.cat([rank_positions(r, size, chunk, device) for r in range(size)])
+
+
 def gathered_chunk_slot(chunk_index: int, size: int) -> int:
     """Where chunk `chunk_index` lies in an all-gather of every rank's (first chunk, second chunk)."""
     return 2 * chunk_index if chunk_index < size else 2 * (2 * size - 1 - chunk_index) + 1
@@ -119,6 +129,13 @@ def _block_ranges(values: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.T
     blocks = -(-values.shape[0] // FLEX_BLOCK_SIZE)
     padded = F.pad(values, (0, blocks * FLEX_BLOCK_SIZE - values.shape[0]), value=pad).view(blocks, -1)
     return padded.masked_fill(padded < 0, torch.iinfo(values.dtype).max).amin(-1), padded.amax(-1)
+
+
+def gathered_keys_block_mask(document_ids: torch.Tensor, rank: int, size: int, chunk: int) -> BlockMask:
+    """The block mask of a rank's queries x the gathered keys, from the row's document ids [T]."""
+    queries = rank_positions(rank, size, chunk, document_ids.device)
+    keys = gathered_positions(size, chunk, document_ids.device)
+    return cross_block_mask(document_ids[queries], queries, document_ids[keys], keys)
 
 
 def cross_block_mask(q_doc: torch.Tensor, q_pos: torch.Tensor, k_doc: torch.Tensor, k_pos: torch.Tensor
@@ -269,17 +286,11 @@ class ContextParallel:
         boundaries = torch.tensor(bounds, device=device)
         doc = torch.searchsorted(boundaries[1:], idx, right=True)
         document_positions = idx - boundaries[doc]
-        order = torch.cat([torch.arange(*segments[i], device=device) for i in range(2)])
-        block_mask = None
-        if device.type != "cpu":
-            gathered = torch.cat([torch.arange(*s, device=device) for r in range(size)
-                                  for s in ((r * chunk, (r + 1) * chunk),
-                                            ((2 * size - 1 - r) * chunk, (2 * size - r) * chunk))])
-            block_mask = cross_block_mask(doc[order], order, doc[gathered], gathered)
+        block_mask = None if device.type == "cpu" else gathered_keys_block_mask(doc, rank, size, chunk)
         self.current = ContextParallelShard(
             rank=rank, size=size, seq_len=seq_len, chunk=chunk, segments=segments,
             cu_seqlens=torch.tensor(local_bounds, dtype=torch.int32, device=device),
-            position_ids=document_positions[order][None],
+            position_ids=document_positions[rank_positions(rank, size, chunk, device)][None],
             segment_first_sequence=torch.tensor(first, device=device),
             segment_last_sequence=torch.tensor(last, device=device),
             continues=torch.tensor([float(c > 0 and c * chunk not in bounds) for c in range(2 * size)],

@@ -17,8 +17,12 @@ import kernels
 from delta_rule_oracle import naive_gated_delta_rule_f64
 from distributed_utils import run_distributed
 from parallelism.compile import apply_compile
-from parallelism.context_parallel import ContextParallel, apply_context_parallel
+from parallelism.context_parallel import (ContextParallel, apply_context_parallel, attention_tiles,
+                                          gathered_keys_block_mask, gathered_positions, rank_positions,
+                                          tiled_attention)
 from qwen35 import Qwen35ForCausalLM
+from qwen35.attention import packed_document_attention
+from qwen35.model import packed_document_ids_and_positions, packed_positions_and_mask
 from tiny_configs import tiny
 
 KERNEL_SEQ_LEN = 64
@@ -207,3 +211,50 @@ def test_context_parallel_matches_one_process(world_size):
         tolerance = 1e-5 if case.startswith(("model_", "compiled")) else 1e-10
         for name, error in errors.items():
             assert error < tolerance, (case, name, error)
+
+
+# The attention of one rank alone (no process group): its queries against every rank's keys in all-gather order,
+# against dense block-causal attention of its queries over the whole row. Rank 0 of C = 2 holds chunks 0 and 3 of
+# 192 tokens: flex's 128-token blocks straddle chunks and documents, and the last query block (640-767) is in the
+# document 300-768 with key blocks wholly before it (320-447, 448-575: full blocks, no mask_mod).
+ATTENTION_BOUNDS = [0, 37, 95, 96, 300, 768]
+
+
+def _one_rank_attention(dtype, rank=0, size=2, seq_len=768, heads=4, kv_heads=2, head_dim=16):
+    """Leaves (this rank's queries, the gathered keys, the gathered values), leaves (the same queries, the row's
+    keys and values) with the dense reference output computed from the latter, the gathered keys' global
+    positions and the chunk length."""
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(1, heads, seq_len, head_dim, generator=gen, dtype=dtype)
+    k, v = (torch.randn(1, kv_heads, seq_len, head_dim, generator=gen, dtype=dtype) for _ in range(2))
+    chunk = seq_len // (2 * size)
+    local, gathered = rank_positions(rank, size, chunk), gathered_positions(size, chunk)
+    _, mask = packed_positions_and_mask(torch.tensor(ATTENTION_BOUNDS, dtype=torch.int32), seq_len)
+    row = [_leaf(q[:, :, local]), _leaf(k), _leaf(v)]
+    reference = F.scaled_dot_product_attention(*row, attn_mask=mask[:, :, local], enable_gqa=True)
+    parts = [_leaf(q[:, :, local]), _leaf(k[:, :, gathered]), _leaf(v[:, :, gathered])]
+    return parts, row, reference, gathered, chunk
+
+
+def test_tiled_attention_of_one_rank_matches_dense_attention_float64():
+    """The CPU path (flash tiles merged by log-sum-exp): output and gradients of q, k, v to 1e-12."""
+    (q, k, v), row, reference, gathered, chunk = _one_rank_attention(torch.float64)
+    tiles = torch.tensor(attention_tiles(ATTENTION_BOUNDS, 0, 2, chunk))
+    out, _ = tiled_attention(q, k, v, tiles, q.shape[-1] ** -0.5)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype)
+    (out * weight).sum().backward()
+    (reference * weight).sum().backward()
+    assert _max_error(out, reference) < 1e-12
+    assert _max_error(q.grad, row[0].grad) < 1e-12
+    assert _max_error(k.grad, row[1].grad[:, :, gathered]) < 1e-12
+    assert _max_error(v.grad, row[2].grad[:, :, gathered]) < 1e-12
+
+
+def test_flex_block_mask_of_one_rank_matches_dense_attention():
+    """The non-CPU path's block mask (flex_attention forward on CPU; its backward is CUDA-only) to 1e-5 in fp32."""
+    (q, k, v), _, reference, _, chunk = _one_rank_attention(torch.float32)
+    doc, _ = packed_document_ids_and_positions(torch.tensor(ATTENTION_BOUNDS, dtype=torch.int32), k.shape[2])
+    block_mask = gathered_keys_block_mask(doc, 0, 2, chunk)
+    assert block_mask.full_kv_num_blocks.sum() > 0 and block_mask.kv_num_blocks.sum() > 0
+    out = packed_document_attention(q.detach(), k.detach(), v.detach(), block_mask)
+    assert _max_error(out, reference) < 1e-5
