@@ -1,7 +1,17 @@
-"""Context parallelism on CPU (gloo): activation memory per rank vs sequence length at CP = 1, 2, 4, and the bytes
-each rank sends per layer and forward (the backward's reduce-scatters mirror them).
+"""Context parallelism on CPU (gloo): activation memory per rank vs sequence length at CP = 1, 2, 4, the bytes
+each rank sends per layer and forward (the backward's reduce-scatters mirror them), and the attention work per rank
+of the zig-zag layout against the consecutive one.
 
     python bench/context_parallel.py [--seq-lens 2048,4096,8192,16384] [--degrees 1,2,4] [--flavor debug]
+        [--balance-only]
+
+Attention balance: per rank, the query-key pairs its causal block-causal attention scores (FLOPs = 4 x heads x
+head_dim x pairs forward), for the zig-zag layout (rank r holds chunks r and 2C - 1 - r of T / 2C tokens; ours)
+and for consecutive slices of T / C (the previous layout, the peer), over a row of 4,096-token documents and over
+one document filling the row; printed as the busiest rank's share over the mean (1.00 = balanced, C = all work on
+one rank). Then the measured time of the CPU attention (the flash tiles, forward + backward, fp32, 0.8B's 8 query
+and 2 key-value heads of 256) of each rank's queries, run one rank after another in this process: the busiest
+rank's time over the mean, for both layouts.
 
 Activation memory is the bytes of the distinct storages autograd saves for the backward during one forward of the
 model (fp32, one packed row of documents of 4,096 tokens, the last one shorter), measured with
@@ -11,6 +21,7 @@ torch.autograd.graph.saved_tensors_hooks on every rank; the table prints the lar
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -20,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import qwen35  # noqa: E402
 from distributed_utils import run_distributed  # noqa: E402
-from parallelism.context_parallel import ContextParallel, apply_context_parallel  # noqa: E402
+from parallelism.context_parallel import (apply_context_parallel, attention_tiles, attention_work,  # noqa: E402
+                                          chunks_of_rank, gathered_chunk_slot, tiled_attention)
 
 DOCUMENT_LEN = 4096
 
@@ -72,11 +84,64 @@ def communication_table(config: qwen35.Qwen35Config, seq_len: int, degree: int, 
     """Bytes one rank sends per layer and forward (it receives degree - 1 times as much)."""
     local = seq_len // degree
     hv, k, v = config.linear_num_value_heads, config.linear_key_head_dim, config.linear_value_head_dim
-    state = hv * k * (v + k) * 4  # [U | M] in fp32
-    halo = (config.linear_conv_kernel_dim - 1) * config.conv_dim * dtype_bytes
+    state = 2 * hv * k * (v + k) * 4  # [U | M] of each of the rank's two chunks, in fp32
+    halo = 2 * (config.linear_conv_kernel_dim - 1) * config.conv_dim * dtype_bytes
     attention = 2 * local * config.num_key_value_heads * config.head_dim * dtype_bytes
     return [f"| {seq_len} | {degree} | {state / 2**10:.1f} KiB | {halo / 2**10:.2f} KiB | "
             f"{(state + halo) / 2**10:.1f} KiB | {attention / 2**20:.1f} MiB | {attention / (state + halo):.0f} |"]
+
+
+def layouts(degree: int) -> dict[str, tuple[list[tuple[int, int]], object]]:
+    """Per layout: each rank's chunks (of 2 x degree) and the slot of chunk c in its gathered keys."""
+    return {"zig-zag": ([chunks_of_rank(r, degree) for r in range(degree)], lambda c: gathered_chunk_slot(c, degree)),
+            "consecutive": ([(2 * r, 2 * r + 1) for r in range(degree)], lambda c: c)}
+
+
+def rank_tiles(bounds: list[int], seq_len: int, degree: int) -> dict[str, list[list[tuple]]]:
+    chunk = seq_len // (2 * degree)
+    return {name: [attention_tiles(bounds, chunks, chunk, slot) for chunks in per_rank]
+            for name, (per_rank, slot) in layouts(degree).items()}
+
+
+def busiest_over_mean(values: list[float]) -> float:
+    return max(values) * len(values) / sum(values)
+
+
+def balance_table(seq_lens: list[int], degrees: list[int]) -> None:
+    print("attention work per rank (query-key pairs): the busiest rank over the mean; zig-zag (ours) vs consecutive")
+    print("| T | CP | packing | zig-zag | consecutive | pairs per rank, zig-zag | pairs per rank, consecutive |")
+    for seq_len in seq_lens:
+        for degree in (d for d in degrees if d > 1):
+            for packing, bounds in (("4k documents", packed_boundaries(seq_len).tolist()),
+                                    ("one document", [0, seq_len])):
+                work = {name: [attention_work(t) for t in tiles]
+                        for name, tiles in rank_tiles(bounds, seq_len, degree).items()}
+                assert sum(work["zig-zag"]) == sum(work["consecutive"])  # the same pairs, split differently
+                print(f"| {seq_len} | {degree} | {packing} | {busiest_over_mean(work['zig-zag']):.3f} | "
+                      f"{busiest_over_mean(work['consecutive']):.3f} | {work['zig-zag']} | {work['consecutive']} |")
+
+
+def timed_attention(seq_len: int, degree: int, heads: int = 8, kv_heads: int = 2, head_dim: int = 256,
+                    repeats: int = 2) -> dict[str, list[float]]:
+    """Per layout, each rank's best-of-`repeats` seconds of the CPU tiled attention forward + backward."""
+    gen = torch.Generator().manual_seed(0)
+    chunk = seq_len // (2 * degree)
+    keys, values = (torch.randn(1, kv_heads, seq_len, head_dim, generator=gen) for _ in range(2))
+    bounds = [0, seq_len]
+    times = {}
+    for name, tiles in rank_tiles(bounds, seq_len, degree).items():
+        times[name] = []
+        for rank_tiles_ in tiles:
+            query = torch.randn(1, heads, 2 * chunk, head_dim, generator=gen, requires_grad=True)
+            k, v = keys.clone().requires_grad_(), values.clone().requires_grad_()
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                out, _ = tiled_attention(query, k, v, torch.tensor(rank_tiles_), head_dim ** -0.5)
+                out.sum().backward()
+                best = min(best, time.perf_counter() - start)
+            times[name].append(best)
+    return times
 
 
 def main() -> None:
@@ -84,10 +149,23 @@ def main() -> None:
     parser.add_argument("--seq-lens", default="2048,4096,8192,16384")
     parser.add_argument("--degrees", default="1,2,4")
     parser.add_argument("--flavor", default="debug")
+    parser.add_argument("--balance-only", action="store_true", help="only the attention balance tables")
+    parser.add_argument("--timed-seq-len", type=int, default=8192)
     args = parser.parse_args()
     seq_lens = [int(s) for s in args.seq_lens.split(",")]
     degrees = [int(d) for d in args.degrees.split(",")]
     torch.set_num_threads(1)
+
+    balance_table(seq_lens, degrees)
+    print(f"\nCPU tiled attention fwd + bwd per rank, one document of {args.timed_seq_len} tokens (fp32, 8 x 256 query "
+          "heads, 2 key-value heads): seconds per rank; busiest over mean")
+    print("| T | CP | layout | seconds per rank | busiest / mean |")
+    for degree in (d for d in degrees if d > 1):
+        for name, times in timed_attention(args.timed_seq_len, degree).items():
+            print(f"| {args.timed_seq_len} | {degree} | {name} | {', '.join(f'{t:.3f}' for t in times)} | "
+                  f"{busiest_over_mean(times):.2f} |")
+    if args.balance_only:
+        return
 
     memory = {d: measure(args.flavor, seq_lens) if d == 1 else run_distributed(measure, args.flavor, seq_lens,
                                                                              world_size=d) for d in degrees}

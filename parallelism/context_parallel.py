@@ -97,25 +97,40 @@ def gathered_chunk_slot(chunk_index: int, size: int) -> int:
     return 2 * chunk_index if chunk_index < size else 2 * (2 * size - 1 - chunk_index) + 1
 
 
-def attention_tiles(bounds: list[int], rank: int, size: int, chunk: int) -> list[tuple[int, int, int, int, int]]:
-    """The (query range, key range, causal) tiles of block-causal document attention for the rank's two chunks:
-    per document and segment, the queries attend without a mask to the document's keys in each earlier chunk, and
-    causally to the keys of their own range. Key ranges are in gathered coordinates (rank-major)."""
+def attention_tiles(bounds: list[int], chunk_indices: tuple[int, ...], chunk: int, key_slot
+                    ) -> list[tuple[int, int, int, int, int]]:
+    """The (query range, key range, causal) tiles of block-causal document attention for the queries of the chunks
+    `chunk_indices` (in local order): per document and chunk, the queries attend without a mask to the document's
+    keys in each earlier chunk, and causally to the keys of their own range. A chunk c's keys lie at
+    key_slot(c) x chunk in the gathered keys."""
     tiles = []
-    for local_offset, chunk_index in zip((0, chunk), chunks_of_rank(rank, size)):
+    for local_offset, chunk_index in zip(range(0, len(chunk_indices) * chunk, chunk), chunk_indices):
         start, end = chunk_index * chunk, (chunk_index + 1) * chunk
         for doc_start, doc_end in zip(bounds, bounds[1:]):
             q0, q1 = max(doc_start, start), min(doc_end, end)
             if q0 >= q1:
                 continue
             local = (q0 - start + local_offset, q1 - start + local_offset)
-            for earlier in range(doc_start // chunk, chunk_index):  # the document's keys in earlier chunks
-                k0, k1 = max(doc_start, earlier * chunk), (earlier + 1) * chunk
-                slot = gathered_chunk_slot(earlier, size) * chunk - earlier * chunk
-                tiles.append((*local, k0 + slot, k1 + slot, 0))
-            slot = gathered_chunk_slot(chunk_index, size) * chunk - chunk_index * chunk
-            tiles.append((*local, q0 + slot, q1 + slot, 1))
+            earlier_keys = []  # the document's keys in earlier chunks, in gathered coordinates
+            for earlier in range(doc_start // chunk, chunk_index):
+                offset = (key_slot(earlier) - earlier) * chunk
+                earlier_keys.append([max(doc_start, earlier * chunk) + offset, (earlier + 1) * chunk + offset])
+            for k0, k1 in _coalesced(earlier_keys):
+                tiles.append((*local, k0, k1, 0))
+            offset = (key_slot(chunk_index) - chunk_index) * chunk
+            tiles.append((*local, q0 + offset, q1 + offset, 1))
     return tiles
+
+
+def _coalesced(ranges: list[list[int]]) -> list[list[int]]:
+    """Key ranges with the adjacent ones joined (one flash call instead of two)."""
+    joined = []
+    for k0, k1 in sorted(ranges):
+        if joined and joined[-1][1] == k0:
+            joined[-1][1] = k1
+        else:
+            joined.append([k0, k1])
+    return joined
 
 
 def attention_work(tiles: list[tuple[int, int, int, int, int]]) -> int:
@@ -296,7 +311,8 @@ class ContextParallel:
             continues=torch.tensor([float(c > 0 and c * chunk not in bounds) for c in range(2 * size)],
                                    device=device),
             halo_valid=halo_valid,
-            attention_tiles=torch.tensor(attention_tiles(bounds, rank, size, chunk), dtype=torch.int64),
+            attention_tiles=torch.tensor(attention_tiles(bounds, chunks_of_rank(rank, size), chunk,
+                                                         lambda c: gathered_chunk_slot(c, size)), dtype=torch.int64),
             attention_block_mask=block_mask,
         )
         return self.current

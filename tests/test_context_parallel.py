@@ -17,9 +17,9 @@ import kernels
 from delta_rule_oracle import naive_gated_delta_rule_f64
 from distributed_utils import run_distributed
 from parallelism.compile import apply_compile
-from parallelism.context_parallel import (ContextParallel, apply_context_parallel, attention_tiles,
-                                          gathered_keys_block_mask, gathered_positions, rank_positions,
-                                          tiled_attention)
+from parallelism.context_parallel import (ContextParallel, apply_context_parallel, attention_tiles, chunks_of_rank,
+                                          gathered_chunk_slot, gathered_keys_block_mask, gathered_positions,
+                                          rank_positions, tiled_attention)
 from qwen35 import Qwen35ForCausalLM
 from qwen35.attention import packed_document_attention
 from qwen35.model import packed_document_ids_and_positions, packed_positions_and_mask
@@ -239,7 +239,8 @@ def _one_rank_attention(dtype, rank=0, size=2, seq_len=768, heads=4, kv_heads=2,
 def test_tiled_attention_of_one_rank_matches_dense_attention_float64():
     """The CPU path (flash tiles merged by log-sum-exp): output and gradients of q, k, v to 1e-12."""
     (q, k, v), row, reference, gathered, chunk = _one_rank_attention(torch.float64)
-    tiles = torch.tensor(attention_tiles(ATTENTION_BOUNDS, 0, 2, chunk))
+    tiles = torch.tensor(attention_tiles(ATTENTION_BOUNDS, chunks_of_rank(0, 2), chunk,
+                                         lambda c: gathered_chunk_slot(c, 2)))
     out, _ = tiled_attention(q, k, v, tiles, q.shape[-1] ** -0.5)
     weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype)
     (out * weight).sum().backward()
