@@ -23,7 +23,10 @@ from parallelism.context_parallel import (ContextParallel, apply_context_paralle
 from qwen35 import Qwen35ForCausalLM
 from qwen35.attention import packed_document_attention
 from qwen35.model import packed_document_ids_and_positions, packed_positions_and_mask
+from test_train_helpers import debug_args
 from tiny_configs import tiny
+from torchtitan_ext.toml_config import ConfigError
+from torchtitan_ext.train import load_config
 
 KERNEL_SEQ_LEN = 64
 # Boundaries per degree (each rank holds chunks r and 2C - 1 - r of T / 2C tokens): C = 2 (chunks of 16) has a
@@ -259,3 +262,16 @@ def test_flex_block_mask_of_one_rank_matches_dense_attention():
     assert block_mask.full_kv_num_blocks.sum() > 0 and block_mask.kv_num_blocks.sum() > 0
     out = packed_document_attention(q.detach(), k.detach(), v.detach(), block_mask)
     assert _max_error(out, reference) < 1e-5
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--training.seq_len", "250"], r"\[training\] seq_len = 250: must be a multiple of 2 x \[parallelism\] "
+                                    r"context_parallel_degree = 4 and at least 28"),
+    (["--training.seq_len", "24"], r"\[training\] seq_len = 24: must be a multiple of 2 x"),
+    (["--model.mtp_loss_weight", "0.3"], r"\[model\] mtp_loss_weight = 0.3: the MTP head does not compose with "
+                                         r"\[parallelism\] context_parallel_degree = 2"),
+])
+def test_trainer_config_rules_for_context_parallelism(tmp_path, monkeypatch, overrides, message):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=message):
+        load_config(debug_args(tmp_path, "--parallelism.context_parallel_degree", "2", *overrides))
