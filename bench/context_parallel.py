@@ -3,7 +3,8 @@ each rank sends per layer and forward (the backward's reduce-scatters mirror the
 of the zig-zag layout against the consecutive one.
 
     python bench/context_parallel.py [--seq-lens 2048,4096,8192,16384] [--degrees 1,2,4] [--flavor debug]
-        [--balance-only]
+        [--balance-only] [--timed-seq-len 8192]
+    python bench/context_parallel.py --one-device-step cuda --flavor 0.8B --seq-lens 32768   # bench/gpu_session.sh
 
 Attention balance: per rank, the query-key pairs its causal block-causal attention scores (FLOPs = 4 x heads x
 head_dim x pairs forward), for the zig-zag layout (rank r holds chunks r and 2C - 1 - r of T / 2C tokens; ours)
@@ -30,6 +31,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import qwen35  # noqa: E402
+from qwen35.linear_cross_entropy import linear_cross_entropy  # noqa: E402
 from distributed_utils import run_distributed  # noqa: E402
 from parallelism.context_parallel import (apply_context_parallel, attention_tiles, attention_work,  # noqa: E402
                                           chunks_of_rank, gathered_chunk_slot, tiled_attention)
@@ -41,8 +43,8 @@ def packed_boundaries(seq_len: int) -> torch.Tensor:
     return torch.tensor(sorted({*range(0, seq_len, DOCUMENT_LEN), seq_len}), dtype=torch.int32)
 
 
-def saved_activation_bytes(forward) -> int:
-    """Bytes of the distinct storages saved for the backward while `forward()` runs."""
+def saved_activation_bytes(forward):
+    """(bytes of the distinct storages saved for the backward while `forward()` runs, its result)."""
     storages = {}
 
     def pack(t):
@@ -51,8 +53,8 @@ def saved_activation_bytes(forward) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        forward()
-    return sum(storages.values())
+        out = forward()
+    return sum(storages.values()), out
 
 
 def measure(flavor: str, seq_lens: list[int]) -> list[int]:
@@ -66,12 +68,11 @@ def measure(flavor: str, seq_lens: list[int]) -> list[int]:
         ids = torch.randint(0, model.config.vocab_size, (1, seq_len))
         cu = packed_boundaries(seq_len)
         if cp is None:
-            nbytes = saved_activation_bytes(lambda: model(ids, cu_seqlens=cu))
+            nbytes, _ = saved_activation_bytes(lambda: model(ids, cu_seqlens=cu))
         else:
             shard = cp.shard(cu, seq_len)
-            nbytes = saved_activation_bytes(lambda: model(ids[:, shard.start:shard.end],
-                                                          position_ids=shard.position_ids,
-                                                          cu_seqlens=shard.cu_seqlens))
+            nbytes, _ = saved_activation_bytes(lambda: model(shard.take(ids), position_ids=shard.position_ids,
+                                                             cu_seqlens=shard.cu_seqlens))
         if cp is not None:
             worst = torch.tensor(nbytes)
             dist.all_reduce(worst, op=dist.ReduceOp.MAX)
@@ -144,6 +145,37 @@ def timed_attention(seq_len: int, degree: int, heads: int = 8, kv_heads: int = 2
     return times
 
 
+def one_device_step_memory(flavor: str, seq_len: int, device: str, dtype: torch.dtype) -> dict[str, float]:
+    """One forward + backward of the model on one device without context parallelism (CP = 1), a row of 4,096-token
+    documents, the loss by the chunked linear cross entropy (no [T, vocab] logits): the memory model (the
+    activations saved for the backward, counted by saved_tensors_hooks, plus the parameter gradients) and, on CUDA,
+    the measured peak above the parameters (torch.cuda.max_memory_allocated). A first step warms the kernels up."""
+    torch.manual_seed(0)
+    model = qwen35.Qwen35ForCausalLM(qwen35.Qwen35Config.from_flavor(flavor)).to(device, dtype)
+    ids = torch.randint(0, model.config.vocab_size, (1, seq_len), device=device)
+    labels = torch.randint(0, model.config.vocab_size, (1, seq_len), device=device)
+    cu = packed_boundaries(seq_len).to(device)
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() if device == "cuda" else 0
+        saved, loss = saved_activation_bytes(lambda: linear_cross_entropy(
+            model(ids, cu_seqlens=cu, return_hidden_states=True), model.lm_head.weight, labels) / seq_len)
+        loss.backward()
+        del loss
+        if device == "cuda":
+            torch.cuda.synchronize()
+    result = {"parameters_gib": params / 2**30, "saved_activations_gib": saved / 2**30,
+              "model_peak_gib": (saved + params) / 2**30}
+    if device == "cuda":
+        result["measured_peak_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+        result["measured_over_model"] = result["measured_peak_gib"] / result["model_peak_gib"]
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seq-lens", default="2048,4096,8192,16384")
@@ -151,9 +183,18 @@ def main() -> None:
     parser.add_argument("--flavor", default="debug")
     parser.add_argument("--balance-only", action="store_true", help="only the attention balance tables")
     parser.add_argument("--timed-seq-len", type=int, default=8192)
+    parser.add_argument("--one-device-step", choices=("cpu", "cuda"),
+                        help="only the memory model vs the measured peak of one step at CP = 1 on this device, at "
+                             "each --seq-lens (bf16; the GPU session's cp_32k step)")
     args = parser.parse_args()
     seq_lens = [int(s) for s in args.seq_lens.split(",")]
     degrees = [int(d) for d in args.degrees.split(",")]
+    if args.one_device_step:
+        for seq_len in seq_lens:
+            result = one_device_step_memory(args.flavor, seq_len, args.one_device_step, torch.bfloat16)
+            print(f"{args.flavor} T={seq_len} CP=1 bf16 on {args.one_device_step}: " +
+                  ", ".join(f"{key} {value:.3f}" for key, value in result.items()), flush=True)
+        return
     torch.set_num_threads(1)
 
     balance_table(seq_lens, degrees)
