@@ -123,26 +123,24 @@ def balance_table(seq_lens: list[int], degrees: list[int]) -> None:
 
 
 def timed_attention(seq_len: int, degree: int, heads: int = 8, kv_heads: int = 2, head_dim: int = 256,
-                    repeats: int = 2) -> dict[str, list[float]]:
-    """Per layout, each rank's best-of-`repeats` seconds of the CPU tiled attention forward + backward."""
+                    repeats: int = 3) -> dict[str, list[float]]:
+    """Per layout, each rank's best-of-`repeats` seconds of the CPU tiled attention forward + backward over one
+    document filling the row (the layouts alternate, so that load from other processes hits both alike)."""
     gen = torch.Generator().manual_seed(0)
     chunk = seq_len // (2 * degree)
     keys, values = (torch.randn(1, kv_heads, seq_len, head_dim, generator=gen) for _ in range(2))
-    bounds = [0, seq_len]
-    times = {}
-    for name, tiles in rank_tiles(bounds, seq_len, degree).items():
-        times[name] = []
-        for rank_tiles_ in tiles:
-            query = torch.randn(1, heads, 2 * chunk, head_dim, generator=gen, requires_grad=True)
-            k, v = keys.clone().requires_grad_(), values.clone().requires_grad_()
-            best = float("inf")
-            for _ in range(repeats):
+    query = torch.randn(1, heads, 2 * chunk, head_dim, generator=gen)
+    tiles = rank_tiles([0, seq_len], seq_len, degree)
+    best = {name: [float("inf")] * degree for name in tiles}
+    for _ in range(repeats):
+        for rank in range(degree):
+            for name in tiles:
+                q, k, v = (x.clone().requires_grad_() for x in (query, keys, values))
                 start = time.perf_counter()
-                out, _ = tiled_attention(query, k, v, torch.tensor(rank_tiles_), head_dim ** -0.5)
+                out, _ = tiled_attention(q, k, v, torch.tensor(tiles[name][rank]), head_dim ** -0.5)
                 out.sum().backward()
-                best = min(best, time.perf_counter() - start)
-            times[name].append(best)
-    return times
+                best[name][rank] = min(best[name][rank], time.perf_counter() - start)
+    return best
 
 
 def one_device_step_memory(flavor: str, seq_len: int, device: str, dtype: torch.dtype) -> dict[str, float]:
