@@ -5,7 +5,11 @@ Layout (load balance): the row is cut into 2C chunks of T / 2C tokens and rank r
 "zig-zag" / torchtitan head-tail layout), one early and one late chunk, so each rank's causal attention work is about
 the same. The whole model runs on this layout: Gated DeltaNet treats the rank's two chunks as two segments (a
 segment boundary is a sequence boundary for the local kernels, and each segment gets its incoming state from the
-scan below), so no token is permuted between the attention and GDN layers.
+scan below), so no token is permuted between the attention and GDN layers. What the layout costs GDN: two (M, U)
+per rank in the all-gather instead of one, a scan over 2C chunks (2C small matrix products per head), and one more
+sequence split in the local kernels (at most one more partial 64-token kernel chunk). Permuting tokens to a zig-zag
+attention layout and back instead would move every hidden state through an all-to-all twice per attention layer in
+each direction.
 
 - Gated DeltaNet's delta rule. The recurrence S_t = exp(g_t) (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T acts on
   each value column of S independently and linearly, so one call of `kernels.chunk_gated_delta_rule` with the values
