@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed._functional_collectives import all_gather_tensor_autograd
+import torch.distributed._functional_collectives as funcol
 from torch.nn.attention.flex_attention import BlockMask
 
 import kernels
@@ -52,7 +52,8 @@ def all_gather(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """The ranks' equally shaped tensors concatenated along dim 0 in rank order; differentiable (the backward
     reduce-scatters), and traceable by torch.compile. Every rank must use the result in its loss (a use that
     multiplies it by zero counts), or the backward's reduce-scatter is not reached on every rank."""
-    return all_gather_tensor_autograd(x.contiguous(), 0, group)
+    # Waited at once (a plain tensor, not an AsyncCollectiveTensor): every use follows right away.
+    return funcol.wait_tensor(funcol.all_gather_single_autograd(x.contiguous(), 0, group))
 
 
 @dataclass(frozen=True)
