@@ -73,9 +73,11 @@ class ContextParallelShard:
     segment_last_sequence: torch.Tensor  # int64 [2]: the local sequence each segment ends with
     continues: torch.Tensor  # fp32 [2 size]: 1 where chunk c's first token is in the document of chunk c - 1's last
     halo_valid: torch.Tensor  # bool [2, MAX_CONV_WIDTH - 1]: which positions before each segment are in its document
-    # int64 [n, 5] (CPU attention): (query start, query end) local, (key start, key end) in the gathered keys, causal
-    attention_tiles: torch.Tensor
-    attention_block_mask: BlockMask | None  # local queries x gathered keys (non-CPU attention)
+    # The attention's document structure, one of the two by device. CPU: int64 [n, 5] tiles (query start, query
+    # end) local, (key start, key end) in the gathered keys, causal. Elsewhere: a flex block mask of the local
+    # queries x the gathered keys.
+    attention_tiles: torch.Tensor | None
+    attention_block_mask: BlockMask | None
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's tokens of a [B, seq_len, ...] tensor: its two chunks, concatenated."""
@@ -306,7 +308,12 @@ class ContextParallel:
         boundaries = torch.tensor(bounds, device=device)
         doc = torch.searchsorted(boundaries[1:], idx, right=True)
         document_positions = idx - boundaries[doc]
-        block_mask = None if device.type == "cpu" else gathered_keys_block_mask(doc, rank, size, chunk)
+        tiles, block_mask = None, None
+        if device.type == "cpu":
+            tiles = torch.tensor(attention_tiles(bounds, chunks_of_rank(rank, size), chunk,
+                                                 lambda c: gathered_chunk_slot(c, size)), dtype=torch.int64)
+        else:
+            block_mask = gathered_keys_block_mask(doc, rank, size, chunk)
         self.current = ContextParallelShard(
             rank=rank, size=size, seq_len=seq_len, chunk=chunk, segments=segments,
             cu_seqlens=torch.tensor(local_bounds, dtype=torch.int32, device=device),
@@ -316,8 +323,7 @@ class ContextParallel:
             continues=torch.tensor([float(c > 0 and c * chunk not in bounds) for c in range(2 * size)],
                                    device=device),
             halo_valid=halo_valid,
-            attention_tiles=torch.tensor(attention_tiles(bounds, chunks_of_rank(rank, size), chunk,
-                                                         lambda c: gathered_chunk_slot(c, size)), dtype=torch.int64),
+            attention_tiles=tiles,
             attention_block_mask=block_mask,
         )
         return self.current
