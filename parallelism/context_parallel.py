@@ -146,11 +146,17 @@ def attention_work(tiles: list[tuple[int, int, int, int, int]]) -> int:
                for q0, q1, k0, k1, causal in tiles)
 
 
-def _block_ranges(values: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per FLEX_BLOCK_SIZE block of `values` (>= 0; padded with `pad` < 0 at the end): (min, max) of its entries."""
+def _padded_to_blocks(values: torch.Tensor, pad: int) -> torch.Tensor:
+    """`values` padded with `pad` to whole FLEX_BLOCK_SIZE blocks (flex evaluates mask_mod on a last, partial
+    block's every position)."""
     blocks = -(-values.shape[0] // FLEX_BLOCK_SIZE)
-    padded = F.pad(values, (0, blocks * FLEX_BLOCK_SIZE - values.shape[0]), value=pad).view(blocks, -1)
-    return padded.masked_fill(padded < 0, torch.iinfo(values.dtype).max).amin(-1), padded.amax(-1)
+    return F.pad(values, (0, blocks * FLEX_BLOCK_SIZE - values.shape[0]), value=pad)
+
+
+def _block_ranges(padded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per FLEX_BLOCK_SIZE block of `padded` (entries >= 0, padding < 0): (min, max) of its entries."""
+    blocks = padded.view(-1, FLEX_BLOCK_SIZE)
+    return blocks.masked_fill(blocks < 0, torch.iinfo(padded.dtype).max).amin(-1), blocks.amax(-1)
 
 
 def gathered_keys_block_mask(document_ids: torch.Tensor, rank: int, size: int, chunk: int) -> BlockMask:
@@ -165,21 +171,21 @@ def cross_block_mask(q_doc: torch.Tensor, q_pos: torch.Tensor, k_doc: torch.Tens
     """flex_attention block mask of queries x keys given by their document ids and global positions (any order):
     a query attends to keys of its document at or before its position. Blocks are kept where their ranges overlap
     (a superset; mask_mod decides inside them)."""
-    q_doc_lo, q_doc_hi = _block_ranges(q_doc, -1)
-    k_doc_lo, k_doc_hi = _block_ranges(k_doc, -1)
-    q_pos_lo, q_pos_hi = _block_ranges(q_pos, -1)
-    k_pos_lo, k_pos_hi = _block_ranges(k_pos, -1)
+    # Padding: query documents -1, key documents -2 (a padded position pairs with nothing), positions -1.
+    q_doc_padded, k_doc_padded = _padded_to_blocks(q_doc, -1), _padded_to_blocks(k_doc, -2)
+    q_pos_padded, k_pos_padded = _padded_to_blocks(q_pos, -1), _padded_to_blocks(k_pos, -1)
+    (q_doc_lo, q_doc_hi), (k_doc_lo, k_doc_hi) = _block_ranges(q_doc_padded), _block_ranges(k_doc_padded)
+    (q_pos_lo, q_pos_hi), (k_pos_lo, k_pos_hi) = _block_ranges(q_pos_padded), _block_ranges(k_pos_padded)
     needed = ((k_pos_lo[None, :] <= q_pos_hi[:, None]) & (k_doc_lo[None, :] <= q_doc_hi[:, None])
               & (k_doc_hi[None, :] >= q_doc_lo[:, None]))
-    q_complete = torch.arange(q_doc_lo.shape[0], device=q_doc.device) < q_doc.shape[0] // FLEX_BLOCK_SIZE
-    k_complete = torch.arange(k_doc_lo.shape[0], device=k_doc.device) < k_doc.shape[0] // FLEX_BLOCK_SIZE
-    q_single = (q_doc_lo == q_doc_hi) & q_complete
-    k_single = (k_doc_lo == k_doc_hi) & k_complete
+    q_single = (q_doc_lo == q_doc_hi) & (q_doc_padded.view(-1, FLEX_BLOCK_SIZE) >= 0).all(-1)
+    k_single = (k_doc_lo == k_doc_hi) & (k_doc_padded.view(-1, FLEX_BLOCK_SIZE) >= 0).all(-1)
     full = (needed & q_single[:, None] & k_single[None, :] & (q_doc_lo[:, None] == k_doc_lo[None, :])
             & (k_pos_hi[None, :] <= q_pos_lo[:, None]))
 
     def mask_mod(batch, head, q_idx, kv_idx):
-        return (q_doc[q_idx] == k_doc[kv_idx]) & (k_pos[kv_idx] <= q_pos[q_idx])
+        return ((q_doc_padded[q_idx] == k_doc_padded[kv_idx])
+                & (k_pos_padded[kv_idx] <= q_pos_padded[q_idx]))
 
     def ordered(blocks):  # bool [Q blocks, KV blocks] -> (count [1, 1, Q], KV block indices, the selected first)
         indices = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)

@@ -218,12 +218,13 @@ def test_context_parallel_matches_one_process(world_size):
 
 # The attention of one rank alone (no process group): its queries against every rank's keys in all-gather order,
 # against dense block-causal attention of its queries over the whole row. Rank 0 of C = 2 holds chunks 0 and 3 of
-# 192 tokens: flex's 128-token blocks straddle chunks and documents, and the last query block (640-767) is in the
-# document 300-768 with key blocks wholly before it (320-447, 448-575: full blocks, no mask_mod).
-ATTENTION_BOUNDS = [0, 37, 95, 96, 300, 768]
+# 200 tokens: flex's 128-token blocks straddle chunks and documents, the last query and key blocks are partial
+# (16 and 32 tokens), and the query block 656-783 is in the document 300-800 with key blocks wholly before it
+# (312-439, 440-567: full blocks, no mask_mod).
+ATTENTION_BOUNDS = [0, 37, 95, 96, 300, 800]
 
 
-def _one_rank_attention(dtype, rank=0, size=2, seq_len=768, heads=4, kv_heads=2, head_dim=16):
+def _one_rank_attention(dtype, rank=0, size=2, seq_len=800, heads=4, kv_heads=2, head_dim=16):
     """Leaves (this rank's queries, the gathered keys, the gathered values), leaves (the same queries, the row's
     keys and values) with the dense reference output computed from the latter, the gathered keys' global
     positions and the chunk length."""
