@@ -38,8 +38,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
 import kernels
@@ -67,7 +67,7 @@ class ContextParallelShard:
     seq_len: int
     chunk: int  # tokens per chunk: seq_len / (2 size)
     segments: tuple[tuple[int, int], tuple[int, int]]  # the global [start, end) of chunks rank and 2 size - 1 - rank
-    cu_seqlens: torch.Tensor  # int32: the local sequences' boundaries, 0, chunk (the segment boundary), 2 chunk included
+    cu_seqlens: torch.Tensor  # int32: the local sequences' boundaries; 0, chunk (between the segments), 2 chunk too
     position_ids: torch.Tensor  # [1, 2 chunk]: positions within each document (they continue across chunks)
     segment_first_sequence: torch.Tensor  # int64 [2]: the local sequence each segment starts with
     segment_last_sequence: torch.Tensor  # int64 [2]: the local sequence each segment ends with

@@ -33,9 +33,10 @@ KERNEL_SEQ_LEN = 64
 # document starting one token before the chunk boundary 32 and crossing it, and ones crossing 16 and 48; C = 4
 # (chunks of 8) adds one ending exactly at a chunk boundary (16), one starting there and one spanning four chunks.
 PACKED = {2: [0, 5, 31, 40, 64], 4: [0, 5, 16, 31, 40, 64]}
-# The model cases: (dtype, T, document boundaries). fp32 at T = 1024: one document ending exactly at the C = 4 rank
-# boundary 256, one starting there, one starting one token before the boundary 512 (of both degrees) and crossing it,
-# one crossing 768. float64 at T = 128: the same layout scaled down, and one document spanning all ranks.
+# The model cases: (dtype, T, document boundaries). fp32 at T = 1024 (chunks of 256 at C = 2, 128 at C = 4): one
+# document ending exactly at the chunk boundary 256, one starting there, one starting one token before the boundary
+# 512 and crossing it, one crossing 768. float64 at T = 128: the same layout scaled down, and one document spanning
+# all ranks.
 MODEL_CASES = {
     "fp32_packed": (torch.float32, 1024, [0, 37, 255, 256, 511, 700, 1024]),
     "fp64_packed": (torch.float64, 128, [0, 5, 31, 32, 63, 90, 128]),
@@ -94,7 +95,7 @@ def _conv_errors(cp: ContextParallel, cu_seqlens: list[int]) -> dict[str, float]
 
 
 def _worst_over_ranks(results: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """Each error's maximum over the ranks (run_distributed returns rank 0's value; rank 0 has no incoming state)."""
+    """Each error's maximum over the ranks (run_distributed returns rank 0's value only)."""
     every_rank = [None] * dist.get_world_size()
     dist.all_gather_object(every_rank, results)
     return {case: {name: max(r[case][name] for r in every_rank) for name in errors}
