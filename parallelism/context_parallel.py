@@ -23,7 +23,8 @@ each direction.
 - Attention: keys and values (after norm and RoPE) are all-gathered and the local queries attend to them
   block-causally within their documents, without a dense mask: on CPU, torch's flash kernel on the (query range,
   key range) tiles of each document (the tiles before the queries unmasked, the diagonal one causal) with their
-  outputs merged by log-sum-exp; elsewhere (CUDA), flex_attention with a block mask of local queries x gathered keys.
+  outputs merged by log-sum-exp; on CUDA (or with the model's packed_attention = "flex"), flex_attention with a block
+  mask of local queries x gathered keys.
 All-gathers are functional collectives (their backward is a reduce-scatter), so compiled blocks hold them in-graph.
 
 qwen35's mixers call these through their `sequence_kernels` (GatedDeltaNet) and `attention_kernel`
@@ -73,9 +74,9 @@ class ContextParallelShard:
     segment_last_sequence: torch.Tensor  # int64 [2]: the local sequence each segment ends with
     continues: torch.Tensor  # fp32 [2 size]: 1 where chunk c's first token is in the document of chunk c - 1's last
     halo_valid: torch.Tensor  # bool [2, MAX_CONV_WIDTH - 1]: which positions before each segment are in its document
-    # The attention's document structure, one of the two by device. CPU: int64 [n, 5] tiles (query start, query
-    # end) local, (key start, key end) in the gathered keys, causal. Elsewhere: a flex block mask of the local
-    # queries x the gathered keys.
+    # The attention's document structure, one of the two (ContextParallel.packed_attention). "per_document": int64
+    # [n, 5] tiles (query start, query end) local, (key start, key end) in the gathered keys, causal. "flex": a
+    # flex block mask of the local queries x the gathered keys.
     attention_tiles: torch.Tensor | None
     attention_block_mask: BlockMask | None
 
@@ -276,10 +277,16 @@ class ContextParallel:
     # Conv windows up to this width get their halo from the previous chunk (Qwen3.5's is 4).
     MAX_CONV_WIDTH = 8
 
-    def __init__(self, group: dist.ProcessGroup):
+    def __init__(self, group: dist.ProcessGroup, packed_attention: str = "auto"):
+        """packed_attention: as the model's (`Qwen35ForCausalLM.packed_attention`): "flex" (the block mask),
+        "per_document" (the CPU flash tiles) or "auto" (flex on CUDA, else the tiles); no "dense"."""
+        if packed_attention not in ("auto", "flex", "per_document"):
+            raise ValueError(f"context parallelism: packed_attention = {packed_attention!r}; expected 'auto', "
+                             "'flex' or 'per_document' (it has no dense-mask attention)")
         self.group = group
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
+        self.packed_attention = packed_attention
         self.current: ContextParallelShard | None = None
 
     def shard(self, cu_seqlens: torch.Tensor, seq_len: int) -> ContextParallelShard:
@@ -315,11 +322,11 @@ class ContextParallel:
         doc = torch.searchsorted(boundaries[1:], idx, right=True)
         document_positions = idx - boundaries[doc]
         tiles, block_mask = None, None
-        if device.type == "cpu":
+        if self.packed_attention == "flex" or (self.packed_attention == "auto" and device.type == "cuda"):
+            block_mask = gathered_keys_block_mask(doc, rank, size, chunk)
+        else:
             tiles = torch.tensor(attention_tiles(bounds, chunks_of_rank(rank, size), chunk,
                                                  lambda c: gathered_chunk_slot(c, size)), dtype=torch.int64)
-        else:
-            block_mask = gathered_keys_block_mask(doc, rank, size, chunk)
         self.current = ContextParallelShard(
             rank=rank, size=size, seq_len=seq_len, chunk=chunk, segments=segments,
             cu_seqlens=torch.tensor(local_bounds, dtype=torch.int32, device=device),
@@ -417,8 +424,9 @@ class ContextParallel:
 def apply_context_parallel(model: Qwen35ForCausalLM, group: dist.ProcessGroup) -> ContextParallel:
     """Route every mixer's sequence ops through one `ContextParallel` of `group` and return it; the caller shards
     each batch with it before the forward. Parameters are untouched: their gradients are partial sums over the
-    group's ranks, to be summed over the group (FSDP over a mesh that includes it, or an all-reduce)."""
-    cp = ContextParallel(group)
+    group's ranks, to be summed over the group (FSDP over a mesh that includes it, or an all-reduce). The attention
+    follows the model's `packed_attention` ("dense" is refused)."""
+    cp = ContextParallel(group, model.packed_attention)
     for module in model.modules():
         if isinstance(module, GatedDeltaNet):
             module.sequence_kernels = cp

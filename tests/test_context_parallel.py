@@ -1,8 +1,9 @@
 """Context parallelism (parallelism.context_parallel) on 2 and 4 gloo processes against one process: the delta rule
 across ranks against the float64 sequential recurrence (values and gradients of every input), the causal conv with
 its halo, and the whole model (logits and every parameter gradient), over packed documents that start exactly at a
-chunk boundary, one token before one, cross one or several boundaries, and one document spanning all ranks; and the
-model with every block compiled at C = 2."""
+chunk boundary, one token before one, cross one or several boundaries, and one document spanning all ranks; at
+C = 2 also the model's forward with the flex attention path, and the model with every block compiled. One rank's
+attention alone against dense attention, and the trainer's config rules for context parallelism."""
 
 from __future__ import annotations
 
@@ -103,6 +104,8 @@ def _worst_over_ranks(results: dict[str, dict[str, float]]) -> dict[str, dict[st
 
 
 def _bad_batches_raise(cp: ContextParallel) -> None:
+    with pytest.raises(ValueError, match="packed_attention = 'dense'; expected 'auto', 'flex' or 'per_document'"):
+        ContextParallel(cp.group, "dense")
     for cu_seqlens, seq_len, message in (([0, 49], 49, "must be divisible by 2 x the context-parallel degree"),
                                          ([0, 30, 20, 48], 48, "must rise strictly from 0 to the sequence length"),
                                          ([0, 40], 48, "must rise strictly from 0 to the sequence length 48"),
@@ -194,11 +197,32 @@ def _compiled_model_errors() -> dict[str, float]:
     return errors
 
 
-def _all_checks(compiled: bool) -> dict[str, dict[str, float]]:
+def _flex_model_forward_error() -> dict[str, float]:
+    """The CUDA path's attention (flex_attention with the gathered-keys block mask, chosen by the model's
+    packed_attention = "flex"), forward only (flex has no CPU backward): max |CP - one process| of the logits of
+    the fp32 packed case."""
+    torch.manual_seed(0)
+    model = Qwen35ForCausalLM(tiny())
+    cp_model = copy.deepcopy(model)
+    cp_model.packed_attention = "flex"
+    cp = apply_context_parallel(cp_model, dist.group.WORLD)
+    _, seq_len, cu_seqlens = MODEL_CASES["fp32_packed"]
+    ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(2))
+    cu = torch.tensor(cu_seqlens, dtype=torch.int32)
+    shard = cp.shard(cu, seq_len)
+    assert shard.attention_block_mask is not None and shard.attention_tiles is None
+    with torch.no_grad():
+        logits_ref = model(ids, cu_seqlens=cu)
+        logits = cp_model(shard.take(ids), position_ids=shard.position_ids, cu_seqlens=shard.cu_seqlens)
+    return {"logits": _max_error(logits, shard.take(logits_ref))}
+
+
+def _all_checks(two_ranks: bool) -> dict[str, dict[str, float]]:
     """One process group for every check (starting processes is most of the cost on two cores)."""
     results = _kernel_checks()
     results.update({f"model_{case}": _model_errors(*args) for case, args in MODEL_CASES.items()})
-    if compiled:
+    if two_ranks:
+        results["model_flex_forward"] = _flex_model_forward_error()
         results["compiled"] = _compiled_model_errors()
     return _worst_over_ranks(results)
 
@@ -206,8 +230,9 @@ def _all_checks(compiled: bool) -> dict[str, dict[str, float]]:
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_context_parallel_matches_one_process(world_size):
     """Kernels (float64 throughout) to 1e-10 absolute; the model to 1e-5 (see _model_errors); at C = 2 also the
-    compiled model, with at most 4 graphs for 4 packings (the GDN and the attention block, each once with the first
-    document count and once with a dynamic one: Dynamo's automatic dynamic shapes; no recompile after)."""
+    flex attention path's forward and the compiled model, with at most 4 graphs for 4 packings (the GDN and the
+    attention block, each once with the first document count and once with a dynamic one: Dynamo's automatic
+    dynamic shapes; no recompile after)."""
     results = run_distributed(_all_checks, world_size == 2, world_size=world_size)
     if world_size == 2:
         assert 2 <= results["compiled"].pop("graphs") <= 4
