@@ -197,24 +197,31 @@ def _compiled_model_errors() -> dict[str, float]:
     return errors
 
 
-def _flex_model_forward_error() -> dict[str, float]:
+def _flex_model_forward_errors() -> dict[str, float]:
     """The CUDA path's attention (flex_attention with the gathered-keys block mask, chosen by the model's
-    packed_attention = "flex"), forward only (flex has no CPU backward): max |CP - one process| of the logits of
-    the fp32 packed case."""
+    packed_attention = "flex"), forward only (flex has no CPU backward): max |CP - one process| of the logits,
+    eager on the fp32 packed case, then with every block compiled (fullgraph, aot_eager) on it and on a packing with
+    another document count."""
     torch.manual_seed(0)
     model = Qwen35ForCausalLM(tiny())
     cp_model = copy.deepcopy(model)
     cp_model.packed_attention = "flex"
     cp = apply_context_parallel(cp_model, dist.group.WORLD)
-    _, seq_len, cu_seqlens = MODEL_CASES["fp32_packed"]
-    ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(2))
-    cu = torch.tensor(cu_seqlens, dtype=torch.int32)
-    shard = cp.shard(cu, seq_len)
-    assert shard.attention_block_mask is not None and shard.attention_tiles is None
-    with torch.no_grad():
-        logits_ref = model(ids, cu_seqlens=cu)
-        logits = cp_model(shard.take(ids), position_ids=shard.position_ids, cu_seqlens=shard.cu_seqlens)
-    return {"logits": _max_error(logits, shard.take(logits_ref))}
+    _, seq_len, packed = MODEL_CASES["fp32_packed"]
+    gen = torch.Generator().manual_seed(2)
+    errors = {}
+    for case, cu_seqlens in (("eager", packed), ("compiled", packed), ("compiled_repacked", [0, 300, 900, 1024])):
+        if case == "compiled":
+            apply_compile(cp_model, backend="aot_eager")
+        ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=gen)
+        cu = torch.tensor(cu_seqlens, dtype=torch.int32)
+        shard = cp.shard(cu, seq_len)
+        assert shard.attention_block_mask is not None and shard.attention_tiles is None
+        with torch.no_grad():
+            logits_ref = model(ids, cu_seqlens=cu)
+            logits = cp_model(shard.take(ids), position_ids=shard.position_ids, cu_seqlens=shard.cu_seqlens)
+        errors[case] = _max_error(logits, shard.take(logits_ref))
+    return errors
 
 
 def _all_checks(two_ranks: bool) -> dict[str, dict[str, float]]:
@@ -222,7 +229,7 @@ def _all_checks(two_ranks: bool) -> dict[str, dict[str, float]]:
     results = _kernel_checks()
     results.update({f"model_{case}": _model_errors(*args) for case, args in MODEL_CASES.items()})
     if two_ranks:
-        results["model_flex_forward"] = _flex_model_forward_error()
+        results["model_flex_forward"] = _flex_model_forward_errors()
         results["compiled"] = _compiled_model_errors()
     return _worst_over_ranks(results)
 
