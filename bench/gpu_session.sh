@@ -19,7 +19,10 @@
 #   packed_step (240 s) bench/packed_step.py: 0.8B bf16 compiled step on 4 x 4096 packed tokens, dense mask + full
 #                       logits vs flex_attention + chunked loss (tokens/s, MFU, peak memory), then attention alone
 #                       (4 and 16 documents); not in the default list: name it
-# All six exceed one call's 600 s: split them over calls on the warm machine (each within the idle release time),
+#   cp_32k      (240 s) bench/context_parallel.py --one-device-step cuda: the 0.8B step (bf16, chunked loss, no AC)
+#                       at T = 32,768 (documents of 4,096) with CP = 1 on this one GPU: the memory model (saved
+#                       activations + gradients) vs the measured peak; not in the default list: name it
+# All seven exceed one call's 600 s: split them over calls on the warm machine (each within the idle release time),
 # e.g. "tests gdn" (timeout_s 600) then "train_step titan_08b" (timeout_s 480).
 # A fresh machine compiles every Triton kernel and autotunes fla's once per process, which is most of each limit.
 # Record the numbers in BENCHMARKS.md with the device named.
@@ -66,6 +69,9 @@ for name in ${@:-tests gdn}; do
             --dtype bfloat16 --compile --threads 16 --warmup 2 --repeats 5 && for docs in 4 16; do
             python3 bench/packed_step.py --device cuda --dtype bfloat16 --attention-only --docs $docs \
             --doc-len $((16384 / docs)) --warmup 2 --repeats 5; done' ;;
-        *) echo "unknown step $name (tests, train_step, gdn, titan, titan_08b, packed_step)" | tee -a "$OUT/steps.txt" ;;
+        cp_32k) step cp_32k 240 python3 bench/context_parallel.py --one-device-step cuda --flavor 0.8B \
+            --seq-lens 32768 ;;
+        *) echo "unknown step $name (tests, train_step, gdn, titan, titan_08b, packed_step, cp_32k)" \
+            | tee -a "$OUT/steps.txt" ;;
     esac
 done

@@ -80,8 +80,6 @@ def parallelize(model: Qwen35ForCausalLM, dims: ParallelDims, meshes: ParallelMe
     `dims.build_meshes(device_type)` (None for a single process).
     Raises ValueError naming the offending setting before touching the model."""
     dims.validate_for(model.config)
-    if dims.cp > 1 and settings.compile:
-        raise ValueError(f"parallelism.cp={dims.cp} does not compose with compile yet")
     autocast = None if dims.fsdp_enabled else autocast_dtype(model, settings.mp_policy)
 
     if dims.cp > 1:  # the model's `context_parallel` (parallelism.context_parallel) must shard every batch

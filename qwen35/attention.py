@@ -132,15 +132,20 @@ def _per_document_attention_grad(ctx, grad_out, grad_lse):
 per_document_attention.register_autograd(_per_document_attention_grad, setup_context=_per_document_attention_setup)
 
 
-def packed_document_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                              documents: BlockMask | PackedDocuments) -> torch.Tensor:
-    """Block-causal attention within the documents of a packed row; query [1, H, T, D], key/value [1, Hkv, T, D]."""
-    # One dtype for the three, as F.scaled_dot_product_attention gets them: autocast's (an autocast region does not
-    # cast for these kernels), else the promoted one (RoPE in fp32 may have promoted query and key).
+def in_attention_dtype(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+    """query, key, value in one dtype, as F.scaled_dot_product_attention gets them: autocast's (an autocast region
+    does not cast for the flash and flex kernels), else the promoted one (RoPE in fp32 may have promoted q and k)."""
     device = query.device.type
     dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
              else torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype))
-    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    return query.to(dtype), key.to(dtype), value.to(dtype)
+
+
+def packed_document_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                              documents: BlockMask | PackedDocuments) -> torch.Tensor:
+    """Block-causal attention within the documents of a packed row; query [1, H, T, D], key/value [1, Hkv, T, D]
+    (with a BlockMask, the keys may be more than the queries: T_k as the mask's KV length)."""
+    query, key, value = in_attention_dtype(query, key, value)
     enable_gqa = query.shape[1] != key.shape[1]
     if isinstance(documents, BlockMask):
         return _compiled_flex_attention(query, key, value, block_mask=documents, enable_gqa=enable_gqa)

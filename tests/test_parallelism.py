@@ -242,11 +242,6 @@ def test_degrees_must_multiply_to_world_size(degrees, message):
         ParallelDims(**{"world_size": 2, **degrees})
 
 
-def test_context_parallel_rejects_compile_before_touching_the_model():
-    with pytest.raises(ValueError, match=r"parallelism\.cp=2 does not compose with compile"):
-        parallelize(_model("debug"), ParallelDims(world_size=2, cp=2), None, ParallelizeSettings(compile=True))
-
-
 def test_unknown_activation_checkpoint_mode():
     with pytest.raises(ValueError, match=r"activation_checkpoint\.mode must be one of"):
         ParallelizeSettings(activation_checkpoint="some")

@@ -186,10 +186,12 @@ HSDP = (*DP4, "--parallelism.data_parallel_replicate_degree", "2", "--parallelis
 @pytest.mark.parametrize("overrides, reference, applied", [
     pytest.param(FSDP2_TP2, (), "dp_shard=2, tp=2, loss_parallel", id="fsdp2-tp2"),
     pytest.param(HSDP, (), "dp_replicate=2, dp_shard=2", id="hsdp2x2"),
-    # Context parallelism: the CP ranks share their data (like TP), each holding half of every packed row.
+    # Context parallelism: the CP ranks share their data (like TP), each holding half of every packed row; the
+    # blocks compiled with the CP collectives inside (aot_eager: inductor's compile time is minutes on 2 cores).
     pytest.param((*DP2, "--parallelism.data_parallel_shard_degree", "2", "--parallelism.context_parallel_degree",
-                  "2", "--activation_checkpoint.mode", "selective"), (), "dp_shard=2, cp=2, ac=selective",
-                 id="fsdp2-cp2-selective_ac"),
+                  "2", "--activation_checkpoint.mode", "selective", "--compile.enable", "true", "--compile.backend",
+                  "aot_eager"), (), "dp_shard=2, cp=2, ac=selective, compile(backend=aot_eager)",
+                 id="fsdp2-cp2-selective_ac-compile"),
     pytest.param((*TP2, "--parallelism.context_parallel_degree", "2"), (), "cp=2, tp=2, loss_parallel", id="cp2-tp2"),
     # EP borrows the data-parallel ranks (dp_shard = 2 = ep); MoE blocks are not split by TP
     pytest.param((*FSDP2_TP2, *MOE, *EP2), MOE, "dp_shard=2, tp=2, ep=2, loss_parallel", id="ep2-tp2-moe"),

@@ -9,11 +9,11 @@
 - context parallelism: torchtitan shards a context-parallel batch with torch's `context_parallel` (round-robin load
   balancing of the sequence), which fits attention but not a recurrence. Under `[parallelism]
   context_parallel_degree = C`, the Qwen3.5 parallelize function gives the model a `context_parallel`
-  (`parallelism.context_parallel`) instead, and each CP rank gets its T / C consecutive tokens: input ids, labels,
-  positions and cu_seqlens of the packed row. Everything else is torchtitan's: the CP ranks read the same batch (its
-  data-parallel "batch" mesh excludes them), the loss is normalised by the valid tokens of the whole (unsplit)
-  global batch, FSDP shards over dp_shard x cp and sums their partial gradients, and the logged loss sums over the
-  data-parallel and CP ranks.
+  (`parallelism.context_parallel`) instead, and each CP rank gets its two chunks of T / 2C tokens (chunks r and
+  2C - 1 - r, for balanced attention): input ids, labels, positions and cu_seqlens of the packed row. Everything
+  else is torchtitan's: the CP ranks read the same batch (its data-parallel "batch" mesh excludes them), the loss is
+  normalised by the valid tokens of the whole (unsplit) global batch, FSDP shards over dp_shard x cp and sums their
+  partial gradients, and the logged loss sums over the data-parallel and CP ranks.
 """
 
 from __future__ import annotations
@@ -55,12 +55,11 @@ class Qwen35Trainer(Trainer):
                              f"'partial_dtensor', got {self.config.parallelism.spmd_backend!r}")
         inputs = input_dict["input"]
         shard = context_parallel.shard(input_dict["cu_seqlens"], inputs.shape[1])
-        window = slice(shard.start, shard.end)
-        labels = labels[:, window]
+        labels = shard.take(labels)
         self.ntokens_seen += labels.numel()  # as torchtitan counts: the tokens this rank processes
         extra_kwargs = {k: v for k, v in input_dict.items() if k not in ("input", "cu_seqlens")}
         extra_kwargs.update(cu_seqlens=shard.cu_seqlens, position_ids=shard.position_ids)
-        return inputs[:, window], labels, extra_kwargs
+        return shard.take(inputs), labels, extra_kwargs
 
     def forward_backward_step(self, *, input_dict, labels, global_valid_tokens) -> torch.Tensor:
         loss = super().forward_backward_step(input_dict=input_dict, labels=labels,

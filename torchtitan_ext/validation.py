@@ -10,6 +10,7 @@ import math
 from torchtitan.trainer import Trainer
 
 from parallelism import ParallelDims
+from parallelism.context_parallel import ContextParallel
 
 from .toml_config import ConfigError
 
@@ -94,10 +95,28 @@ def _check_parallelism(config: Trainer.Config, world_size: int) -> None:
     except ValueError as err:
         raise ConfigError(f"[parallelism] {described or 'all degrees 1'} on {world_size} process(es) "
                           f"(WORLD_SIZE): {err}") from None
+    _check_context_parallel(config)
     global_batch = config.training.global_batch_size
     per_step = config.training.local_batch_size * dims.dp
     _require(global_batch == -1 or global_batch % per_step == 0, "[training] global_batch_size", global_batch,
              f"must be a multiple of local_batch_size x data-parallel degree = {per_step}")
+
+
+def _check_context_parallel(config: Trainer.Config) -> None:
+    """Context parallelism gives each rank two chunks of seq_len / (2 x degree) tokens (parallelism.context_parallel),
+    each at least a conv window long; the MTP head's one-token shift would cross the chunks."""
+    degree = config.parallelism.context_parallel_degree
+    if degree == 1:
+        return
+    seq_len, chunks, min_chunk = config.training.seq_len, 2 * degree, ContextParallel.MAX_CONV_WIDTH - 1
+    _require(seq_len % chunks == 0 and seq_len // chunks >= min_chunk, "[training] seq_len", seq_len,
+             f"must be a multiple of 2 x [parallelism] context_parallel_degree = {chunks} and at least "
+             f"{chunks * min_chunk}: context parallelism gives each rank two chunks of seq_len / {chunks} tokens, "
+             f"each at least {min_chunk} (a conv window)")
+    mtp_loss_weight = config.model_spec.model.architecture.mtp_loss_weight
+    _require(not mtp_loss_weight, "[model] mtp_loss_weight", mtp_loss_weight,
+             f"the MTP head does not compose with [parallelism] context_parallel_degree = {degree} yet (its "
+             "one-token shift crosses the ranks' chunks); train it with context_parallel_degree = 1")
 
 
 def validate(config: Trainer.Config, world_size: int) -> None:
