@@ -3,6 +3,8 @@ exactly HF's text-only keys (`model.layers.N.linear_attn.in_proj_qkv.weight`, ..
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -47,6 +49,10 @@ class DecoderLayer(nn.Module):
         else:
             h = self.mlp(h)
         return x + h, router_logits
+
+
+def call_layer(layer: DecoderLayer, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return layer(*args, **kwargs)
 
 
 class Qwen35TextModel(nn.Module):
@@ -114,7 +120,8 @@ class Qwen35ForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None,
                 cache: Qwen35Cache | None = None, num_logits_to_keep: int = 0, return_aux_loss: bool = False,
-                return_router_stats: bool = False, return_hidden_states: bool = False, return_hidden: bool = False):
+                return_router_stats: bool = False, return_hidden_states: bool = False, return_hidden: bool = False,
+                run_layer: Callable | None = None):
         """input_ids [B, T] -> logits [B, T, vocab] (the last `num_logits_to_keep` positions when > 0).
 
         cu_seqlens (int32 [N+1], B == 1): documents packed in one row; positions restart per document and no
@@ -149,8 +156,9 @@ class Qwen35ForCausalLM(nn.Module):
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)
         router_logits = []
         for i, layer in enumerate(self.model.layers):
-            x, logits = layer(x, cos, sin, attn_mask=attn_mask, cu_seqlens=cu_seqlens, padding_mask=padding_mask,
-                              cache=cache.layers[i] if cache is not None else None)
+            x, logits = (run_layer or call_layer)(layer, x, cos, sin, attn_mask=attn_mask, cu_seqlens=cu_seqlens,
+                                                  padding_mask=padding_mask,
+                                                  cache=cache.layers[i] if cache is not None else None)
             if logits is not None:
                 router_logits.append(logits)
         if cache is not None:
