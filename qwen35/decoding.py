@@ -233,14 +233,15 @@ def _generate_mtp_speculative(model, decode, input_ids, padding_mask, cache, out
         padding_mask = torch.ones_like(input_ids)
     ones = torch.ones(B, 2, dtype=padding_mask.dtype, device=device)
     logits, hidden = model(input_ids, padding_mask=padding_mask, cache=cache, num_logits_to_keep=1,
-                           return_hidden=True)
+                           output="logits_and_hidden")
     last = logits[:, -1].argmax(-1)
     done = output.append(last)
     if not done:
         draft = _mtp_draft(model, hidden, torch.cat([input_ids[:, 1:], last[:, None]], 1), mtp_cache,
                            padding_mask)
     while not done:
-        logits, hidden = decode(torch.stack([last, draft], 1), padding_mask=ones, cache=cache, return_hidden=True)
+        logits, hidden = decode(torch.stack([last, draft], 1), padding_mask=ones, cache=cache,
+                                output="logits_and_hidden")
         stats.verify_steps += 1
         y1, y2 = logits.argmax(-1).unbind(1)
         accepted = y1 == draft

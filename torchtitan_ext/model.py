@@ -75,7 +75,7 @@ class Qwen35TitanModel(BaseModel, Qwen35ForCausalLM):
         if not self.training or "return_aux_loss" in kwargs or "return_router_stats" in kwargs:
             return Qwen35ForCausalLM.forward(self, input_ids, **kwargs)
         with_stats = bool(config.is_moe and config.router_aux_loss_coef)
-        out = Qwen35ForCausalLM.forward(self, input_ids, return_hidden_states=True, return_router_stats=with_stats,
+        out = Qwen35ForCausalLM.forward(self, input_ids, output="hidden", return_router_stats=with_stats,
                                         **kwargs)
         hidden, stats = out if with_stats else (out, None)
         cu_seqlens, mtp_hidden = kwargs.get("cu_seqlens"), None
