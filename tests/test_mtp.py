@@ -170,3 +170,30 @@ def test_forward_outputs_logits_hidden_states_or_both():
     assert torch.equal(aux, model(ids, return_aux_loss=True)[1])
     with pytest.raises(ValueError, match="output = 'hidden_states'; expected one of logits, hidden"):
         model(ids, output="hidden_states")
+
+
+def test_mtp_layer_router_rows_join_the_load_balancing_loss():
+    """Training output of an MoE model with an MTP head: the router statistics cover the main layers' rows and the
+    MTP layer's, and give E * sum_e f_e * P_e over all of them, computed here from the router logits (float64)."""
+    from qwen35.moe import TopKRouter, balancing_loss_share
+    from torchtitan_ext.model import Qwen35TitanModel
+
+    config = qwen35.Qwen35Config.from_flavor("debug-moe", mtp_num_hidden_layers=1, mtp_loss_weight=0.5)
+    torch.manual_seed(0)
+    model = Qwen35TitanModel(Qwen35TitanModel.Config(flavor="debug-moe", architecture=config))
+    router_logits = []
+    for module in model.modules():
+        if isinstance(module, TopKRouter):
+            module.register_forward_hook(lambda m, args, out: router_logits.append(out[0].detach().double()))
+    ids = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    stats = model(ids).router_stats
+    assert len(router_logits) == config.num_hidden_layers + 1  # every main layer and the MTP layer are MoE
+    rows = torch.cat(router_logits)
+    assert stats.rows == len(rows) == config.num_hidden_layers * 2 * 16 + 2 * 15
+    probs = torch.softmax(rows, dim=-1)
+    chosen = probs.topk(config.num_experts_per_tok, dim=-1).indices
+    counts = torch.stack([(chosen == e).sum() for e in range(config.num_experts)])
+    assert torch.equal(stats.assignments, counts)
+    expected = config.num_experts * sum(counts[e] / len(rows) * probs[:, e].mean() for e in range(config.num_experts))
+    share = balancing_loss_share(stats.prob_sum, stats.assignments, stats.rows)
+    assert abs(share.item() - expected.item()) <= 1e-6
