@@ -38,8 +38,9 @@ class KVCache:
         """Write key/value [B, Nkv, T, D] at the positions of the current step (`Qwen35Cache.write_positions`);
         return the whole buffers [B, Nkv, max_length, D] (the step's attention mask hides unwritten positions)."""
         positions = self.owner.write_positions
-        self.keys.index_copy_(2, positions, key.to(self.keys.dtype))
-        self.values.index_copy_(2, positions, value.to(self.values.dtype))
+        # an indexed assignment, which inductor keeps in place (it copied the whole buffer for index_copy_)
+        self.keys[:, :, positions] = key.to(self.keys.dtype)
+        self.values[:, :, positions] = value.to(self.values.dtype)
         return self.keys, self.values
 
 
