@@ -21,17 +21,30 @@ def eos_set(eos_token_id) -> set[int]:
     return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
 
 
-# Decode steps on CPU are compiled by default only when this many of them amortise the compile (~15-25 s for the
-# two layer graphs on a 2-core CPU, saving a few ms of per-op overhead per step at hidden 512; BENCHMARKS.md, #17).
-CPU_COMPILE_MIN_STEPS = 4096
+# Decode steps on CPU are compiled by default only when this many of them amortise the compile: 4 s for the two
+# layer graphs on an idle 2-core CPU (several times that on a loaded one), saving 3 ms per step at hidden 512 x 8
+# layers (BENCHMARKS.md, #17), i.e. paid back after ~1,400 steps unloaded.
+CPU_COMPILE_MIN_STEPS = 2048
 
 _compiled_layers: dict[str, Callable] = {}
 
 
-def compile_pays(device: torch.device | str, decode_steps: int) -> bool:
+def decode_compile_unsupported(model: Qwen35ForCausalLM) -> str | None:
+    """Why the decode step of `model` cannot be compiled, or None."""
+    dtype = model.lm_head.weight.dtype
+    if model.config.is_moe and dtype != torch.bfloat16:
+        return (f"an MoE model in {dtype} cannot be compiled: the experts' torch._grouped_mm has a fake kernel for "
+                "bfloat16 only; load the model in bfloat16 or decode with compile=False")
+    return None
+
+
+def compile_pays(model: Qwen35ForCausalLM, device: torch.device | str, decode_steps: int) -> bool:
     """Whether compiling the decode step pays for `decode_steps` steps in this process: always on CUDA (where the
-    step runs as CUDA graphs), on CPU from CPU_COMPILE_MIN_STEPS steps. The default of `generate(compile=None)`
-    (with its max_new_tokens) and of `torchtitan_ext.eval_gsm8k` (with all its batches' steps)."""
+    step runs as CUDA graphs), on CPU from CPU_COMPILE_MIN_STEPS steps; never where it cannot compile
+    (`decode_compile_unsupported`). The default of `generate(compile=None)` (with its max_new_tokens) and of
+    `torchtitan_ext.eval_gsm8k` (with all its batches' steps)."""
+    if decode_compile_unsupported(model) is not None:
+        return False
     return torch.device(device).type == "cuda" or decode_steps >= CPU_COMPILE_MIN_STEPS
 
 
@@ -177,7 +190,9 @@ def generate(model: Qwen35ForCausalLM, input_ids: torch.Tensor, max_new_tokens: 
     if speculative:
         cache.record_steps(2)  # the verification steps (prefill, on an uninitialised cache, is not recorded)
     if compile is None:
-        compile = compile_pays(device, max_new_tokens)
+        compile = compile_pays(model, device, max_new_tokens)
+    elif compile and (reason := decode_compile_unsupported(model)) is not None:
+        raise ValueError(f"compile=True: {reason}")
     decode = compiled_decode_step(model, cache) if compile else model
     if max_new_tokens <= 0:
         return output.result()

@@ -129,6 +129,11 @@ def test_compiled_decode_steps_generate_the_same_tokens_without_recompiling_per_
     assert model.config.num_hidden_layers > 2 and compiled_graphs[0] <= 2 and compiled_graphs[2] == 0
 
 
-def test_decode_steps_are_compiled_where_the_compile_pays():
-    assert compile_pays("cuda", 1) and compile_pays("cpu", CPU_COMPILE_MIN_STEPS)
-    assert not compile_pays("cpu", CPU_COMPILE_MIN_STEPS - 1)
+def test_decode_steps_are_compiled_where_the_compile_pays_and_can_compile():
+    dense = qwen35.Qwen35ForCausalLM(TINY_CONFIGS["dense_untied_gqa2_hv2x"])
+    assert compile_pays(dense, "cuda", 1) and compile_pays(dense, "cpu", CPU_COMPILE_MIN_STEPS)
+    assert not compile_pays(dense, "cpu", CPU_COMPILE_MIN_STEPS - 1)
+    moe = qwen35.Qwen35ForCausalLM(TINY_CONFIGS["moe_untied"])
+    assert not compile_pays(moe, "cuda", 1) and compile_pays(moe.to(torch.bfloat16), "cuda", 1)
+    with pytest.raises(ValueError, match="compile=True: an MoE model in torch.float32 cannot be compiled"):
+        qwen35.generate(moe.float(), _ids(moe.config, (1, 4)), 2, compile=True)

@@ -170,7 +170,7 @@ def evaluate(model, tokenizer: Qwen35Tokenizer, questions: list[Question], batch
     results: list[dict[str, Any] | None] = [None] * len(questions)
     done = correct = 0
     if compile is None:
-        compile = compile_pays(device, -(-len(order) // batch_size) * max_new_tokens)
+        compile = compile_pays(model, device, -(-len(order) // batch_size) * max_new_tokens)
     started = time.monotonic()
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
