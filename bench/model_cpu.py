@@ -1,10 +1,13 @@
 """Our model vs transformers' Qwen3.5 (torch path) on the same CPU, threads and weights, in one run.
 
-    python bench/model_cpu.py [--threads 2] [--seq 2048] [--repeats 3]
+    python bench/model_cpu.py [--threads 2] [--seq 2048] [--repeats 3] [--decode-only]
 
 Prints tokens/s of a training step (forward + backward), of prefill and of decode, and ours / transformers, for
-our model in eager mode and compiled (torch.compile fullgraph, inductor; compile time excluded by a warm-up).
-transformers runs eagerly on its torch path (its delta-rule fallback is what it ships for CPU).
+our model in eager mode and compiled (torch.compile fullgraph, inductor; compile time excluded by a warm-up and
+printed separately for decode). Decode is greedy `qwen35.generate` with eager steps (compile=False) and with
+compiled decoder layers (compile=True), against transformers' greedy `generate`, repeats interleaved so that a
+change of machine load hits all three. transformers runs eagerly on its torch path (its delta-rule fallback is
+what it ships for CPU).
 """
 
 import argparse
@@ -45,6 +48,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tmp", type=Path, default=Path("outputs/bench-model-cpu"))
+    parser.add_argument("--decode-only", action="store_true", help="skip the training step and prefill")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -78,15 +82,27 @@ def main() -> None:
     compiled = torch.compile(ours, fullgraph=True)
     identity = lambda x: x  # noqa: E731
     hf_logits = lambda o: o.logits  # noqa: E731
-    measurements = [
+    measurements = [] if args.decode_only else [
         ("train step (fwd+bwd)", args.seq, train_step(ours, identity), train_step(hf, hf_logits)),
         ("  compiled", args.seq, train_step(compiled, identity), None),
         ("prefill", args.seq, prefill(ours, identity), prefill(hf, hf_logits)),
         ("  compiled", args.seq, prefill(compiled, identity), None),
-        ("decode", args.new_tokens, decode_ours(False), decode_hf),
-        ("  compiled step", args.new_tokens, decode_ours(True), None),
     ]
     rows = []
+    ours.eval(), hf.eval()
+    eager_decode, compiled_decode = decode_ours(False), decode_ours(True)
+    decode_hf()  # warm-up
+    eager_seconds = timed(eager_decode, 1)
+    start = time.perf_counter()
+    compiled_decode()
+    compile_seconds = time.perf_counter() - start - eager_seconds
+    decode_times = {"hf": [], "eager": [], "compiled": []}
+    for _ in range(args.repeats):
+        for name, fn in (("hf", decode_hf), ("eager", eager_decode), ("compiled", compiled_decode)):
+            start = time.perf_counter()
+            fn()
+            decode_times[name].append(time.perf_counter() - start)
+    decode_tps = {name: args.new_tokens / statistics.median(times) for name, times in decode_times.items()}
     for name, tokens, ours_fn, hf_fn in measurements:
         if name.startswith("train"):
             ours.train(), hf.train()
@@ -98,8 +114,15 @@ def main() -> None:
     print(f"config: hidden {CONFIG.hidden_size}, {CONFIG.num_hidden_layers} layers, vocab {CONFIG.vocab_size}, "
           f"seq {args.seq}, fp32, {args.threads} threads, torch {torch.__version__}; max |logit diff| {diff:.2e}")
     print(f"{'measurement':24s} {'ours tok/s':>12s} {'transformers tok/s':>20s} {'ratio':>8s}")
+    rows += [("decode, eager steps", decode_tps["eager"], decode_tps["hf"]),
+             ("  compiled layers", decode_tps["compiled"], decode_tps["hf"])]
     for name, ours_tps, hf_tps in rows:
         print(f"{name:24s} {ours_tps:12.1f} {hf_tps:20.1f} {ours_tps / hf_tps:7.2f}x")
+    spread = {name: f"{min(t) * 1e3 / args.new_tokens:.2f}-{max(t) * 1e3 / args.new_tokens:.2f}"
+              for name, t in decode_times.items()}
+    print(f"decode ms/token over {args.repeats} repeats (min-max): transformers {spread['hf']}, eager "
+          f"{spread['eager']}, compiled {spread['compiled']}; compile (first compiled call minus an eager one) "
+          f"{compile_seconds:.1f} s")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ def apply_fsdp(model: Qwen35ForCausalLM, dp_mesh: DeviceMesh, *, expert_dp_mesh:
                 fully_shard(experts, mesh=expert_dp_mesh, reshard_after_forward=reshard_after_forward, **policies)
                 experts.set_gradient_divide_factor(expert_grad_divide_factor)
         fully_shard(layer, **shard)
+    if model.mtp is not None:  # a unit as large as a block; it calls the embedding and lm_head units again
+        fully_shard(model.mtp, **shard)
     if not model.config.tie_word_embeddings:  # a tied weight must live in a single unit: the root
         fully_shard(model.model.embed_tokens, **shard)
         # Needed right after the last block's forward, and first in the backward: keep them gathered.

@@ -1,6 +1,10 @@
 """Decode cache: per GDN layer the conv window (last K pre-conv inputs, model dtype) and the fp32 recurrent
 state [B, HV, K, V]; per attention layer a preallocated KV buffer. Buffers are allocated once per generation,
-so a decode step does no allocation or concatenation."""
+so a decode step does no allocation or concatenation.
+
+Every step sees tensors of the same shapes: new keys are written at a position given as a tensor and attention
+always runs over the whole buffer (`max_length` keys) with a mask that hides the positions not written yet. So a
+compiled step (`qwen35.decoding`) is reused for every position instead of being specialised to each length."""
 
 from __future__ import annotations
 
@@ -31,11 +35,13 @@ class KVCache:
         self.owner = owner
 
     def update(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write key/value [B, Nkv, T, D] at the cache's current length; return all keys/values so far."""
-        start, end = self.owner.length, self.owner.length + key.shape[2]
-        self.keys[:, :, start:end] = key
-        self.values[:, :, start:end] = value
-        return self.keys[:, :, :end], self.values[:, :, :end]
+        """Write key/value [B, Nkv, T, D] at the positions of the current step (`Qwen35Cache.write_positions`);
+        return the whole buffers [B, Nkv, max_length, D] (the step's attention mask hides unwritten positions)."""
+        positions = self.owner.write_positions
+        # an indexed assignment, which inductor keeps in place (it copied the whole buffer for index_copy_)
+        self.keys[:, :, positions] = key.to(self.keys.dtype)
+        self.values[:, :, positions] = value.to(self.values.dtype)
+        return self.keys, self.values
 
 
 class Qwen35Cache:
@@ -46,20 +52,34 @@ class Qwen35Cache:
         self.max_length = max_length
         self.length = 0
         self.valid = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
+        self.write_positions = torch.zeros(0, dtype=torch.long, device=device)  # of the current step
         self.layers = [
             KVCache(config, batch_size, max_length, dtype, device, self) if kind == FULL_ATTENTION
             else GatedDeltaNetCache(config, batch_size, dtype, device)
             for kind in config.layer_types
         ]
 
+    def buffers(self) -> list[torch.Tensor]:
+        """The tensors decode steps update in place."""
+        tensors = [self.valid]
+        for layer in self.layers:
+            if isinstance(layer, KVCache):
+                tensors += [layer.keys, layer.values]
+            else:
+                tensors += [layer.conv_state, layer.recurrent_state]
+                if layer.step_conv_states is not None:
+                    tensors += [layer.step_conv_states, layer.step_recurrent_states]
+        return tensors
+
     def attention_mask(self, padding_mask: torch.Tensor | None, num_new: int) -> torch.Tensor:
-        """Record the validity of `num_new` incoming positions and return their attention mask over the cache
-        (`padded_causal_mask`)."""
+        """Record the validity and the positions of `num_new` incoming positions and return their attention mask
+        over the whole cache [B, 1, num_new, max_length] (`padded_causal_mask`)."""
         start, end = self.length, self.length + num_new
         if end > self.max_length:
             raise ValueError(f"cache holds {self.max_length} positions; {end} requested")
         self.valid[:, start:end] = True if padding_mask is None else padding_mask.bool()
-        return padded_causal_mask(self.valid[:, :end], start)
+        self.write_positions = torch.arange(start, end, device=self.valid.device)
+        return padded_causal_mask(self.valid, start, num_new)
 
     def advance(self, num_new: int) -> None:
         self.length += num_new
@@ -95,11 +115,11 @@ class Qwen35Cache:
                     current.copy_(torch.cat([steps[:num_new - 1], current[None]])[index, rows])
 
 
-def padded_causal_mask(valid: torch.Tensor, first_query: int) -> torch.Tensor:
-    """Bool attention mask [B, 1, queries, keys] for keys 0..K-1 (valid [B, K], False at padding) and queries at
-    positions first_query..K-1: causal, never attending to padding. A padded query row attends to itself
-    only, which keeps SDPA finite; its output is never used."""
+def padded_causal_mask(valid: torch.Tensor, first_query: int, num_queries: int | None = None) -> torch.Tensor:
+    """Bool attention mask [B, 1, queries, keys] for keys 0..K-1 (valid [B, K], False at padding) and the
+    queries at positions first_query.. (num_queries of them, default: up to K-1): causal, never attending to
+    padding. A padded query row attends to itself only, which keeps SDPA finite; its output is never used."""
     keys = torch.arange(valid.shape[1], device=valid.device)
-    queries = keys[first_query:]
+    queries = keys[first_query:] if num_queries is None else keys[first_query:first_query + num_queries]
     mask = ((keys[None, :] <= queries[:, None])[None] & valid[:, None, :]) | (keys[None, :] == queries[:, None])
     return mask[:, None]

@@ -3,15 +3,15 @@ cache. The command-line front end is `python -m qwen35.generate`."""
 
 from __future__ import annotations
 
+import functools
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from .cache import Qwen35Cache
-from .model import Qwen35ForCausalLM
+from .model import Qwen35ForCausalLM, call_layer
 from .mtp import mtp_layer_config
 
 
@@ -21,14 +21,62 @@ def eos_set(eos_token_id) -> set[int]:
     return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
 
 
-_compiled_steps: "weakref.WeakKeyDictionary[Qwen35ForCausalLM, Callable]" = weakref.WeakKeyDictionary()
+# Decode steps on CPU are compiled by default only when this many of them amortise the compile: 4 s for the two
+# layer graphs on an idle 2-core CPU (several times that on a loaded one), saving 3 ms per step at hidden 512 x 8
+# layers (BENCHMARKS.md, #17), i.e. paid back after ~1,400 steps unloaded.
+CPU_COMPILE_MIN_STEPS = 2048
+
+_compiled_layers: dict[str, Callable] = {}
 
 
-def compiled_decode_step(model: Qwen35ForCausalLM) -> Callable:
-    """The model compiled once (fullgraph, dynamic cache length) for one-token steps; reused across calls."""
-    if model not in _compiled_steps:
-        _compiled_steps[model] = torch.compile(model, fullgraph=True, dynamic=True)
-    return _compiled_steps[model]
+def decode_compile_unsupported(model: Qwen35ForCausalLM) -> str | None:
+    """Why the decode step of `model` cannot be compiled, or None."""
+    dtype = model.lm_head.weight.dtype
+    if model.config.is_moe and dtype != torch.bfloat16:
+        return (f"an MoE model in {dtype} cannot be compiled: the experts' torch._grouped_mm has a fake kernel for "
+                "bfloat16 only; load the model in bfloat16 or decode with compile=False")
+    return None
+
+
+def compile_pays(model: Qwen35ForCausalLM, device: torch.device | str, decode_steps: int) -> bool:
+    """Whether compiling the decode step pays for `decode_steps` steps in this process: always on CUDA (where the
+    step runs as CUDA graphs), on CPU from CPU_COMPILE_MIN_STEPS steps; never where it cannot compile
+    (`decode_compile_unsupported`). The default of `generate(compile=None)` (with its max_new_tokens) and of
+    `torchtitan_ext.eval_gsm8k` (with all its batches' steps)."""
+    if decode_compile_unsupported(model) is not None:
+        return False
+    return torch.device(device).type == "cuda" or decode_steps >= CPU_COMPILE_MIN_STEPS
+
+
+def compiled_layer(device: torch.device | str) -> Callable:
+    """`call_layer` compiled (fullgraph) for decode steps on the cache; on CUDA as CUDA graphs
+    (mode "reduce-overhead"). Parameters are graph inputs, so one compiled graph per layer kind (Gated DeltaNet,
+    attention) serves every layer of every model of the same shapes, and compile time does not grow with depth.
+    The cache's shapes do not change from step to step (`qwen35.cache`); a new batch size or cache length
+    recompiles once with those sizes symbolic (torch.compile's automatic dynamic shapes), then never again (a
+    batch of one, whose size torch.compile specialises, has its own graphs)."""
+    kind = torch.device(device).type
+    if kind not in _compiled_layers:
+        _compiled_layers[kind] = torch.compile(call_layer, fullgraph=True,
+                                               mode="reduce-overhead" if kind == "cuda" else None)
+    return _compiled_layers[kind]
+
+
+def compiled_decode_step(model: Qwen35ForCausalLM, cache: Qwen35Cache) -> Callable:
+    """model's forward on `cache` with each decoder layer applied by `compiled_layer`. On CUDA the cache's
+    buffers get static addresses (the CUDA graphs update them in place) and each call starts a new graph step."""
+    device = cache.valid.device
+    run_layer = compiled_layer(device)
+    if device.type != "cuda":
+        return functools.partial(model, run_layer=run_layer)
+    for buffer in cache.buffers():
+        torch._dynamo.mark_static_address(buffer)
+
+    def step(*args, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()
+        return model(*args, run_layer=run_layer, **kwargs)
+
+    return step
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
@@ -108,12 +156,13 @@ class _Output:
 def generate(model: Qwen35ForCausalLM, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
              padding_mask: torch.Tensor | None = None, temperature: float = 0.0, top_p: float = 1.0,
              seed: int | None = None, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-             on_token: Callable[[torch.Tensor], None] | None = None, compile: bool = False,
+             on_token: Callable[[torch.Tensor], None] | None = None, compile: bool | None = None,
              speculative: str | None = None, stats: SpeculationStats | None = None) -> torch.Tensor:
     """Greedy (default) or temperature/top-p sampling. input_ids [B, T], left-padded when padding_mask [B, T]
     (1 = token) is given. Returns [B, T + n] with the prompt; sequences that hit EOS are filled with
     pad_token_id (default: the first EOS id) until all are done. `on_token` receives each step's tokens [B].
-    compile: run the one-token steps through torch.compile (one-time compile cost; removes per-op overhead).
+    compile: run the decode steps (after the eager prefill) with compiled decoder layers (`compiled_layer`; a
+    one-time compile per process removes the per-op overhead); None (default) decides by `compile_pays`.
     speculative="mtp" (greedy only): the model's MTP head drafts one token that the main model verifies with
     the next one in a single two-token step; the output is the plain greedy output. `stats` (a
     `SpeculationStats`) receives the acceptance counts."""
@@ -138,7 +187,13 @@ def generate(model: Qwen35ForCausalLM, input_ids: torch.Tensor, max_new_tokens: 
     # speculation may leave a hole (a rejected draft's position) per generated token
     cache = Qwen35Cache(model.config, B, T + (2 if speculative else 1) * max_new_tokens + 1, dtype, device)
     output = _Output(input_ids, max_new_tokens, eos, pad_token_id, on_token)
-    decode = compiled_decode_step(model) if compile else model
+    if speculative:
+        cache.record_steps(2)  # the verification steps (prefill, on an uninitialised cache, is not recorded)
+    if compile is None:
+        compile = compile_pays(model, device, max_new_tokens)
+    elif compile and (reason := decode_compile_unsupported(model)) is not None:
+        raise ValueError(f"compile=True: {reason}")
+    decode = compiled_decode_step(model, cache) if compile else model
     if max_new_tokens <= 0:
         return output.result()
     if speculative:
@@ -193,15 +248,15 @@ def _generate_mtp_speculative(model, decode, input_ids, padding_mask, cache, out
         padding_mask = torch.ones_like(input_ids)
     ones = torch.ones(B, 2, dtype=padding_mask.dtype, device=device)
     logits, hidden = model(input_ids, padding_mask=padding_mask, cache=cache, num_logits_to_keep=1,
-                           return_hidden=True)
+                           output="logits_and_hidden")
     last = logits[:, -1].argmax(-1)
     done = output.append(last)
     if not done:
         draft = _mtp_draft(model, hidden, torch.cat([input_ids[:, 1:], last[:, None]], 1), mtp_cache,
                            padding_mask)
-    cache.record_steps(2)
     while not done:
-        logits, hidden = decode(torch.stack([last, draft], 1), padding_mask=ones, cache=cache, return_hidden=True)
+        logits, hidden = decode(torch.stack([last, draft], 1), padding_mask=ones, cache=cache,
+                                output="logits_and_hidden")
         stats.verify_steps += 1
         y1, y2 = logits.argmax(-1).unbind(1)
         accepted = y1 == draft
@@ -216,5 +271,4 @@ def _generate_mtp_speculative(model, decode, input_ids, padding_mask, cache, out
             kept_mask = torch.stack([torch.ones_like(accepted), accepted], 1).to(padding_mask.dtype)
             draft = _mtp_draft(model, hidden, torch.stack([y1, y2], 1), mtp_cache, kept_mask, kept)
             last = torch.where(accepted, y2, y1)
-    cache.record_steps(0)
     stats.seconds += time.perf_counter() - start

@@ -7,9 +7,23 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from kernels.gated_delta_rule import reference as delta_rule_reference
 
 from .config import Qwen35Config
 from .layers import GatedRMSNorm
+
+
+def recurrent_step(query, key, value, g, beta, state: torch.Tensor, scale: float) -> torch.Tensor:
+    """One decode position of the gated delta rule (q/k L2-normalised), advancing `state` in place. Eager and on
+    CUDA: the registered in-place op. Compiled on CPU: its CPU implementation (the torch reference) traced into
+    the graph, where inductor fuses its few small ops instead of calling them one by one through the opaque op."""
+    if torch.compiler.is_compiling() and state.device.type == "cpu":
+        out, final_state = delta_rule_reference.recurrent_gated_delta_rule(
+            query, key, value, g, beta, scale=scale, initial_state=state, output_final_state=True,
+            use_qk_l2norm=True)
+        state.copy_(final_state)
+        return out
+    return torch.ops.qwen35.recurrent_gated_delta_rule_(query, key, value, g, beta, state, scale, None, True, None)
 
 
 class GatedDeltaNet(nn.Module):
@@ -84,9 +98,8 @@ class GatedDeltaNet(nn.Module):
             for t in range(T):
                 if t:
                     cache.step_recurrent_states[t - 1].copy_(cache.recurrent_state)
-                outs.append(torch.ops.qwen35.recurrent_gated_delta_rule_(
-                    query[:, t:t + 1], key[:, t:t + 1], value[:, t:t + 1], g[:, t:t + 1], beta[:, t:t + 1],
-                    cache.recurrent_state, self.head_k_dim ** -0.5, None, True, None))
+                outs.append(recurrent_step(query[:, t:t + 1], key[:, t:t + 1], value[:, t:t + 1], g[:, t:t + 1],
+                                           beta[:, t:t + 1], cache.recurrent_state, self.head_k_dim ** -0.5))
             out = outs[0] if T == 1 else torch.cat(outs, 1)
         else:
             out, state = self.sequence_kernels.chunk_gated_delta_rule(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .decoding import SpeculationStats, eos_set, generate
+from .decoding import CPU_COMPILE_MIN_STEPS, SpeculationStats, eos_set, generate
 from .tokenizer import Qwen35Tokenizer
 
 
@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiles once)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="compiled decode steps (default: where the compile pays: always on CUDA, on CPU from "
+                        f"{CPU_COMPILE_MIN_STEPS} new tokens)")
     parser.add_argument("--speculative", choices=["mtp"], default=None,
                         help="greedy speculative decoding with the checkpoint's MTP head (same output as greedy)")
     args = parser.parse_args(argv)

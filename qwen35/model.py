@@ -3,6 +3,8 @@ exactly HF's text-only keys (`model.layers.N.linear_attn.in_proj_qkv.weight`, ..
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -49,6 +51,10 @@ class DecoderLayer(nn.Module):
         return x + h, router_logits
 
 
+def call_layer(layer: DecoderLayer, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return layer(*args, **kwargs)
+
+
 class Qwen35TextModel(nn.Module):
     def __init__(self, config: Qwen35Config):
         super().__init__()
@@ -76,6 +82,7 @@ def packed_positions_and_mask(cu_seqlens: torch.Tensor, seq_len: int) -> tuple[t
 
 
 PACKED_ATTENTION_KINDS = ("auto", "flex", "per_document", "dense")
+OUTPUTS = ("logits", "hidden", "logits_and_hidden")  # what `Qwen35ForCausalLM.forward` returns
 
 
 class Qwen35ForCausalLM(nn.Module):
@@ -114,18 +121,24 @@ class Qwen35ForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None,
                 cache: Qwen35Cache | None = None, num_logits_to_keep: int = 0, return_aux_loss: bool = False,
-                return_router_stats: bool = False, return_hidden_states: bool = False, return_hidden: bool = False):
-        """input_ids [B, T] -> logits [B, T, vocab] (the last `num_logits_to_keep` positions when > 0).
+                return_router_stats: bool = False, output: str = "logits", run_layer: Callable | None = None):
+        """input_ids [B, T] -> `output`:
+        - "logits": logits [B, T, vocab] (the last `num_logits_to_keep` positions when > 0);
+        - "hidden": the final normed hidden states [B, T, hidden] of every position, for a caller that applies
+          `lm_head` itself (the chunked loss, `qwen35.linear_cross_entropy`);
+        - "logits_and_hidden": (those logits, those hidden states), e.g. for the MTP head, which reads the hidden
+          states.
 
         cu_seqlens (int32 [N+1], B == 1): documents packed in one row; positions restart per document and no
         state, conv window or attention crosses a boundary. padding_mask [B, T] (1 = token, 0 = left padding).
         cache: decode state, advanced by T. return_aux_loss: also return the MoE load-balancing loss (unscaled).
         return_router_stats: also return its summable statistics (`qwen35.moe.RouterStatistics`), from which a
-        data-parallel trainer forms the loss of the global batch. return_hidden_states: the final (normed) hidden
-        states [B, T, hidden] in place of the logits, for a loss that applies `lm_head` itself
-        (`qwen35.linear_cross_entropy`). return_hidden: (logits, final normed hidden states [B, T, H] of every
-        position) in place of the logits (the MTP head's input), with the extra outputs after them.
+        data-parallel trainer forms the loss of the global batch. The extra outputs follow the output's tensors,
+        as one tuple. run_layer(layer, x, cos, sin, **kwargs): applies each decoder layer (default `call_layer`;
+        decoding passes a compiled one).
         """
+        if output not in OUTPUTS:
+            raise ValueError(f"output = {output!r}; expected one of {', '.join(OUTPUTS)}")
         B, T = input_ids.shape
         attn_mask = None
         if cu_seqlens is not None:
@@ -149,22 +162,21 @@ class Qwen35ForCausalLM(nn.Module):
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)
         router_logits = []
         for i, layer in enumerate(self.model.layers):
-            x, logits = layer(x, cos, sin, attn_mask=attn_mask, cu_seqlens=cu_seqlens, padding_mask=padding_mask,
-                              cache=cache.layers[i] if cache is not None else None)
+            x, logits = (run_layer or call_layer)(layer, x, cos, sin, attn_mask=attn_mask, cu_seqlens=cu_seqlens,
+                                                  padding_mask=padding_mask,
+                                                  cache=cache.layers[i] if cache is not None else None)
             if logits is not None:
                 router_logits.append(logits)
         if cache is not None:
             cache.advance(T)
-        hidden = x = self.model.norm(x)
-        if num_logits_to_keep:
-            x = x[:, -num_logits_to_keep:]
-        if return_hidden_states and return_hidden:
-            raise ValueError("return_hidden_states and return_hidden are exclusive")
-        out = x if return_hidden_states else self.lm_head(x)
-        if return_hidden:
-            out = (out, hidden)
+        hidden = self.model.norm(x)
+        out = ()
+        if output != "hidden":
+            out += (self.lm_head(hidden[:, -num_logits_to_keep:] if num_logits_to_keep else hidden),)
+        if output != "logits":
+            out += (hidden,)
         if not (return_aux_loss or return_router_stats):
-            return out
+            return out if len(out) > 1 else out[0]
         if return_aux_loss and return_router_stats:
             raise ValueError("return_aux_loss and return_router_stats are exclusive")
         if not router_logits:
@@ -172,7 +184,7 @@ class Qwen35ForCausalLM(nn.Module):
         experts, top_k = self.config.num_experts, self.config.num_experts_per_tok
         extra = (router_statistics(router_logits, experts, top_k) if return_router_stats
                  else load_balancing_loss(router_logits, experts, top_k))
-        return (*out, extra) if return_hidden else (out, extra)
+        return (*out, extra)
 
     def _packed_attention_mask(self, cu_seqlens: torch.Tensor, seq_len: int):
         """(positions [1, T], the attention layers' `attn_mask` for the packed row) per `packed_attention`."""

@@ -103,6 +103,11 @@ class RouterStatistics(NamedTuple):
     prob_sum: torch.Tensor  # [E] float32: router probability of each expert summed over the rows (differentiable)
     rows: int  # number of (layer, token) rows
 
+    def merged(self, other: "RouterStatistics") -> "RouterStatistics":
+        """The statistics of the rows of both (e.g. the main model's MoE layers and the MTP head's)."""
+        return RouterStatistics(self.assignments + other.assignments, self.prob_sum + other.prob_sum,
+                                self.rows + other.rows)
+
 
 def router_statistics(router_logits: list[torch.Tensor], num_experts: int, top_k: int) -> RouterStatistics:
     """The sums behind `load_balancing_loss` for router logits [N_l, E] of each MoE layer."""

@@ -17,7 +17,7 @@ def train_with_mtp(model, windows: Callable[[torch.Generator], torch.Tensor], st
     for _ in range(steps):
         window = windows(generator)
         ids, labels = window[:, :-1], window[:, 1:]
-        logits, hidden = model(ids, return_hidden=True)
+        logits, hidden = model(ids, output="logits_and_hidden")
         mtp_sum, mtp_count = mtp_loss_terms(hidden, ids, labels, None, model)
         main_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
         optimizer.zero_grad()

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import qwen35
+from qwen35.decoding import CPU_COMPILE_MIN_STEPS, compile_pays
 from hf_oracle import hf_causal_lm
 from tiny_configs import TINY_CONFIGS
 
@@ -111,8 +112,28 @@ def test_packed_gradients_do_not_cross_documents():
     assert embeds[0].grad[0, 12:].abs().max().item() > 0.0
 
 
-def test_compiled_decode_steps_generate_the_same_tokens(tmp_path):
+def test_compiled_decode_steps_generate_the_same_tokens_without_recompiling_per_length_or_batch(tmp_path):
     _, model = _model("dense_untied_gqa2_hv2x", tmp_path)
-    ids = _ids(model.config, (2, 9))
-    eager = qwen35.generate(model, ids, 12, eos_token_id=[])
-    assert torch.equal(qwen35.generate(model, ids, 12, eos_token_id=[], compile=True), eager)
+    graphs = torch._dynamo.utils.counters["stats"]
+    compiled_graphs = []
+    for batch, length, new in ((2, 9, 12), (3, 14, 9), (4, 5, 10)):  # new batch and cache sizes
+        ids = _ids(model.config, (batch, length), seed=length)
+        mask = torch.ones_like(ids)
+        mask[0, :3] = 0  # a left-padded row
+        before = graphs["unique_graphs"]
+        got = qwen35.generate(model, ids, new, padding_mask=mask, eos_token_id=[], compile=True)
+        compiled_graphs.append(graphs["unique_graphs"] - before)
+        assert torch.equal(got, qwen35.generate(model, ids, new, padding_mask=mask, eos_token_id=[], compile=False))
+    # one graph per layer kind (Gated DeltaNet, attention) for all the layers, one recompile with dynamic sizes
+    # (a batch of one, whose size torch.compile always specialises, gets its own graphs)
+    assert model.config.num_hidden_layers > 2 and compiled_graphs[0] <= 2 and compiled_graphs[2] == 0
+
+
+def test_decode_steps_are_compiled_where_the_compile_pays_and_can_compile():
+    dense = qwen35.Qwen35ForCausalLM(TINY_CONFIGS["dense_untied_gqa2_hv2x"])
+    assert compile_pays(dense, "cuda", 1) and compile_pays(dense, "cpu", CPU_COMPILE_MIN_STEPS)
+    assert not compile_pays(dense, "cpu", CPU_COMPILE_MIN_STEPS - 1)
+    moe = qwen35.Qwen35ForCausalLM(TINY_CONFIGS["moe_untied"])
+    assert not compile_pays(moe, "cuda", 1) and compile_pays(moe.to(torch.bfloat16), "cuda", 1)
+    with pytest.raises(ValueError, match="compile=True: an MoE model in torch.float32 cannot be compiled"):
+        qwen35.generate(moe.float(), _ids(moe.config, (1, 4)), 2, compile=True)

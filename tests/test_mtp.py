@@ -97,7 +97,7 @@ def test_mtp_forward_matches_independent_float64_implementation(name):
     model = _mtp_model(name)
     ids = torch.randint(2, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        _, hidden = model(ids, return_hidden=True)
+        _, hidden = model(ids, output="logits_and_hidden")
         ours = model.lm_head(mtp_hidden_states(model, hidden, ids)[0])
     expected = _reference_mtp_logits(model, hidden, ids)
     assert ours.shape == (2, 10, model.config.vocab_size)
@@ -121,12 +121,12 @@ def test_mtp_loss_of_packed_row_equals_sum_over_separate_documents():
         separate = []
         for doc in docs:
             ids, labels = doc[:, :-1], doc[:, 1:]
-            _, hidden = model(ids, return_hidden=True)
+            _, hidden = model(ids, output="logits_and_hidden")
             separate.append(mtp_loss_terms(hidden, ids, labels, None, model))
         ids = torch.cat([d[:, :-1] for d in docs], 1)
         labels = torch.cat([d[:, 1:] for d in docs], 1)
         cu_seqlens = torch.tensor([0, 7, 16], dtype=torch.int32)
-        _, hidden = model(ids, cu_seqlens=cu_seqlens, return_hidden=True)
+        _, hidden = model(ids, cu_seqlens=cu_seqlens, output="logits_and_hidden")
         packed_sum, packed_count = mtp_loss_terms(hidden, ids, labels, cu_seqlens, model)
     # each document contributes its own n - 1 rows; the row pairing the first document's last hidden state
     # with the second document's first token is dropped
@@ -154,3 +154,46 @@ def test_checkpoint_round_trip_keeps_mtp_with_per_expert_keys(tmp_path, caplog):
     (text_only / "config.json").write_text(json.dumps({**config, "mtp_num_hidden_layers": 1}))
     assert qwen35.load_pretrained(text_only).mtp is None
     assert "no mtp.* tensors" in caplog.text
+
+
+def test_forward_outputs_logits_hidden_states_or_both():
+    torch.manual_seed(0)
+    model = qwen35.Qwen35ForCausalLM(TINY_CONFIGS["moe_untied"]).eval()
+    ids = torch.randint(2, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(ids)
+        hidden = model(ids, output="hidden")
+        last_logits, all_hidden, aux = model(ids, output="logits_and_hidden", num_logits_to_keep=2,
+                                             return_aux_loss=True)
+    assert hidden.shape == (2, 9, model.config.hidden_size) and torch.equal(all_hidden, hidden)
+    assert torch.equal(model.lm_head(hidden), logits) and torch.equal(last_logits, logits[:, -2:])
+    assert torch.equal(aux, model(ids, return_aux_loss=True)[1])
+    with pytest.raises(ValueError, match="output = 'hidden_states'; expected one of logits, hidden"):
+        model(ids, output="hidden_states")
+
+
+def test_mtp_layer_router_rows_join_the_load_balancing_loss():
+    """Training output of an MoE model with an MTP head: the router statistics cover the main layers' rows and the
+    MTP layer's, and give E * sum_e f_e * P_e over all of them, computed here from the router logits (float64)."""
+    from qwen35.moe import TopKRouter, balancing_loss_share
+    from torchtitan_ext.model import Qwen35TitanModel
+
+    config = qwen35.Qwen35Config.from_flavor("debug-moe", mtp_num_hidden_layers=1, mtp_loss_weight=0.5)
+    torch.manual_seed(0)
+    model = Qwen35TitanModel(Qwen35TitanModel.Config(flavor="debug-moe", architecture=config))
+    router_logits = []
+    for module in model.modules():
+        if isinstance(module, TopKRouter):
+            module.register_forward_hook(lambda m, args, out: router_logits.append(out[0].detach().double()))
+    ids = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    stats = model(ids).router_stats
+    assert len(router_logits) == config.num_hidden_layers + 1  # every main layer and the MTP layer are MoE
+    rows = torch.cat(router_logits)
+    assert stats.rows == len(rows) == config.num_hidden_layers * 2 * 16 + 2 * 15
+    probs = torch.softmax(rows, dim=-1)
+    chosen = probs.topk(config.num_experts_per_tok, dim=-1).indices
+    counts = torch.stack([(chosen == e).sum() for e in range(config.num_experts)])
+    assert torch.equal(stats.assignments, counts)
+    expected = config.num_experts * sum(counts[e] / len(rows) * probs[:, e].mean() for e in range(config.num_experts))
+    share = balancing_loss_share(stats.prob_sum, stats.assignments, stats.rows)
+    assert abs(share.item() - expected.item()) <= 1e-6

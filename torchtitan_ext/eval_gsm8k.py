@@ -2,7 +2,7 @@
 
     python -m torchtitan_ext.eval_gsm8k --model <hf dir> --data <jsonl | parquet | datasets dir> [--limit N]
         [--batch-size B] [--max-new-tokens N] [--dtype float32|bfloat16] [--device cpu|cuda]
-        [--output results.jsonl] [--chat-template-kwargs '{"enable_thinking": false}']
+        [--output results.jsonl] [--chat-template-kwargs '{"enable_thinking": false}'] [--compile | --no-compile]
 
 Each record needs `question` and `answer`; the gold number is the one after the answer's last `####` (GSM8K's
 format, e.g. "... #### 1,234"). The question alone is the user turn of the model's chat template; the reply is
@@ -12,7 +12,10 @@ after it. Numbers are compared as decimals after dropping thousands commas, `$` 
 
 Prompts are sorted by length and generated in left-padded batches (greedy outputs equal batch size 1); results
 are reported in input order. stdout gets one summary line, stderr the progress; --output gets one JSON line per
-question (question, gold, reply, predicted, correct), written once all are done.
+question (question, gold, reply, predicted, correct), written once all are done. Decode steps run compiled
+(`qwen35.decoding.compiled_layer`) where the compile pays for all the batches' steps
+(`qwen35.decoding.compile_pays`: always on CUDA, on CPU from CPU_COMPILE_MIN_STEPS); --compile / --no-compile
+decide instead.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Any
 import torch
 
 import qwen35
-from qwen35.decoding import eos_set
+from qwen35.decoding import CPU_COMPILE_MIN_STEPS, compile_pays, eos_set
 from qwen35.tokenizer import Qwen35Tokenizer
 from torchtitan_ext.data.sources import DataError, SourceSpec, open_reader
 
@@ -140,7 +143,7 @@ def read_questions(data: str, tokenizer: Qwen35Tokenizer, limit: int | None, spl
 
 
 def generate_replies(model, tokenizer: Qwen35Tokenizer, prompts: list[list[int]], max_new_tokens: int,
-                     eos: set[int], device) -> list[tuple[list[int], bool]]:
+                     eos: set[int], device, compile: bool = False) -> list[tuple[list[int], bool]]:
     """Greedy continuations of a batch of prompts (left-padded into one tensor): per prompt, its generated ids up
     to (not including) the first EOS, and whether it stopped on EOS (False: cut at max_new_tokens)."""
     width = max(len(p) for p in prompts)
@@ -150,7 +153,7 @@ def generate_replies(model, tokenizer: Qwen35Tokenizer, prompts: list[list[int]]
     if any(len(p) < width for p in prompts):
         padding_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     out = qwen35.generate(model, input_ids, max_new_tokens, padding_mask=padding_mask, eos_token_id=sorted(eos),
-                          pad_token_id=pad)
+                          pad_token_id=pad, compile=compile)
     replies = []
     for row in out[:, width:].tolist():
         stop = next((i for i, t in enumerate(row) if t in eos), None)
@@ -159,16 +162,20 @@ def generate_replies(model, tokenizer: Qwen35Tokenizer, prompts: list[list[int]]
 
 
 def evaluate(model, tokenizer: Qwen35Tokenizer, questions: list[Question], batch_size: int, max_new_tokens: int,
-             device, log=None) -> list[dict[str, Any]]:
-    """One result per question, in input order: question, gold, reply, predicted, correct, stopped (on EOS)."""
+             device, log=None, compile: bool | None = None) -> list[dict[str, Any]]:
+    """One result per question, in input order: question, gold, reply, predicted, correct, stopped (on EOS).
+    compile: compiled decode steps (None: if `compile_pays` for every batch's max_new_tokens steps)."""
     eos = eos_set(model.config.eos_token_id) | {tokenizer.im_end_id}
     order = sorted(questions, key=lambda q: len(q.prompt_ids), reverse=True)  # longest first: OOM shows early
     results: list[dict[str, Any] | None] = [None] * len(questions)
     done = correct = 0
+    if compile is None:
+        compile = compile_pays(model, device, -(-len(order) // batch_size) * max_new_tokens)
     started = time.monotonic()
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        replies = generate_replies(model, tokenizer, [q.prompt_ids for q in batch], max_new_tokens, eos, device)
+        replies = generate_replies(model, tokenizer, [q.prompt_ids for q in batch], max_new_tokens, eos, device,
+                                   compile)
         for q, (ids, stopped) in zip(batch, replies):
             reply = tokenizer.decode(ids)  # special tokens kept: </think> may be one
             predicted = extract_answer(reply)
@@ -227,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", type=Path, default=None, help="JSON lines, one per question in input order")
     parser.add_argument("--chat-template-kwargs", type=_template_kwargs, default={},
                         help='JSON object passed to the chat template, e.g. \'{"enable_thinking": false}\'')
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="compiled decode steps (default: where the compile pays: always on CUDA, on CPU from "
+                        f"{CPU_COMPILE_MIN_STEPS} decode steps in all)")
     return parser
 
 
@@ -256,7 +266,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(str(err))
 
     started = time.monotonic()
-    results = evaluate(model, tokenizer, questions, args.batch_size, args.max_new_tokens, args.device, log)
+    results = evaluate(model, tokenizer, questions, args.batch_size, args.max_new_tokens, args.device, log,
+                       args.compile)
     elapsed = time.monotonic() - started
     correct = sum(r["correct"] for r in results)
     cut = sum(not r["stopped"] for r in results)

@@ -29,7 +29,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from qwen35 import Qwen35Config, Qwen35ForCausalLM
-from qwen35.moe import RouterStatistics
+from qwen35.moe import RouterStatistics, router_statistics
 from qwen35.mtp import mtp_hidden_states
 from torchtitan.protocols import BaseModel
 
@@ -69,13 +69,13 @@ class Qwen35TitanModel(BaseModel, Qwen35ForCausalLM):
     def forward(self, input_ids: torch.Tensor, **kwargs):
         """Qwen35ForCausalLM.forward; in training mode (unless the caller asks for aux outputs itself)
         `TrainingOutput`: the final hidden states for the loss's lm_head, the MoE router statistics (non-zero
-        router_aux_loss_coef) and, with a non-zero mtp_loss_weight, the MTP head's hidden states (the MTP layer's
-        router statistics are not part of the load-balancing loss)."""
+        router_aux_loss_coef) and, with a non-zero mtp_loss_weight, the MTP head's hidden states; an MoE MTP
+        layer's router rows join the statistics like those of one more MoE layer."""
         config = self.config
         if not self.training or "return_aux_loss" in kwargs or "return_router_stats" in kwargs:
             return Qwen35ForCausalLM.forward(self, input_ids, **kwargs)
         with_stats = bool(config.is_moe and config.router_aux_loss_coef)
-        out = Qwen35ForCausalLM.forward(self, input_ids, return_hidden_states=True, return_router_stats=with_stats,
+        out = Qwen35ForCausalLM.forward(self, input_ids, output="hidden", return_router_stats=with_stats,
                                         **kwargs)
         hidden, stats = out if with_stats else (out, None)
         cu_seqlens, mtp_hidden = kwargs.get("cu_seqlens"), None
@@ -83,7 +83,10 @@ class Qwen35TitanModel(BaseModel, Qwen35ForCausalLM):
             if isinstance(hidden, DTensor):
                 raise NotImplementedError("[model] mtp_loss_weight: the MTP head has no tensor-parallel plan yet; "
                                           "train it with tensor_parallel_degree = 1")
-            mtp_hidden, _ = mtp_hidden_states(self, hidden, input_ids, cu_seqlens)
+            mtp_hidden, mtp_router_logits = mtp_hidden_states(self, hidden, input_ids, cu_seqlens)
+            if with_stats:
+                stats = stats.merged(router_statistics(mtp_router_logits, config.num_experts,
+                                                       config.num_experts_per_tok))
         weight = self.lm_head.weight
         device = input_ids.device.type
         if torch.is_autocast_enabled(device):
