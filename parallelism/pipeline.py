@@ -160,6 +160,14 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
+def _local_grad(param: torch.Tensor) -> torch.Tensor:
+    """This rank's part of the gradient, laid out as the parameter (the two copies' shards then correspond: a
+    tensor-parallel embedding's gradient comes replicated while its weight is vocab-sharded)."""
+    if isinstance(param.grad, DTensor) and param.grad.placements != param.placements:
+        param.grad = param.grad.redistribute(param.device_mesh, param.placements)
+    return _local(param.grad)
+
+
 class TiedEmbeddingCopies:
     """A tied embedding / lm_head weight under pipeline parallelism: the first stage holds the embedding, the
     last stage the lm_head, each its own copy, kept one set of weights semantically.
@@ -187,14 +195,14 @@ class TiedEmbeddingCopies:
             if last.grad is None:
                 raise RuntimeError("the last pipeline stage's lm_head has no gradient to add to the tied embedding")
             if first is not None:
-                _local(first.grad).add_(_local(last.grad))
+                _local_grad(first).add_(_local_grad(last))
             else:
-                dist.send(_local(last.grad).contiguous(), dst=self.first_rank, group=self.group)
+                dist.send(_local_grad(last).contiguous(), dst=self.first_rank, group=self.group)
             last.grad = None
         elif first is not None:
-            received = torch.empty_like(_local(first.grad))
+            received = torch.empty_like(_local_grad(first))
             dist.recv(received, src=self.last_rank, group=self.group)
-            _local(first.grad).add_(received)
+            _local_grad(first).add_(received)
 
     @torch.no_grad()
     def copy_weights(self) -> None:

@@ -261,6 +261,11 @@ def _torchrun(dump_folder: Path, nproc: int, *overrides: str) -> str:
                           "--parallelism.expert_parallel_degree", "2"),
                  ("--training.local_batch_size", "2", "--training.global_batch_size", "4"), "GPipe",
                  ["applied to pipeline stage 1 (layers [2, 3]) pp=2, dp_shard=2, ep=2"], id="pp2-fsdp2-ep2-moe-gpipe"),
+    # PP x TP (4 processes): tensor-parallel hidden states (DTensors) between stages, tied copies vocab-sharded
+    pytest.param(4, TIED, ("--training.local_batch_size", "4", "--parallelism.data_parallel_shard_degree", "1",
+                           "--parallelism.tensor_parallel_degree", "2"),
+                 ("--training.local_batch_size", "4"), "LoopedBFS",
+                 ["applied to pipeline stage 1 (layers [1, 2]) pp=2, tp=2, loss_parallel"], id="pp2-tp2-tied-loopedbfs"),
 ])
 def test_pipeline_parallel_training_matches_one_process(tmp_path, tmp_path_factory, dealt_data, nproc, model, batch,
                                                         reference_batch, schedule, applied):

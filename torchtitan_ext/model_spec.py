@@ -15,6 +15,7 @@ import types
 from typing import Any
 
 import torch
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleMulti, _PipelineSchedule
 
@@ -128,11 +129,17 @@ def make_pipelining_fn(settings: ParallelizeSettings):
         def stages_of(pp_rank: int) -> tuple[int, ...]:
             return _get_pp_rank_to_stage_indices_mapping(pp_rank, dims.pp, schedule_name, len(plans))
 
+        def get_mesh(dim_names: tuple[str, ...], layout) -> DeviceMesh | None:
+            """The mesh of a DTensor a stage receives (tensor-parallel hidden states): torch rebuilds it by name."""
+            mesh = {("tp",): meshes.tp}.get(tuple(dim_names))
+            return mesh if mesh is not None and (layout is None or mesh._layout == layout) else None
+
         stages, parts = [], []
         for index in stages_of(pp_mesh.get_local_rank()):
             part = split_model(model, plans[index])
             _parallelize_part(part, dims, meshes, settings)
-            stages.append(PipelineStage(part, index, len(plans), device, group=pp_mesh.get_group()))
+            stages.append(PipelineStage(part, index, len(plans), device, group=pp_mesh.get_group(),
+                                        get_mesh=get_mesh))
             parts.append(part)
         schedule = _build_pipeline_schedule(parallelism=parallelism, local_batch_size=training.local_batch_size,
                                             stages=stages,
