@@ -3,7 +3,8 @@
 `python bench/pipeline_bubble.py [--pp 2 4 8] [--microbatches 8 16 32]`
 
 For each schedule, PP degree and microbatch count, torch builds the schedule's per-rank action table
-(`_schedule_visualizer.get_schedule_ops`, the table the schedule runs from). This script then times it: each rank
+(`_schedule_visualizer.get_schedule_ops`, the table the schedule runs from; for 1F1B, whose displayed table is off
+by one microbatch on the last stage in torch 2.13, the order its runtime loop follows). This script then times it: each rank
 runs its actions in the table's order, an action starts when its rank is free and its dependencies are done
 (forward of microbatch m on stage s after stage s - 1's; input-gradient backward after stage s + 1's and the same
 stage's forward; weight-gradient backward after the input one), with costs forward 1, full backward 2, input or
@@ -37,10 +38,27 @@ def _dependencies(action: _Action, num_stages: int) -> list[tuple[int, str, int]
     return [(stage, "F", mb)] + ([(stage + 1, "I", mb)] if stage < num_stages - 1 else [])
 
 
+def _one_f_one_b(pp: int, microbatches: int) -> list[list[_Action]]:
+    """1F1B's order as torch's Schedule1F1B runs it (num_stages - stage forwards, then backward / forward
+    alternating, then the remaining backwards). Its `_get_pipeline_order` table, used only for display, numbers the
+    last stage's forwards from 1 (torch 2.13)."""
+    table = []
+    for stage in range(pp):
+        warmup = min(microbatches, pp - stage)
+        actions = [_Action(stage, FORWARD, mb) for mb in range(warmup)]
+        for backward in range(microbatches):
+            actions.append(_Action(stage, FULL_BACKWARD, backward))
+            if warmup + backward < microbatches:
+                actions.append(_Action(stage, FORWARD, warmup + backward))
+        table.append(actions)
+    return table
+
+
 def bubble_fraction(schedule: str, pp: int, microbatches: int) -> float:
     single = issubclass(get_schedule_class(schedule), PipelineScheduleSingle)
     stages_per_rank = 1 if single else 2
-    table = get_schedule_ops(schedule, pp, microbatches, num_stages_per_rank=stages_per_rank)
+    table = (_one_f_one_b(pp, microbatches) if schedule == "1F1B"
+             else get_schedule_ops(schedule, pp, microbatches, num_stages_per_rank=stages_per_rank))
     # an OVERLAP_F_B action (1F1B's steady state, DualPipeV) runs its forward and backward one after the other
     actions = [[sub for a in rank if a is not None for sub in (a.sub_actions or (a,)) if sub.computation_type in COST]
                for rank in table]
