@@ -32,20 +32,22 @@ class ParallelDims:
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"parallelism.{key} must be a positive integer, got {value!r}")
+        # the pipeline degree is named only where it is used
+        pp_names, pp_values = ("pp * ", f"{self.pp} * ") if self.pp > 1 else ("", "")
         if self.dp_shard == -1:
             others = self.pp * self.dp_replicate * self.cp * self.tp
             if self.world_size % others:
-                raise ValueError(f"parallelism: world size {self.world_size} is not divisible by pp * dp_replicate * "
-                                 f"cp * tp = {self.pp} * {self.dp_replicate} * {self.cp} * {self.tp}, so dp_shard=-1 "
-                                 "cannot fill it")
+                raise ValueError(f"parallelism: world size {self.world_size} is not divisible by {pp_names}"
+                                 f"dp_replicate * cp * tp = {pp_values}{self.dp_replicate} * {self.cp} * {self.tp}, "
+                                 "so dp_shard=-1 cannot fill it")
             object.__setattr__(self, "dp_shard", self.world_size // others)
         if not isinstance(self.dp_shard, int) or self.dp_shard < 1:
             raise ValueError(f"parallelism.dp_shard must be a positive integer or -1, got {self.dp_shard!r}")
         product = self.pp * self.dp_replicate * self.dp_shard * self.cp * self.tp
         if product != self.world_size:
-            raise ValueError(f"parallelism: pp * dp_replicate * dp_shard * cp * tp = {self.pp} * {self.dp_replicate} * "
-                             f"{self.dp_shard} * {self.cp} * {self.tp} = {product} must equal the world size "
-                             f"{self.world_size}")
+            raise ValueError(f"parallelism: {pp_names}dp_replicate * dp_shard * cp * tp = {pp_values}"
+                             f"{self.dp_replicate} * {self.dp_shard} * {self.cp} * {self.tp} = {product} must equal "
+                             f"the world size {self.world_size}")
         if self.cp > 1 and (self.dp_replicate > 1 or self.ep > 1):
             raise ValueError(f"parallelism.cp={self.cp} does not compose with dp_replicate or ep yet (set them to 1)")
         if self.dp_shard % self.ep:

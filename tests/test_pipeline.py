@@ -194,6 +194,21 @@ def test_dcp_checkpoints_load_across_pipeline_degrees(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- trainer
+@pytest.mark.parametrize("overrides, message", [
+    (("--parallelism.context_parallel_degree", "2"),
+     r"\[parallelism\] context_parallel_degree = 2: must be 1 with pipeline_parallel_degree > 1"),
+    (("--model.mtp_loss_weight", "0.3"),
+     r"\[model\] mtp_num_hidden_layers = 1: must be 0 with pipeline_parallel_degree > 1 \(the MTP head"),
+])
+def test_unsupported_pipeline_combinations_are_refused_before_any_work(tmp_path, monkeypatch, overrides, message):
+    from torchtitan_ext.toml_config import ConfigError
+    from torchtitan_ext.train import load_config
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match=message):
+        load_config(debug_args(tmp_path, *PP2, *overrides))
+
+
 @pytest.fixture(scope="module")
 def dealt_data(tmp_path_factory) -> tuple[str, ...]:
     """SFT windows are dealt whole to the data-parallel ranks (window j -> dp rank j % dp), so a data-parallel run
