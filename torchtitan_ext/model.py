@@ -18,6 +18,10 @@ i.e. outside the compiled and checkpointed blocks. They are not reduced to a los
 parallelism the loss is a statistic of the global batch: torchtitan hands the model output straight to the loss,
 and `Qwen35Loss` sums the counts over the ranks and adds the term. Every model in eval mode (validation) returns
 plain logits.
+
+Pipeline parallelism: a stage (`pipeline_stage` set by parallelism.pipeline.split_model) runs its part of the
+decoder (`pipeline_stage_forward`); torch's pipelining passes tensors only, so the last stage returns the
+TrainingOutput's tensors and `PipelineLoss` rebuilds it for the loss.
 """
 
 from __future__ import annotations
