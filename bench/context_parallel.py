@@ -161,7 +161,7 @@ def one_device_step_memory(flavor: str, seq_len: int, device: str, dtype: torch.
             torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() if device == "cuda" else 0
         saved, loss = saved_activation_bytes(lambda: linear_cross_entropy(
-            model(ids, cu_seqlens=cu, return_hidden_states=True), model.lm_head.weight, labels) / seq_len)
+            model(ids, cu_seqlens=cu, output="hidden"), model.lm_head.weight, labels) / seq_len)
         loss.backward()
         del loss
         if device == "cuda":

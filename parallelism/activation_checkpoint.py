@@ -53,5 +53,6 @@ def apply_activation_checkpointing(model: Qwen35ForCausalLM, mode: str) -> None:
                                                       torch.ops.profiler._record_function_exit._RecordFunction})
         kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _save_expensive_ops)
     layers = model.model.layers
-    for i, layer in enumerate(layers):
-        layers[i] = checkpoint_wrapper(layer, **kwargs)
+    # by name: a pipeline stage's layers keep their whole-model indices (parallelism.pipeline.StageLayers)
+    for name, layer in list(layers.named_children()):
+        layers.register_module(name, checkpoint_wrapper(layer, **kwargs))

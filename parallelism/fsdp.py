@@ -37,10 +37,15 @@ def apply_fsdp(model: Qwen35ForCausalLM, dp_mesh: DeviceMesh, *, expert_dp_mesh:
         fully_shard(layer, **shard)
     if model.mtp is not None:  # a unit as large as a block; it calls the embedding and lm_head units again
         fully_shard(model.mtp, **shard)
-    if not model.config.tie_word_embeddings:  # a tied weight must live in a single unit: the root
-        fully_shard(model.model.embed_tokens, **shard)
-        # Needed right after the last block's forward, and first in the backward: keep them gathered.
-        fully_shard([model.model.norm, model.lm_head], **{**shard, "reshard_after_forward": False})
+    # None where a pipeline stage does not hold them (parallelism.pipeline)
+    embedding, norm, lm_head = model.model.embed_tokens, model.model.norm, model.lm_head
+    tied = embedding is not None and lm_head is not None and model.config.tie_word_embeddings
+    if not tied:  # a tied weight must live in a single unit: the root
+        if embedding is not None:
+            fully_shard(embedding, **shard)
+        if lm_head is not None:
+            # Needed right after the last block's forward, and first in the backward: keep them gathered.
+            fully_shard([norm, lm_head], **{**shard, "reshard_after_forward": False})
     # The root keeps its parameters gathered after the forward (FSDP2's own default for the root): a tied
     # embedding is the lm_head weight the chunked loss reads after the forward.
     fully_shard(model, **{**shard, "reshard_after_forward": False})

@@ -1,6 +1,7 @@
 """Parallel degrees, their validation against a Qwen3.5 config, and the device mesh they describe.
 
-Layout (torchtitan's): world = dp_replicate * dp_shard * cp * tp. Context parallelism (cp) splits each sequence
+Layout (torchtitan's): world = pp * dp_replicate * dp_shard * cp * tp, pipeline stages outermost: the meshes
+below are those of this rank's pipeline stage (`stage`: all its ranks). Context parallelism (cp) splits each sequence
 over ranks that see the same batch; FSDP shards over dp_shard x cp, which sums the cp ranks' partial gradients.
 Expert parallelism borrows ranks from dp_shard, so dp_shard = efsdp * ep: an EP group is a set of data-parallel
 ranks that exchange tokens, and expert weights are FSDP-sharded over the remaining efsdp ranks only. The meshes
@@ -24,25 +25,29 @@ class ParallelDims:
     ep: int = 1
     world_size: int = 1
     cp: int = 1
+    pp: int = 1  # pipeline stages (parallelism.pipeline)
 
     def __post_init__(self):
-        for key in ("dp_replicate", "tp", "ep", "world_size", "cp"):
+        for key in ("dp_replicate", "tp", "ep", "world_size", "cp", "pp"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"parallelism.{key} must be a positive integer, got {value!r}")
+        # the pipeline degree is named only where it is used
+        pp_names, pp_values = ("pp * ", f"{self.pp} * ") if self.pp > 1 else ("", "")
         if self.dp_shard == -1:
-            others = self.dp_replicate * self.cp * self.tp
+            others = self.pp * self.dp_replicate * self.cp * self.tp
             if self.world_size % others:
-                raise ValueError(f"parallelism: world size {self.world_size} is not divisible by dp_replicate * cp * "
-                                 f"tp = {self.dp_replicate} * {self.cp} * {self.tp}, so dp_shard=-1 cannot fill it")
+                raise ValueError(f"parallelism: world size {self.world_size} is not divisible by {pp_names}"
+                                 f"dp_replicate * cp * tp = {pp_values}{self.dp_replicate} * {self.cp} * {self.tp}, "
+                                 "so dp_shard=-1 cannot fill it")
             object.__setattr__(self, "dp_shard", self.world_size // others)
         if not isinstance(self.dp_shard, int) or self.dp_shard < 1:
             raise ValueError(f"parallelism.dp_shard must be a positive integer or -1, got {self.dp_shard!r}")
-        product = self.dp_replicate * self.dp_shard * self.cp * self.tp
+        product = self.pp * self.dp_replicate * self.dp_shard * self.cp * self.tp
         if product != self.world_size:
-            raise ValueError(f"parallelism: dp_replicate * dp_shard * cp * tp = {self.dp_replicate} * "
-                             f"{self.dp_shard} * {self.cp} * {self.tp} = {product} must equal the world size "
-                             f"{self.world_size}")
+            raise ValueError(f"parallelism: {pp_names}dp_replicate * dp_shard * cp * tp = {pp_values}"
+                             f"{self.dp_replicate} * {self.dp_shard} * {self.cp} * {self.tp} = {product} must equal "
+                             f"the world size {self.world_size}")
         if self.cp > 1 and (self.dp_replicate > 1 or self.ep > 1):
             raise ValueError(f"parallelism.cp={self.cp} does not compose with dp_replicate or ep yet (set them to 1)")
         if self.dp_shard % self.ep:
@@ -84,10 +89,10 @@ class ParallelDims:
                                  f"{config.num_experts} (each rank holds the same number of experts)")
 
     def build_meshes(self, device_type: str) -> "ParallelMeshes":
-        world = init_device_mesh(device_type, (self.dp_replicate, self.dp_shard, self.cp, self.tp),
-                                 mesh_dim_names=("dp_replicate", "dp_shard", "cp", "tp"))
+        world = init_device_mesh(device_type, (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp),
+                                 mesh_dim_names=("pp", "dp_replicate", "dp_shard", "cp", "tp"))
         # dim by index: torch 2.11 rejects every dim given by name (its check is inverted)
-        with_ep = world._unflatten(1, (self.efsdp, self.ep), ("efsdp", "ep"))
+        with_ep = world._unflatten(2, (self.efsdp, self.ep), ("efsdp", "ep"))
         hsdp = self.dp_replicate > 1
         return ParallelMeshes(
             dp=world["dp_replicate", "dp_shard"]._flatten("dp"),
@@ -97,6 +102,8 @@ class ParallelDims:
             ep=with_ep["ep"],
             tp=world["tp"],
             cp=world["cp"],
+            pp=world["pp"],
+            stage=world["dp_replicate", "dp_shard", "cp", "tp"]._flatten("stage"),
         )
 
 
@@ -108,3 +115,5 @@ class ParallelMeshes:
     ep: DeviceMesh
     tp: DeviceMesh
     cp: DeviceMesh  # ranks holding consecutive slices of the same sequences
+    pp: DeviceMesh  # the ranks holding the pipeline stages, one per stage position
+    stage: DeviceMesh  # every rank of this rank's pipeline stage(s) (the world without pipeline parallelism)

@@ -54,7 +54,7 @@ class ParallelizeRecord:
 
     def __str__(self) -> str:
         dims, settings = self.dims, self.settings
-        applied = [f"{name}={degree}" for name, degree in (("dp_replicate", dims.dp_replicate),
+        applied = [f"{name}={degree}" for name, degree in (("pp", dims.pp), ("dp_replicate", dims.dp_replicate),
                                                            ("dp_shard", dims.dp_shard), ("cp", dims.cp),
                                                            ("tp", dims.tp),
                                                            ("ep", dims.ep)) if degree > 1]

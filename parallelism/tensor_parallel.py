@@ -60,15 +60,18 @@ def apply_tensor_parallel(model: Qwen35ForCausalLM, tp_mesh: DeviceMesh, *, expe
     parallelism instead of being replicated over TP. loss_parallel: the logits stay vocab-sharded DTensors."""
     lm_head = (ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(2), use_local_output=False)
                if loss_parallel else ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()))
-    parallelize_module(model, tp_mesh, {
-        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1),
-                                              use_local_output=False),
-        "model.norm": SequenceParallel(),
-        "lm_head": lm_head,
-    })
-    model.model.embed_tokens.register_forward_hook(lambda module, args, output: _complete_async_local(output))
-    if model.config.tie_word_embeddings:  # both are vocab-sharded Shard(0): share the one DTensor again
-        model.lm_head.weight = model.model.embed_tokens.weight
+    plan = {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1),
+                                                  use_local_output=False),
+            "model.norm": SequenceParallel(),
+            "lm_head": lm_head}
+    # a pipeline stage holds some of them only (parallelism.pipeline)
+    parallelize_module(model, tp_mesh, {name: style for name, style in plan.items() if _holds(model, name)})
+    embedding = model.model.embed_tokens
+    if embedding is not None:
+        embedding.register_forward_hook(lambda module, args, output: _complete_async_local(output))
+    if model.config.tie_word_embeddings and embedding is not None and model.lm_head is not None:
+        # both are vocab-sharded Shard(0): share the one DTensor again
+        model.lm_head.weight = embedding.weight
     for layer in model.model.layers:
         parallelize_module(layer, tp_mesh, {"input_layernorm": SequenceParallel(),
                                             "post_attention_layernorm": SequenceParallel()})
@@ -80,6 +83,11 @@ def apply_tensor_parallel(model: Qwen35ForCausalLM, tp_mesh: DeviceMesh, *, expe
             _shard_swiglu(layer.mlp, tp_mesh)
         elif isinstance(layer.mlp, SparseMoE):
             _replicate_moe(layer.mlp, tp_mesh, skip_experts=experts_on_ep)
+
+
+def _holds(model: nn.Module, name: str) -> bool:
+    parent, _, leaf = name.rpartition(".")
+    return getattr(model.get_submodule(parent), leaf) is not None
 
 
 def _shard_gated_deltanet(gdn: GatedDeltaNet, mesh: DeviceMesh) -> None:

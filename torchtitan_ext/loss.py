@@ -28,14 +28,16 @@ tokens (one microbatch: weight 1, so the step adds exactly coef * L of the globa
 microbatch this is transformers' `loss + router_aux_loss_coef * aux_loss`). Without G (a summed loss) the weight is
 n, keeping the sum convention.
 
-The group is the default (world) one, so the loss needs no mesh: ranks that replicate the same tokens (tensor
-parallelism, whose ranks share the batch and run the whole MoE block on the gathered sequence, so their router
+Without pipeline parallelism the group is the world, so the loss needs no mesh: ranks that replicate the same
+tokens (tensor parallelism, whose ranks share the batch and run the whole MoE block on the gathered sequence, so their router
 statistics are identical) multiply A, N and n by the same replica count r, which cancels: A / N is unchanged
 (bit for bit) and (S / N) * n up to rounding, while G, which torchtitan sums over the data-parallel ranks only, has
 no such factor. Each replica then returns the value of its data-parallel rank (it back-propagates into replicated
 router weights, whose gradients are not summed over replicas), and torchtitan logs the sum over the data-parallel
-ranks only. This needs every rank of the world to call the loss for every microbatch, which holds without pipeline
-parallelism (rejected by the Qwen3.5 parallelize function). The counts travel as one int64 tensor of E + 2 values
+ranks only. This needs every rank of the group to call the loss for every microbatch. Under pipeline parallelism
+only the last stage computes the loss: the model's output names that stage's ranks as the group
+(`TrainingOutput.stats_group`), and its router statistics already hold every stage's layers
+(parallelism.pipeline). The counts travel as one int64 tensor of E + 2 values
 (exact at any scale) on the logits' device: one small all-reduce per microbatch, no host synchronisation.
 """
 
@@ -81,8 +83,8 @@ def global_balancing_share(stats: RouterStatistics, valid_tokens: torch.Tensor,
     communicated in a single process) by one all-reduce that carries no gradient; the share is differentiable
     through this rank's probability sums. Over ranks holding different rows the shares add up to
     `qwen35.moe.load_balancing_loss` of all the rows, and so do their gradients."""
-    counts = torch.cat([stats.assignments, stats.assignments.new_full((1,), stats.rows),
-                        valid_tokens.detach().reshape(1).to(stats.assignments.dtype)])
+    rows = torch.as_tensor(stats.rows, dtype=stats.assignments.dtype, device=stats.assignments.device)
+    counts = torch.cat([stats.assignments, rows.reshape(1), valid_tokens.detach().reshape(1).to(rows.dtype)])
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
     assignments, rows, global_valid = counts[:-2], counts[-2], counts[-1]
@@ -119,7 +121,8 @@ class Qwen35Loss(CrossEntropyLoss):
         if pred.router_stats is None:
             return loss, metrics
         with spmd.no_typecheck():
-            share, weight = global_balancing_share(pred.router_stats, (labels != IGNORE_INDEX).sum())
+            share, weight = global_balancing_share(pred.router_stats, (labels != IGNORE_INDEX).sum(),
+                                                   group=pred.stats_group)
             if global_valid_tokens is not None:
                 weight = weight / global_valid_tokens
             loss = loss + pred.aux_loss_coef * share * weight

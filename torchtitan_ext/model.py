@@ -18,6 +18,10 @@ i.e. outside the compiled and checkpointed blocks. They are not reduced to a los
 parallelism the loss is a statistic of the global batch: torchtitan hands the model output straight to the loss,
 and `Qwen35Loss` sums the counts over the ranks and adds the term. Every model in eval mode (validation) returns
 plain logits.
+
+Pipeline parallelism: a stage (`pipeline_stage` set by parallelism.pipeline.split_model) runs its part of the
+decoder (`pipeline_stage_forward`); torch's pipelining passes tensors only, so the last stage returns the
+TrainingOutput's tensors and `PipelineLoss` rebuilds it for the loss.
 """
 
 from __future__ import annotations
@@ -26,7 +30,10 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from torch.distributed import ProcessGroup
 from torch.distributed.tensor import DTensor
+
+from parallelism.pipeline import StagePlan, carried_router_statistics, run_stage
 
 from qwen35 import Qwen35Config, Qwen35ForCausalLM
 from qwen35.moe import RouterStatistics, router_statistics
@@ -45,6 +52,8 @@ class TrainingOutput(NamedTuple):
     mtp_hidden_states: torch.Tensor | None = None  # [B, T-1, hidden]: row t predicts token t+2 (qwen35.mtp)
     mtp_loss_weight: float = 0.0
     cu_seqlens: torch.Tensor | None = None  # the packed documents, so that no MTP target crosses a boundary
+    stats_group: ProcessGroup | None = None  # the ranks whose router statistics add up to the global batch's
+    #                                          (None: the world; under pipeline parallelism the last stage's ranks)
 
 
 class Qwen35TitanModel(BaseModel, Qwen35ForCausalLM):
@@ -63,18 +72,28 @@ class Qwen35TitanModel(BaseModel, Qwen35ForCausalLM):
             nparams = sum(p.numel() for p in model.parameters())
             return nparams, flops_per_token(model, self.architecture, seq_len).total
 
+    # Set on the copies parallelism.pipeline.split_model makes: this model is one pipeline stage.
+    pipeline_stage: StagePlan | None = None
+
     def __init__(self, config: Config):
         Qwen35ForCausalLM.__init__(self, config.architecture)
 
-    def forward(self, input_ids: torch.Tensor, **kwargs):
+    @property
+    def with_router_stats(self) -> bool:
+        return bool(self.config.is_moe and self.config.router_aux_loss_coef)
+
+    def forward(self, input_ids: torch.Tensor, *carried: torch.Tensor, **kwargs):
         """Qwen35ForCausalLM.forward; in training mode (unless the caller asks for aux outputs itself)
         `TrainingOutput`: the final hidden states for the loss's lm_head, the MoE router statistics (non-zero
         router_aux_loss_coef) and, with a non-zero mtp_loss_weight, the MTP head's hidden states; an MoE MTP
-        layer's router rows join the statistics like those of one more MoE layer."""
+        layer's router rows join the statistics like those of one more MoE layer. A pipeline stage:
+        `pipeline_stage_forward`."""
+        if self.pipeline_stage is not None:
+            return self.pipeline_stage_forward(input_ids, *carried, **kwargs)
         config = self.config
         if not self.training or "return_aux_loss" in kwargs or "return_router_stats" in kwargs:
             return Qwen35ForCausalLM.forward(self, input_ids, **kwargs)
-        with_stats = bool(config.is_moe and config.router_aux_loss_coef)
+        with_stats = self.with_router_stats
         out = Qwen35ForCausalLM.forward(self, input_ids, output="hidden", return_router_stats=with_stats,
                                         **kwargs)
         hidden, stats = out if with_stats else (out, None)
@@ -87,15 +106,36 @@ class Qwen35TitanModel(BaseModel, Qwen35ForCausalLM):
             if with_stats:
                 stats = stats.merged(router_statistics(mtp_router_logits, config.num_experts,
                                                        config.num_experts_per_tok))
+        return self._training_output(hidden, stats, mtp_hidden, cu_seqlens)
+
+    def pipeline_stage_forward(self, inputs: torch.Tensor, *carried: torch.Tensor, **kwargs):
+        """inputs: input ids (first stage) or the previous stage's hidden states, `carried` its router statistics
+        (parallelism.pipeline.run_stage). A stage before the last returns (hidden, *statistics), or the hidden
+        states alone. The last returns, in eval mode, the logits; in training mode the tensors of the
+        TrainingOutput, (final hidden states, lm_head weight, *statistics) (torch's pipelining takes tensors
+        only), which `PipelineLoss` hands to the loss as a TrainingOutput."""
+        hidden, carried = run_stage(self, inputs, carried, with_router_stats=self.with_router_stats, **kwargs)
+        if not self.pipeline_stage.is_last:
+            return (hidden, *carried) if carried else hidden
+        if not self.training:
+            return self.lm_head(hidden)
+        out = self._training_output(hidden, None, None, None)
+        # A view of the weight: after each backward, torch's last stage detaches its outputs in place (to free
+        # the graph), which must not detach the parameter itself.
+        return (out.hidden_states, out.lm_head_weight.view_as(out.lm_head_weight), *carried)
+
+    def _training_output(self, hidden: torch.Tensor, stats: RouterStatistics | None,
+                         mtp_hidden: torch.Tensor | None, cu_seqlens: torch.Tensor | None) -> TrainingOutput:
+        config = self.config
         weight = self.lm_head.weight
-        device = input_ids.device.type
+        device = weight.device.type
         if torch.is_autocast_enabled(device):
             # The loss applies the lm_head after this autocast region ends (parallelism.autocast): hand it the
             # inputs in the compute dtype, as the lm_head would have run here.
             dtype = torch.get_autocast_dtype(device)
             hidden, weight = hidden.to(dtype), weight.to(dtype)
             mtp_hidden = mtp_hidden.to(dtype) if mtp_hidden is not None else None
-        return TrainingOutput(hidden, weight, stats, config.router_aux_loss_coef if with_stats else 0.0,
+        return TrainingOutput(hidden, weight, stats, config.router_aux_loss_coef if stats is not None else 0.0,
                               mtp_hidden, config.mtp_loss_weight, cu_seqlens)
 
     def verify_module_protocol(self) -> None:
@@ -104,8 +144,28 @@ class Qwen35TitanModel(BaseModel, Qwen35ForCausalLM):
         initialisation is `Qwen35ForCausalLM.init_weights`, not torchtitan's per-module `param_init`."""
 
     def init_states(self, *, buffer_device: torch.device | None = None) -> None:
-        # to_empty() from meta gives embed_tokens and lm_head separate storage: restore the tie first.
-        self.tie_weights()
+        # to_empty() from meta gives embed_tokens and lm_head separate storage: restore the tie first (a pipeline
+        # stage holds one of them at most: parallelism.pipeline.TiedEmbeddingCopies keeps the copies equal).
+        if self.pipeline_stage is None:
+            self.tie_weights()
         if buffer_device is not None:
             self.model.rotary_emb.to(buffer_device)
         Qwen35ForCausalLM.init_weights(self)
+
+
+class PipelineLoss:
+    """The loss of the last pipeline stage: its training outputs (Qwen35TitanModel.pipeline_stage_forward) as the
+    TrainingOutput the loss takes, with the router statistics reduced over `stats_group` (the last stage's ranks);
+    eval-mode logits pass through."""
+
+    def __init__(self, loss_fn, config: Qwen35Config, stats_group: ProcessGroup | None):
+        self.loss_fn, self.config, self.stats_group = loss_fn, config, stats_group
+
+    def __call__(self, outputs: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor, **kwargs):
+        if isinstance(outputs, torch.Tensor):
+            return self.loss_fn(outputs, labels, **kwargs)
+        hidden, weight, *carried = outputs
+        stats = carried_router_statistics(tuple(carried)) if carried else None
+        coef = self.config.router_aux_loss_coef if stats is not None else 0.0
+        return self.loss_fn(TrainingOutput(hidden, weight, stats, coef, stats_group=self.stats_group), labels,
+                            **kwargs)

@@ -63,12 +63,19 @@ def _default_single_process_env() -> None:
 
 
 def run(config: Trainer.Config) -> None:
-    """Build, train, close; the same sequence as torchtitan.train.main."""
+    """Build, train, close; the same sequence as torchtitan.train.main (which with
+    [checkpoint] create_seed_checkpoint saves the initialised model as step 0 instead of training: the common
+    starting point of runs whose initialisation differs, e.g. per pipeline stage)."""
     compat.apply()
     _default_single_process_env()
     trainer = None
     try:
         trainer = config.build()
+        if config.checkpoint.create_seed_checkpoint:
+            if int(os.environ["WORLD_SIZE"]) != 1 or not config.checkpoint.enable:
+                raise ValueError("[checkpoint] create_seed_checkpoint needs one process and [checkpoint] enable")
+            trainer.checkpointer.save(curr_step=0, last_step=True)
+            return
         trainer.train()
     finally:
         if trainer is not None:
