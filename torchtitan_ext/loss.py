@@ -81,7 +81,7 @@ def global_balancing_share(stats: RouterStatistics, valid_tokens: torch.Tensor,
     communicated in a single process) by one all-reduce that carries no gradient; the share is differentiable
     through this rank's probability sums. Over ranks holding different rows the shares add up to
     `qwen35.moe.load_balancing_loss` of all the rows, and so do their gradients."""
-    counts = torch.cat([stats.assignments, stats.assignments.new_full((1,), stats.rows),
+    counts = torch.cat([stats.assignments, stats.assignments.new_zeros(1) + stats.rows,
                         valid_tokens.detach().reshape(1).to(stats.assignments.dtype)])
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
