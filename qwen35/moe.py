@@ -101,7 +101,7 @@ class RouterStatistics(NamedTuple):
 
     assignments: torch.Tensor  # [E] int64: top-k assignments to each expert (no gradient)
     prob_sum: torch.Tensor  # [E] float32: router probability of each expert summed over the rows (differentiable)
-    rows: int  # number of (layer, token) rows
+    rows: int | torch.Tensor  # number of (layer, token) rows (a 0-d int64 tensor when a row mask selected them)
 
     def merged(self, other: "RouterStatistics") -> "RouterStatistics":
         """The statistics of the rows of both (e.g. the main model's MoE layers and the MTP head's)."""
@@ -109,17 +109,22 @@ class RouterStatistics(NamedTuple):
                                 self.rows + other.rows)
 
 
-def router_statistics(router_logits: list[torch.Tensor], num_experts: int, top_k: int) -> RouterStatistics:
-    """The sums behind `load_balancing_loss` for router logits [N_l, E] of each MoE layer."""
+def router_statistics(router_logits: list[torch.Tensor], num_experts: int, top_k: int,
+                      row_mask: torch.Tensor | None = None) -> RouterStatistics:
+    """The sums behind `load_balancing_loss` for router logits [N_l, E] of each MoE layer; with `row_mask` [N_l]
+    (bool), only the rows it marks (no host sync: the row count stays on device)."""
     assignments = torch.zeros(num_experts, dtype=torch.int64, device=router_logits[0].device)
     prob_sum = torch.zeros(num_experts, dtype=torch.float32, device=router_logits[0].device)
     rows = 0
     for logits in router_logits:
         probs = torch.softmax(logits.float(), dim=-1)
-        experts = torch.topk(probs, top_k, dim=-1).indices.reshape(-1)
-        assignments = assignments.scatter_add(0, experts, torch.ones_like(experts))
-        prob_sum = prob_sum + probs.sum(0)
-        rows += logits.shape[0]
+        experts = torch.topk(probs, top_k, dim=-1).indices
+        counted = torch.ones_like(experts) if row_mask is None else row_mask[:, None].expand_as(experts).long()
+        assignments = assignments.scatter_add(0, experts.reshape(-1), counted.reshape(-1))
+        if row_mask is None:
+            prob_sum, rows = prob_sum + probs.sum(0), rows + logits.shape[0]
+        else:
+            prob_sum, rows = prob_sum + (probs * row_mask[:, None]).sum(0), rows + row_mask.sum()
     return RouterStatistics(assignments, prob_sum, rows)
 
 

@@ -92,6 +92,15 @@ def mtp_hidden_states(model, hidden: torch.Tensor, input_ids: torch.Tensor,
     return model.mtp(hidden[:, :-1], next_embeds, cos, sin, attn_mask=attn_mask)
 
 
+def mtp_rows_within_documents(seq_len: int, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """[seq_len - 1] bool: whether MTP row t of a packed training row (position t and token t+1) lies in one
+    document. The others join the last position of a document with the next document's first token: they have no
+    target, and whether they exist depends on how the documents were packed into rows (and rows dealt to ranks)."""
+    index = torch.arange(seq_len, device=cu_seqlens.device)
+    doc = torch.searchsorted(cu_seqlens[1:-1].to(index.dtype), index, right=True)
+    return doc[:-1] == doc[1:]
+
+
 def mtp_targets(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                 ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Targets [B, T-1] of the MTP rows 0..T-2: labels[:, t+1] (token t+2), set to ignore_index where position t+1
@@ -100,9 +109,7 @@ def mtp_targets(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
     targets = labels[:, 1:]
     if cu_seqlens is None:
         return targets
-    index = torch.arange(labels.shape[1], device=labels.device)
-    doc = torch.searchsorted(cu_seqlens[1:-1].to(index.dtype), index, right=True)
-    same_document = doc[:-1] == doc[1:]
+    same_document = mtp_rows_within_documents(labels.shape[1], cu_seqlens.to(labels.device))
     return torch.where(same_document[None], targets, torch.full_like(targets, ignore_index))
 
 

@@ -172,9 +172,12 @@ def test_forward_outputs_logits_hidden_states_or_both():
         model(ids, output="hidden_states")
 
 
-def test_mtp_layer_router_rows_join_the_load_balancing_loss():
+@pytest.mark.parametrize("packed", [False, True])
+def test_mtp_layer_router_rows_join_the_load_balancing_loss(packed):
     """Training output of an MoE model with an MTP head: the router statistics cover the main layers' rows and the
-    MTP layer's, and give E * sum_e f_e * P_e over all of them, computed here from the router logits (float64)."""
+    MTP layer's, and give E * sum_e f_e * P_e over all of them, computed here from the router logits (float64).
+    In a packed row, the MTP rows that join two documents (position t in one, token t+1 in the next) do not count:
+    they have no target and exist or not depending on how documents are packed into rows and dealt to ranks."""
     from qwen35.moe import TopKRouter, balancing_loss_share
     from torchtitan_ext.model import Qwen35TitanModel
 
@@ -185,11 +188,15 @@ def test_mtp_layer_router_rows_join_the_load_balancing_loss():
     for module in model.modules():
         if isinstance(module, TopKRouter):
             module.register_forward_hook(lambda m, args, out: router_logits.append(out[0].detach().double()))
-    ids = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-    stats = model(ids).router_stats
+    batch, cu_seqlens = (1, torch.tensor([0, 5, 11, 16])) if packed else (2, None)
+    ids = torch.randint(0, config.vocab_size, (batch, 16), generator=torch.Generator().manual_seed(0))
+    stats = model(ids, cu_seqlens=cu_seqlens).router_stats
     assert len(router_logits) == config.num_hidden_layers + 1  # every main layer and the MTP layer are MoE
-    rows = torch.cat(router_logits)
-    assert stats.rows == len(rows) == config.num_hidden_layers * 2 * 16 + 2 * 15
+    mtp_rows = router_logits[-1]
+    if packed:  # MTP rows 4 and 10: positions 4 and 10 end a document
+        mtp_rows = mtp_rows[[t for t in range(15) if t not in (4, 10)]]
+    rows = torch.cat([*router_logits[:-1], mtp_rows])
+    assert stats.rows == len(rows) == config.num_hidden_layers * batch * 16 + batch * 15 - (2 if packed else 0)
     probs = torch.softmax(rows, dim=-1)
     chosen = probs.topk(config.num_experts_per_tok, dim=-1).indices
     counts = torch.stack([(chosen == e).sum() for e in range(config.num_experts)])

@@ -34,6 +34,15 @@ def test_mtp_loss_under_fsdp_and_compile_matches_one_eager_process(tmp_path, tmp
     assert sorted(scalars(tmp_path)[MTP_LOSS]) == [1, 2, 3]
 
 
+def test_moe_mtp_router_rows_in_the_balancing_loss_under_fsdp_match_one_process(tmp_path, tmp_path_factory,
+                                                                              dealt_data):
+    """One process packs its 4 SFT windows into one row, each of 2 ranks its 2 windows: the MTP rows that join
+    two documents differ between the two (one at the ranks' seam), so they must not count in the router balance."""
+    moe_mtp = ("--model.flavor", "debug-moe", *MTP, "--model.router_aux_loss_coef", "0.5")
+    log = _torchrun(tmp_path, *dealt_data, *DP2, *moe_mtp)
+    _assert_matches_one_process(tmp_path, tmp_path_factory, log, "dp_shard=2", (*dealt_data, *moe_mtp))
+
+
 def test_mtp_loss_with_tensor_parallelism_is_refused_before_training(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match=r"\[model\] mtp_loss_weight = 0.3: .*tensor_parallel_degree = 1"):

@@ -37,7 +37,7 @@ from parallelism.pipeline import StagePlan, carried_router_statistics, run_stage
 
 from qwen35 import Qwen35Config, Qwen35ForCausalLM
 from qwen35.moe import RouterStatistics, router_statistics
-from qwen35.mtp import mtp_hidden_states
+from qwen35.mtp import mtp_hidden_states, mtp_rows_within_documents
 from torchtitan.protocols import BaseModel
 
 from .flops import flops_per_token
@@ -86,8 +86,8 @@ class Qwen35TitanModel(BaseModel, Qwen35ForCausalLM):
         """Qwen35ForCausalLM.forward; in training mode (unless the caller asks for aux outputs itself)
         `TrainingOutput`: the final hidden states for the loss's lm_head, the MoE router statistics (non-zero
         router_aux_loss_coef) and, with a non-zero mtp_loss_weight, the MTP head's hidden states; an MoE MTP
-        layer's router rows join the statistics like those of one more MoE layer. A pipeline stage:
-        `pipeline_stage_forward`."""
+        layer's router rows join the statistics like those of one more MoE layer (those within a document). A
+        pipeline stage: `pipeline_stage_forward`."""
         if self.pipeline_stage is not None:
             return self.pipeline_stage_forward(input_ids, *carried, **kwargs)
         config = self.config
@@ -104,8 +104,12 @@ class Qwen35TitanModel(BaseModel, Qwen35ForCausalLM):
                                           "train it with tensor_parallel_degree = 1")
             mtp_hidden, mtp_router_logits = mtp_hidden_states(self, hidden, input_ids, cu_seqlens)
             if with_stats:
+                # Only the rows within a document, so that the statistics do not depend on the packing (one
+                # process's row of 4 windows has a boundary row where 2 ranks' rows of 2 have none).
+                row_mask = None if cu_seqlens is None else mtp_rows_within_documents(
+                    input_ids.shape[1], cu_seqlens).expand(input_ids.shape[0], -1).reshape(-1)
                 stats = stats.merged(router_statistics(mtp_router_logits, config.num_experts,
-                                                       config.num_experts_per_tok))
+                                                       config.num_experts_per_tok, row_mask))
         return self._training_output(hidden, stats, mtp_hidden, cu_seqlens)
 
     def pipeline_stage_forward(self, inputs: torch.Tensor, *carried: torch.Tensor, **kwargs):
