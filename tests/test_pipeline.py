@@ -1,6 +1,6 @@
-"""Pipeline parallelism (parallelism/pipeline.py, torchtitan_ext/model_spec.py): the stage split against the whole
-model (gradients, DCP checkpoints across pipeline degrees) and the trainer on 2 and 4 CPU processes (gloo, fp32)
-against one process.
+"""Pipeline parallelism (parallelism/pipeline.py, torchtitan_ext/model_spec.py): the stages under every schedule
+against the whole model (loss, gradients), DCP checkpoints across pipeline degrees, and the trainer on 2 and 4 CPU
+processes (gloo, fp32) against one process.
 
 Each pipeline stage initialises its own modules (torchtitan seeds the stages differently), so the trainer runs start
 from a seed checkpoint made by one process (`[checkpoint] create_seed_checkpoint`), which the 1-process reference
@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -73,79 +74,110 @@ def test_stage_plans_follow_torchtitans_split_and_refuse_bad_ones():
     assert all(e.startswith("[parallelism] module_fqns_per_model_part") for e in errors.values())
 
 
-def _stage_gradients(flavor: str, tied: bool) -> dict:
-    """On 2 ranks: the whole model's loss and gradients over 4 packed microbatches (reference, on every rank),
-    then this rank's stage under torch's 1F1B schedule on the same microbatches."""
-    from torch.distributed.pipelining import PipelineStage
-    from torch.distributed.pipelining.schedules import Schedule1F1B
+# Every schedule torch ships (torchtitan's `pipeline_parallel_schedule` names) with the stages each of 2 ranks
+# holds: single-stage ones 1 per rank, looped ones 2 (stage s on rank s % 2), V-shaped ones 2 folded (the first and
+# last stage on rank 0, so the tied copies meet on one rank).
+SINGLE, LOOPED, V_SHAPED = [[0], [1]], [[0, 2], [1, 3]], [[0, 3], [1, 2]]
+SCHEDULES = {"GPipe": SINGLE, "1F1B": SINGLE, "Interleaved1F1B": LOOPED, "LoopedBFS": LOOPED,
+             "InterleavedZeroBubble": LOOPED, "ZBVZeroBubble": V_SHAPED, "DualPipeV": V_SHAPED}
 
-    from parallelism.pipeline import StagePlan, split_model
+
+def _stage_gradients(flavor: str, tied: bool, schedules: tuple[str, ...]) -> dict:
+    """On 2 ranks: the whole model's loss and gradients over 4 packed microbatches (reference, on every rank),
+    then, per schedule, this rank's stages as the trainer builds them (torchtitan_ext's pipelining_fn) under that
+    schedule on the same microbatches, the tied copies' gradients summed as the trainer does after the backward."""
+    from torchtitan.config.configs import ParallelismConfig
+    from torchtitan.distributed.parallel_dims import ParallelDims
+
+    from parallelism import ParallelizeSettings
     from qwen35 import Qwen35Config
     from torchtitan_ext.loss import Qwen35Loss
-    from torchtitan_ext.model import PipelineLoss, Qwen35TitanModel
-    from torchtitan_ext.model_spec import MicrobatchListSchedule
+    from torchtitan_ext.model import Qwen35TitanModel
+    from torchtitan_ext.model_spec import make_pipelining_fn
 
     torch.manual_seed(0)
     architecture = Qwen35Config.from_flavor(flavor, tie_word_embeddings=tied)
-    model = Qwen35TitanModel(Qwen35TitanModel.Config(flavor=flavor, architecture=architecture)).train()
+    model_config = Qwen35TitanModel.Config(flavor=flavor, architecture=architecture)
+    model = Qwen35TitanModel(model_config).train()
     windows = torch.randint(0, architecture.vocab_size, (4, 1, 33))
     cu_seqlens = [torch.tensor([0, 5 + 7 * i, 32], dtype=torch.int32) for i in range(4)]
     valid = torch.tensor(4 * 32)
     loss_fn = Qwen35Loss(Qwen35Loss.Config())
-    # The loss sums MoE router statistics over a group: each rank's reference over itself, the pipeline over the
-    # last stage's rank.
-    rank = dist.get_rank()
-    own_group = [dist.new_group([r]) for r in range(2)]
+    # The loss sums MoE router statistics over a group: the reference over this rank, the pipeline over the last
+    # stage's ranks (one rank here).
+    own_group = dist.new_group([dist.get_rank()])
     reference = 0.0
     for window, cu in zip(windows, cu_seqlens):
-        out = model(window[:, :-1], cu_seqlens=cu)._replace(stats_group=own_group[rank])
+        out = model(window[:, :-1], cu_seqlens=cu)._replace(stats_group=own_group)
         loss, _ = loss_fn(out, window[:, 1:], valid)
         loss.backward()
         reference += loss.item()
+    whole = {name: p.grad for name, p in model.named_parameters(remove_duplicate=False)}
+    model.zero_grad(set_to_none=True)  # the stages are copies of the model
 
-    stage = split_model(model, [StagePlan(0, 2, (0, 1)), StagePlan(1, 2, (2, 3))][rank])
-    stage.zero_grad(set_to_none=True)
-    pipeline_loss = PipelineLoss(loss_fn, architecture, own_group[1])
-    schedule = MicrobatchListSchedule(Schedule1F1B(
-        PipelineStage(stage, rank, 2, torch.device("cpu")), n_microbatches=4, scale_grads=False,
-        loss_fn=lambda *args, **kwargs: pipeline_loss(*args, **kwargs)[0]))
-    losses = [] if rank == 1 else None
-    schedule.step(arg_mbs=[(w[:, :-1],) for w in windows] if rank == 0 else None,
-                  kwarg_mbs=[{"cu_seqlens": cu} for cu in cu_seqlens],
-                  target_mbs=[w[:, 1:] for w in windows] if rank == 1 else None, losses=losses,
-                  loss_kwargs={"global_valid_tokens": valid})
-    whole = dict(model.named_parameters(remove_duplicate=False))
-    return {"loss": (sum(l.item() for l in losses), reference) if losses is not None else None,
-            "grads": {name: (p.grad, whole[name].grad) for name, p in stage.named_parameters()}}
+    results = {}
+    pipelining_fn = make_pipelining_fn(ParallelizeSettings())
+    for name in schedules:
+        schedule, parts, has_first, has_last = pipelining_fn(
+            model, parallel_dims=ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=2, ep=1, world_size=2),
+            training=types.SimpleNamespace(local_batch_size=4),
+            parallelism=ParallelismConfig(pipeline_parallel_degree=2, pipeline_parallel_schedule=name),
+            device=torch.device("cpu"), model_config=model_config, loss_fn=loss_fn)
+        losses = [] if has_last else None
+        schedule.step(arg_mbs=[(w[:, :-1],) for w in windows] if has_first else None,
+                      kwarg_mbs=[{"cu_seqlens": cu} for cu in cu_seqlens],
+                      target_mbs=[w[:, 1:] for w in windows] if has_last else None, losses=losses,
+                      loss_kwargs={"global_valid_tokens": valid})
+        if tied:
+            parts[0].tied_embedding_copies.sum_gradients()
+        results[name] = {
+            "stages": [part.pipeline_stage.index for part in parts],
+            "loss": (sum(l.item() for l in losses), reference) if has_last else None,
+            "grads": {n: (p.grad, whole[n]) for part in parts for n, p in part.named_parameters()}}
+    return {"parameters": sorted(whole), "schedules": results}
 
 
-def _gathered_stage_gradients(flavor: str, tied: bool) -> list[dict]:
-    result = _stage_gradients(flavor, tied)
+def _gathered_stage_gradients(flavor: str, tied: bool, schedules: tuple[str, ...]) -> list[dict]:
+    result = _stage_gradients(flavor, tied, schedules)
     gathered = [None, None]
     dist.all_gather_object(gathered, result)
     return gathered
 
 
-@pytest.mark.parametrize("flavor, tied", [("debug", True), ("debug-moe", False)])
-def test_stage_split_gives_the_whole_models_loss_and_gradients(flavor, tied):
-    """Every parameter's gradient (the MoE routers' through the router statistics the stages pass on) equals the
-    whole model's; with tied embeddings each stage's copy gets its own part of the weight's gradient."""
-    first, last = run_distributed(_gathered_stage_gradients, flavor, tied, world_size=2)
-    pipeline, reference = last["loss"]
-    assert pipeline == pytest.approx(reference, rel=1e-6)
-    assert "model.embed_tokens.weight" in first["grads"] and "lm_head.weight" in last["grads"]
-    assert not set(first["grads"]) & set(last["grads"])
-    for stage in (first, last):
-        for name, (grad, whole_grad) in stage["grads"].items():
-            if tied and name in ("model.embed_tokens.weight", "lm_head.weight"):
-                continue  # the whole model's .grad is the sum of both uses (below)
-            torch.testing.assert_close(grad, whole_grad, rtol=1e-5, atol=1e-7, msg=name)
-    if tied:
-        embedding, whole = first["grads"]["model.embed_tokens.weight"]
-        head, _ = last["grads"]["lm_head.weight"]
-        torch.testing.assert_close(embedding + head, whole, rtol=1e-5, atol=1e-7)
+def test_the_schedules_tested_are_every_schedule_torch_ships():
+    from torch.distributed.pipelining import schedules
+    from torch.distributed.pipelining.schedules import _PipelineSchedule, get_schedule_class
+
+    shipped = {c for name, c in vars(schedules).items()
+               if name.startswith("Schedule") and isinstance(c, type) and issubclass(c, _PipelineSchedule)}
+    assert {get_schedule_class(name) for name in SCHEDULES} == shipped
+
+
+@pytest.mark.parametrize("flavor, tied, schedules", [
+    pytest.param("debug", True, tuple(SCHEDULES), id="debug-tied-every-schedule"),
+    pytest.param("debug-moe", False, ("1F1B",), id="debug-moe-1f1b"),
+])
+def test_pipeline_schedules_give_the_whole_models_loss_and_gradients(flavor, tied, schedules):
+    """Under every schedule (dense tied; MoE under 1F1B) the loss and every parameter's gradient (the MoE routers'
+    through the router statistics the stages pass on) equal the whole model's; with tied embeddings the first
+    stage's copy carries the weight's whole gradient after the trainer's sum and the last stage's copy none."""
+    gathered = run_distributed(_gathered_stage_gradients, flavor, tied, schedules, world_size=2)
+    ranks = [rank["schedules"] for rank in gathered]
+    for name in schedules:
+        assert [rank[name]["stages"] for rank in ranks] == SCHEDULES[name], name
+        (pipeline, reference), = [rank[name]["loss"] for rank in ranks if rank[name]["loss"] is not None]
+        assert pipeline == pytest.approx(reference, rel=1e-6), name
+        grads = [rank[name]["grads"] for rank in ranks]
+        assert not set(grads[0]) & set(grads[1]), name
+        grads = {**grads[0], **grads[1]}
+        assert sorted(grads) == gathered[0]["parameters"], name  # every parameter on one stage
+        for parameter, (grad, whole_grad) in grads.items():
+            if tied and parameter == "lm_head.weight":
+                assert grad is None, name  # summed into the embedding's
+                continue
+            torch.testing.assert_close(grad, whole_grad, rtol=1e-5, atol=1e-7, msg=f"{name}: {parameter}")
     if flavor == "debug-moe":
-        assert first["grads"]["model.layers.0.mlp.gate.weight"][0].abs().sum() > 0
+        assert grads["model.layers.0.mlp.gate.weight"][0].abs().sum() > 0
 
 
 def _stage_checkpoint(direction: str, path: str) -> None:
