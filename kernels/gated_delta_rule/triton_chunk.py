@@ -151,7 +151,8 @@ def _store_zero_rows(ptr, tok, tok_mask, row_stride, n_cols, BT: tl.constexpr, B
 def _decayed_kkt_block(k_i, k_j, beta_i, gamma_i, gamma_j, DIAGONAL: tl.constexpr, BC: tl.constexpr,
                        PREC: tl.constexpr):
     """Block (i, j) of A = strictLower(diag(beta) (K K^T) * Gamma) from k blocks already in the input dtype;
-    DIAGONAL blocks keep their strict lower triangle."""
+    DIAGONAL blocks keep their strict lower triangle. k_j is transposed as a loaded tile, never as a 16-bit dot
+    result fed to tl.dot (fla #640's Hopper miscompile)."""
     kk = tl.dot(k_i, tl.trans(k_j), input_precision=PREC)
     diff = gamma_i[:, None] - gamma_j[None, :]
     if DIAGONAL:
