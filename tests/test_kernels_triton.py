@@ -312,8 +312,8 @@ def test_kernels_compile_for_sm90(features):
     if not isinstance(triton_chunk._prepare_kernel, JITFunction):
         pytest.skip("the kernels were imported under TRITON_INTERPRET=1: nothing to compile")
 
-    BK, BV = triton_chunk._block_sizes(128, 128)
-    BKB, _ = triton_chunk._walk_block_sizes(1, 32, 128, 128)
+    BK = triton_chunk._block_k(128)
+    BKB, BV = triton_chunk._walk_block_sizes(1, 32, 128, 128)
     flags = dict(H=16, HV=32, K=128, V=128, BT=64, BC=16, BK=BK, BKB=BKB, BV=BV, BW=triton_chunk._WU_BLOCK,
                  L2NORM=features, PREC="tf32", HAS_H0=features, STORE_HT=features, HAS_DHT=features,
                  STORE_DH0=features)

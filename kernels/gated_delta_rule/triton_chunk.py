@@ -767,11 +767,9 @@ def _qk_bwd_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, do_ptr, dq_p
 # Launchers
 
 
-def _block_sizes(K, V):
-    # tl.dot needs every dimension >= 16; K is kept whole in registers (one state tile is [K, BV]).
-    BK = max(16, triton.next_power_of_2(K))
-    BV = min(32, max(16, triton.next_power_of_2(V)))
-    return BK, BV
+def _block_k(K):
+    # tl.dot needs every dimension >= 16; the chunk-parallel kernels hold [64, K] tiles whole.
+    return max(16, triton.next_power_of_2(K))
 
 
 # V-block width of the loops over V inside the output and local-dv programs (one program per chunk and value head
@@ -900,7 +898,7 @@ class _Problem:
         self.cu, self.chunk_offsets, self.chunks = layout or chunk_layout(cu_seqlens, B, T, q.device)
         self.N = self.cu.shape[0] - 1
         self.NC = self.chunks.shape[0]
-        self.BK, self.BV = _block_sizes(K, V)
+        self.BK = _block_k(K)
         # fp32 inputs get true fp32 matmuls (tf32 would cost ~1e-3 relative error); 16-bit ones use tensor cores.
         self.prec = "ieee" if dtype == torch.float32 else "tf32"
 
