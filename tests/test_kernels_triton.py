@@ -135,14 +135,18 @@ def test_triton_chunk_fast_decay_matches_oracle():
     _compare(FAST_DECAY_CASE, "triton", torch.float32, atol_out=1e-5, atol_grad=1e-4, decay_scale=30.0)
 
 
-def test_rows_after_last_sequence_get_zero_output_and_gradients():
+def test_rows_after_last_sequence_get_zero_output_and_gradients(monkeypatch):
     """A packed row whose cu_seqlens end before T (the unused end of a packed batch): the Triton kernels write
     zeros there for o and every gradient (never uninitialised memory) and match the oracle on the packed rows;
-    the torch path, which reads cu_seqlens on the host, refuses such input."""
-    (q, k, v, g, beta), _, _ = _inputs(1, None, 150, 1, 2, 16, 16, False, True)
+    the torch path, which reads cu_seqlens on the host, refuses such input. The output and local-dv programs
+    loop over V blocks: forced to 16-wide blocks here, so that they run that loop twice (V = 32), tail included."""
+    (q, k, v, g, beta), _, _ = _inputs(1, None, 150, 1, 2, 16, 32, False, True)
     cu_seqlens = torch.tensor([0, 37, 70], dtype=torch.int32)  # rows 70..149: two tail chunks, one partial
     end = int(cu_seqlens[-1])
-    h0 = torch.randn(2, 2, 16, 16, generator=torch.Generator().manual_seed(2))
+    h0 = torch.randn(2, 2, 16, 32, generator=torch.Generator().manual_seed(2))
+    interpreted = ops._triton_module("triton_chunk", torch.device("cpu"))
+    monkeypatch.setitem(interpreted._WIDE_BV, "output", 16)
+    monkeypatch.setitem(interpreted._WIDE_BV, "local_dv", 16)
 
     def ours(q, k, v, g, beta, h0):
         return ops.chunk_gated_delta_rule_op(q, k, v, g, beta, initial_state=h0, output_final_state=True,
@@ -308,8 +312,8 @@ def test_kernels_compile_for_sm90(features):
     if not isinstance(triton_chunk._prepare_kernel, JITFunction):
         pytest.skip("the kernels were imported under TRITON_INTERPRET=1: nothing to compile")
 
-    BK, BV = triton_chunk._block_sizes(128, 128)
-    BKB, _ = triton_chunk._walk_block_sizes(1, 32, 128, 128)
+    BK = triton_chunk._block_k(128)
+    BKB, BV = triton_chunk._walk_block_sizes(1, 32, 128, 128)
     flags = dict(H=16, HV=32, K=128, V=128, BT=64, BC=16, BK=BK, BKB=BKB, BV=BV, BW=triton_chunk._WU_BLOCK,
                  L2NORM=features, PREC="tf32", HAS_H0=features, STORE_HT=features, HAS_DHT=features,
                  STORE_DH0=features)

@@ -3,8 +3,9 @@ sm_90 at exactly the launch configurations our launch code uses for bf16, K = V 
 4,096-token documents of 16 value heads, without and with initial / final states (bench/sm90_report.py, no GPU
 needed; both V-block widths the walks pick by shape): ptxas may not spill more than 64 B in them, their loop must
 prefetch (cp.async or TMA), and V is split so that they launch at least 4 programs per (sequence, value head). The
-chunk-parallel kernels of the prepare (kkt + inverse, W / U) and of the WY and q/k backward may not spill at all,
-and the prepare runs at 2-4 warps."""
+chunk-parallel kernels of the prepare (kkt + inverse, W / U), the output, local dv and the WY and q/k backward may
+not spill at all, and the prepare runs at 2-4 warps. The output and local-dv kernels loop over V inside one
+program per (chunk, value head), so that Q K^T is computed once per chunk."""
 
 import importlib.util
 import os
@@ -57,7 +58,8 @@ def test_state_walks_split_v(sm90, state_walks):
             assert programs >= 4 * docs * sm90.HV, row
 
 
-SPILL_FREE_CHUNK_KERNELS = {"_prepare_kernel", "_wu_kernel", "_wy_bwd_kernel", "_qk_bwd_kernel"}
+SPILL_FREE_CHUNK_KERNELS = {"_prepare_kernel", "_wu_kernel", "_output_kernel", "_local_dv_kernel", "_wy_bwd_kernel",
+                            "_qk_bwd_kernel"}
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +69,7 @@ def spill_free_chunk_kernels(sm90):
     return rows
 
 
-def test_prepare_and_backward_chunk_kernels_do_not_spill(spill_free_chunk_kernels):
+def test_chunk_parallel_kernels_do_not_spill(spill_free_chunk_kernels):
     for row in spill_free_chunk_kernels:
         assert (row["spill_stores"], row["spill_loads"]) == (0, 0), row
 
@@ -75,6 +77,14 @@ def test_prepare_and_backward_chunk_kernels_do_not_spill(spill_free_chunk_kernel
 def test_prepare_runs_at_2_to_4_warps(spill_free_chunk_kernels):
     warps = {row["kernel"]: row["num_warps"] for row in spill_free_chunk_kernels}
     assert 2 <= warps["_prepare_kernel"] <= 4, warps
+
+
+def test_output_and_local_dv_compute_qk_once_per_chunk(sm90, spill_free_chunk_kernels):
+    # One program per (chunk, value head): the V blocks are a loop inside it, not a grid axis.
+    for row in spill_free_chunk_kernels:
+        if row["kernel"] in ("_output_kernel", "_local_dv_kernel"):
+            for docs, grid in row["grid"].items():
+                assert grid[1:] == (sm90.HV,), row
 
 
 def test_state_walks_are_found_by_their_program_count(sm90):

@@ -11,7 +11,8 @@ Ops (namespace `qwen35`):
                              (decoding, advances `state` in place; no autograd)
 Optional outputs that were not asked for (final_state, dh0 without an initial state) are empty tensors, since
 an op's outputs must be tensors. `residuals` is what the backend's backward reads instead of recomputing the
-forward (Triton: gamma, the inverse Tm, W, U and the chunk table; torch: the reference's own saved tensors), with
+forward (Triton: gamma, the inverse Tm, W, the chunk entry states h, V_new, the q/k norms and the chunk table;
+torch: the reference's own saved tensors), with
 shapes that depend only on the input shapes (a packed row's are padded to a bound), so fake kernels can state them.
 
 `backend` is an op argument so that a compiled graph keeps the choice: None runs Triton on CUDA tensors and the

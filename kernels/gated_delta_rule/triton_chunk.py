@@ -11,7 +11,7 @@ Per value head, a chunk of C = 64 tokens entering with state S [K, V] is process
 
 Forward, four launches: `_prepare_kernel` (gamma, Tm; chunk-parallel) -> `_wu_kernel` (W, U; chunk-parallel)
 -> `_state_kernel` (walks the chunks of a sequence: per-chunk entry states h and V_new) -> `_output_kernel` (O;
-chunk-parallel).
+chunk-parallel, Q K^T once per chunk with the V blocks looped inside).
 q and k are L2-normalised (when asked) once, before the kernels, which read them normalised in the input dtype.
 Backward: from the forward's residuals (gamma, Tm, W, h, V_new, the norms, the chunk table: nothing of the forward
 is recomputed), `_local_dv_kernel` (the part of dV_new that does not depend on the state), `_state_bwd_kernel` (walks the chunks in reverse:
@@ -151,7 +151,8 @@ def _store_zero_rows(ptr, tok, tok_mask, row_stride, n_cols, BT: tl.constexpr, B
 def _decayed_kkt_block(k_i, k_j, beta_i, gamma_i, gamma_j, DIAGONAL: tl.constexpr, BC: tl.constexpr,
                        PREC: tl.constexpr):
     """Block (i, j) of A = strictLower(diag(beta) (K K^T) * Gamma) from k blocks already in the input dtype;
-    DIAGONAL blocks keep their strict lower triangle."""
+    DIAGONAL blocks keep their strict lower triangle. k_j is transposed as a loaded tile, never as a 16-bit dot
+    result fed to tl.dot (fla #640's Hopper miscompile)."""
     kk = tl.dot(k_i, tl.trans(k_j), input_precision=PREC)
     diff = gamma_i[:, None] - gamma_j[None, :]
     if DIAGONAL:
@@ -428,41 +429,47 @@ def _output_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, vnew_ptr, o_ptr, chunks_ptr, s
                    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    PREC: tl.constexpr):
-    """Per (chunk, value head, V block): O = scale (diag(exp(gamma)) Q h + lower(Q K^T * Gamma) V_new); zeros on
-    the rows after cu_seqlens[-1] (and in their h and V_new)."""
+    """Per (chunk, value head): O = scale (diag(exp(gamma)) Q h + lower(Q K^T * Gamma) V_new), V in blocks of BV
+    inside the program, so that the masked, decayed Q K^T is computed once per chunk and kept in registers; zeros
+    on the rows after cu_seqlens[-1] (and in their h and V_new)."""
     c = tl.program_id(0)
     hv = tl.program_id(1)
-    vb = tl.program_id(2)
     h = hv // (HV // H)
     DT = k_ptr.dtype.element_ty
     kind, t0, eos = _chunk_of_program(chunks_ptr, c)
     rows = tl.arange(0, BT)
     rows_k = tl.arange(0, BK)
-    cols_v = vb * BV + tl.arange(0, BV)
     tok = t0 + rows
     valid = tok < eos
+    h_chunk = h_ptr + (c.to(tl.int64) * HV + hv) * K * V
     if kind < 0:
         # No state walk visits the table entries of the tail and padding: their h and V_new (saved for the
         # backward) are set here, as is the output of the tail rows.
-        _store_state(h_ptr + (c.to(tl.int64) * HV + hv) * K * V, rows_k, cols_v, K, V,
-                     tl.full([BK, BV], 0.0, tl.float32))
-        if kind == TAIL:
-            zeros = tl.full([BT, BV], 0.0, tl.float32)
-            _store_rows(o_ptr + hv * V, tok, valid, HV * V, cols_v, V, zeros)
-            _store_rows(vnew_ptr + hv * V, tok, valid, HV * V, cols_v, V, zeros)
+        for v0 in range(0, V, BV):
+            cols_v = v0 + tl.arange(0, BV)
+            _store_state(h_chunk, rows_k, cols_v, K, V, tl.full([BK, BV], 0.0, tl.float32))
+            if kind == TAIL:
+                zeros = tl.full([BT, BV], 0.0, tl.float32)
+                _store_rows(o_ptr + hv * V, tok, valid, HV * V, cols_v, V, zeros)
+                _store_rows(vnew_ptr + hv * V, tok, valid, HV * V, cols_v, V, zeros)
         return
     q = _load_qk(q_ptr, tok, valid, h, H, K, rows_k)
     k = _load_qk(k_ptr, tok, valid, h, H, K, rows_k).to(DT)
     gam, _ = _load_gamma(gcum_ptr, tok, valid, hv, HV, rows, tl.minimum(eos - t0, BT) - 1)
     causal = rows[:, None] >= rows[None, :]
     decay = tl.exp(tl.where(causal, gam[:, None] - gam[None, :], 0.0))
+    # The transposed operand is a loaded tile (k); the 16-bit scores enter tl.dot untransposed (fla #640's Hopper
+    # miscompile needs tl.trans of a 16-bit dot result fed to tl.dot).
     scores = tl.dot(q.to(DT), tl.trans(k), input_precision=PREC)
     scores = tl.where(causal, scores * decay * scale, 0.0).to(DT)
-    s = _load_state(h_ptr + (c.to(tl.int64) * HV + hv) * K * V, rows_k, cols_v, K, V).to(DT)
-    v_new = _load_rows(vnew_ptr + hv * V, tok, valid, HV * V, cols_v, V).to(DT)
-    o = tl.dot((q * (scale * tl.exp(gam))[:, None]).to(DT), s, input_precision=PREC)
-    o = tl.dot(scores, v_new, o, input_precision=PREC)
-    _store_rows(o_ptr + hv * V, tok, valid, HV * V, cols_v, V, o)
+    q_decayed = (q * (scale * tl.exp(gam))[:, None]).to(DT)
+    for v0 in range(0, V, BV):
+        cols_v = v0 + tl.arange(0, BV)
+        s = _load_state(h_chunk, rows_k, cols_v, K, V).to(DT)
+        v_new = _load_rows(vnew_ptr + hv * V, tok, valid, HV * V, cols_v, V).to(DT)
+        o = tl.dot(q_decayed, s, input_precision=PREC)
+        o = tl.dot(scores, v_new, o, input_precision=PREC)
+        _store_rows(o_ptr + hv * V, tok, valid, HV * V, cols_v, V, o)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -474,10 +481,10 @@ def _local_dv_kernel(q_ptr, k_ptr, gcum_ptr, do_ptr, dv_local_ptr, chunks_ptr, s
                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      PREC: tl.constexpr):
-    """Per (chunk, value head, V block): the state-independent part of dV_new, scale lower(Q K^T * Gamma)^T dO."""
+    """Per (chunk, value head): the state-independent part of dV_new, scale lower(Q K^T * Gamma)^T dO, V in blocks
+    of BV inside the program (the transposed scores are computed once per chunk)."""
     c = tl.program_id(0)
     hv = tl.program_id(1)
-    vb = tl.program_id(2)
     h = hv // (HV // H)
     DT = k_ptr.dtype.element_ty
     kind, t0, eos = _chunk_of_program(chunks_ptr, c)
@@ -485,20 +492,22 @@ def _local_dv_kernel(q_ptr, k_ptr, gcum_ptr, do_ptr, dv_local_ptr, chunks_ptr, s
         return
     rows = tl.arange(0, BT)
     cols_k = tl.arange(0, BK)
-    cols_v = vb * BV + tl.arange(0, BV)
     tok = t0 + rows
     valid = tok < eos
     q = _load_qk(q_ptr, tok, valid, h, H, K, cols_k).to(DT)
     k = _load_qk(k_ptr, tok, valid, h, H, K, cols_k).to(DT)
     gam, _ = _load_gamma(gcum_ptr, tok, valid, hv, HV, rows, tl.minimum(eos - t0, BT) - 1)
-    # Transposed scores: entry (j, i) = q_i . k_j Gamma_ij for j <= i.
+    # Transposed scores: entry (j, i) = q_i . k_j Gamma_ij for j <= i, formed as K Q^T from loaded tiles rather than
+    # as tl.trans of the 16-bit scores fed to tl.dot (fla #640's Hopper miscompile).
     anticausal = rows[:, None] <= rows[None, :]
     decay_t = tl.exp(tl.where(anticausal, gam[None, :] - gam[:, None], 0.0))
     scores_t = tl.dot(k, tl.trans(q), input_precision=PREC)
     scores_t = tl.where(anticausal, scores_t * decay_t * scale, 0.0).to(DT)
-    do = _load_rows(do_ptr + hv * V, tok, valid, HV * V, cols_v, V).to(DT)
-    dv_local = tl.dot(scores_t, do, input_precision=PREC)
-    _store_rows(dv_local_ptr + hv * V, tok, valid, HV * V, cols_v, V, dv_local)
+    for v0 in range(0, V, BV):
+        cols_v = v0 + tl.arange(0, BV)
+        do = _load_rows(do_ptr + hv * V, tok, valid, HV * V, cols_v, V).to(DT)
+        dv_local = tl.dot(scores_t, do, input_precision=PREC)
+        _store_rows(dv_local_ptr + hv * V, tok, valid, HV * V, cols_v, V, dv_local)
 
 
 @triton.jit
@@ -758,16 +767,17 @@ def _qk_bwd_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, do_ptr, dq_p
 # Launchers
 
 
-def _block_sizes(K, V):
-    # tl.dot needs every dimension >= 16; K is kept whole in registers (one state tile is [K, BV]).
-    BK = max(16, triton.next_power_of_2(K))
-    BV = min(32, max(16, triton.next_power_of_2(V)))
-    return BK, BV
+def _block_k(K):
+    # tl.dot needs every dimension >= 16; the chunk-parallel kernels hold [64, K] tiles whole.
+    return max(16, triton.next_power_of_2(K))
 
 
-# V-block width of the chunk-parallel kernels that recompute Q K^T per V block: wider blocks recompute it fewer
-# times (V = 128: the output kernel twice instead of 4 times, local dv once); the widest without ptxas spills at
-# K = V = 128 on sm_90 (the output kernel spills 1 KB at 128).
+# V-block width of the loops over V inside the output and local-dv programs (one program per chunk and value head
+# computes the masked, decayed Q K^T once and applies it to every V block). Offline sm_90 compiles at K = V = 128,
+# bf16, Triton 3.9 / 3.6 (bench/sm90_report.py): the output kernel spills nothing at V blocks of 32, 64 and 128,
+# 4 or 8 warps, 1 to 3 stages; at 64, 8 warps and 2 stages (129 / 120 registers, 72 KB shared memory) the
+# second block's h and V_new tiles are prefetched with cp.async while the first is multiplied (at 128 there is no
+# loop left to pipeline). Local dv takes V whole at 128 (one iteration).
 _WIDE_BV = dict(output=64, local_dv=128)
 # The backward's chunk-parallel kernels loop over V blocks accumulating [64, K] and [64, 64] tiles: the widest blocks
 # without ptxas spills at K = V = 128 on sm_90 with Triton 3.9 and 3.6 (`_qk_bwd_kernel` spills 74 B at 64).
@@ -788,6 +798,7 @@ _WU_BLOCK = 64
 # gives wrong dk / dbeta or an illegal access on sm_90); `_state_bwd_kernel` is the kernel fla PR #1262 saw
 # miscompiled by ptxas 12.8 / 13.0 on Hopper, which tests/test_cuda.py checks with scale = 1 on a GPU.
 _WARPS = dict(prepare=4, wu=4, output=8, local_dv=8, wy_bwd=8, qk_bwd=8)
+_OUTPUT_STAGES = 2  # the output kernel's loop over V blocks (above)
 assert _WARPS["wy_bwd"] != 4, "fla #984 / #988"
 # The state walks (`_state_kernel`, `_state_bwd_kernel`), the same on Triton 3.9 and 3.6 (the GPU image's): 4 warps,
 # the chunk loop software-pipelined at 2 stages (cp.async prefetch of the next chunk's tiles, which do not depend on
@@ -887,7 +898,7 @@ class _Problem:
         self.cu, self.chunk_offsets, self.chunks = layout or chunk_layout(cu_seqlens, B, T, q.device)
         self.N = self.cu.shape[0] - 1
         self.NC = self.chunks.shape[0]
-        self.BK, self.BV = _block_sizes(K, V)
+        self.BK = _block_k(K)
         # fp32 inputs get true fp32 matmuls (tf32 would cost ~1e-3 relative error); 16-bit ones use tensor cores.
         self.prec = "ieee" if dtype == torch.float32 else "tf32"
 
@@ -948,9 +959,9 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale=None, initial_state=None,
     gcum, tm, w, u = p.prepare()
     h, v_new, final = p.states(w, u, gcum, initial_state, output_final_state)
     o = torch.empty(p.B * p.T, p.HV, p.V, dtype=v.dtype, device=v.device)
-    BV = _wide_block_v("output", p.V)
-    _output_kernel[launch_grid(p.NC, p.HV, triton.cdiv(p.V, BV))](
-        p.q, p.k, gcum, h, v_new, o, p.chunks, p.scale, BV=BV, **p.consts(), num_warps=_WARPS["output"])
+    _output_kernel[launch_grid(p.NC, p.HV)](p.q, p.k, gcum, h, v_new, o, p.chunks, p.scale,
+                                            BV=_wide_block_v("output", p.V), **p.consts(),
+                                            num_warps=_WARPS["output"], num_stages=_OUTPUT_STAGES)
     rstd = p.rstd or [q.new_empty(0, dtype=torch.float32) for _ in range(2)]
     return o.view(p.B, p.T, p.HV, p.V), final, [gcum, tm, w, h, v_new, *rstd, p.chunk_offsets, p.chunks]
 
@@ -968,9 +979,9 @@ def chunk_gated_delta_rule_bwd(do, dht, q, k, v, g, beta, residuals, scale=None,
     tokens, HV, K, V = p.q.shape[0], p.HV, p.K, p.V
 
     dv_local = torch.empty_like(p.v)
-    BV = _wide_block_v("local_dv", V)
-    _local_dv_kernel[launch_grid(p.NC, HV, triton.cdiv(V, BV))](
-        p.q, p.k, gcum, do, dv_local, p.chunks, p.scale, BV=BV, **p.consts(), num_warps=_WARPS["local_dv"])
+    _local_dv_kernel[launch_grid(p.NC, HV)](p.q, p.k, gcum, do, dv_local, p.chunks, p.scale,
+                                            BV=_wide_block_v("local_dv", V), **p.consts(),
+                                            num_warps=_WARPS["local_dv"])
 
     dh = torch.empty_like(h)
     dv_new = torch.empty_like(p.v)
