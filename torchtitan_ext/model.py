@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 from torch.distributed import ProcessGroup
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 
 from parallelism.pipeline import StagePlan, carried_router_statistics, run_stage
 
@@ -99,10 +99,10 @@ class Qwen35TitanModel(BaseModel, Qwen35ForCausalLM):
         hidden, stats = out if with_stats else (out, None)
         cu_seqlens, mtp_hidden = kwargs.get("cu_seqlens"), None
         if config.mtp_loss_weight:
-            if isinstance(hidden, DTensor):
-                raise NotImplementedError("[model] mtp_loss_weight: the MTP head has no tensor-parallel plan yet; "
-                                          "train it with tensor_parallel_degree = 1")
-            mtp_hidden, mtp_router_logits = mtp_hidden_states(self, hidden, input_ids, cu_seqlens)
+            # Under tensor parallelism the head runs on the gathered sequence (parallelism.tensor_parallel):
+            # gather before its one-token shift.
+            mtp_input = hidden.redistribute(placements=[Replicate()]) if isinstance(hidden, DTensor) else hidden
+            mtp_hidden, mtp_router_logits = mtp_hidden_states(self, mtp_input, input_ids, cu_seqlens)
             if with_stats:
                 stats = stats.merged(router_statistics(mtp_router_logits, config.num_experts,
                                                        config.num_experts_per_tok))

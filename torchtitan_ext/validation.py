@@ -127,12 +127,6 @@ def _check_context_parallel(config: Trainer.Config) -> None:
              "one-token shift crosses the ranks' chunks); train it with context_parallel_degree = 1")
 
 
-def _check_mtp(config: Trainer.Config) -> None:
-    weight = config.model_spec.model.architecture.mtp_loss_weight
-    _require(not (weight and config.parallelism.tensor_parallel_degree > 1), "[model] mtp_loss_weight", weight,
-             "the MTP head has no tensor-parallel plan (its layer would hold whole weights beside the sharded "
-             "model's DTensors); train it with tensor_parallel_degree = 1 (FSDP, EP and compile work)")
-
 
 def validate(config: Trainer.Config, world_size: int) -> None:
     """Raise ConfigError on the first value no run could use, naming `[section] key`, the value and the rule.
@@ -142,4 +136,3 @@ def validate(config: Trainer.Config, world_size: int) -> None:
     _check_lr_scheduler(config)
     _check_checkpoint_and_metrics(config)
     _check_parallelism(config, world_size)
-    _check_mtp(config)
