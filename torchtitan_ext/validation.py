@@ -97,13 +97,9 @@ def _check_parallelism(config: Trainer.Config, world_size: int) -> None:
                           f"(WORLD_SIZE): {err}") from None
     _check_context_parallel(config)
     if parallelism.pipeline_parallel_degree > 1:
-        architecture = config.model_spec.model.architecture
         _require(parallelism.context_parallel_degree == 1, "[parallelism] context_parallel_degree",
                  parallelism.context_parallel_degree, "must be 1 with pipeline_parallel_degree > 1 (context "
                  "parallelism shards each microbatch in the trainer, which the pipeline schedule bypasses; untested)")
-        _require(not architecture.mtp_num_hidden_layers, "[model] mtp_num_hidden_layers",
-                 architecture.mtp_num_hidden_layers, "must be 0 with pipeline_parallel_degree > 1 (the MTP head "
-                 "needs the embedding, the input ids and the lm_head on one stage)")
     global_batch = config.training.global_batch_size
     per_step = config.training.local_batch_size * dims.dp
     _require(global_batch == -1 or global_batch % per_step == 0, "[training] global_batch_size", global_batch,
