@@ -9,8 +9,8 @@ stage derives the same positions and document masks; only activations travel bet
 What a stage passes to the next: the hidden states [B, T, hidden] and, for an MoE model with a load-balancing
 loss, the router statistics of the layers so far: the probability sums [E] (float32, differentiable, so the
 gradient of the loss flows back to every stage's routers) and the assignment counts with the row count appended
-[E + 1] (int64, no gradient). The last stage adds its own (and its MTP layer's) and hands the total to the loss, which then sees what
-one process would (`qwen35.moe.RouterStatistics`).
+[E + 1] (int64, no gradient). The last stage adds its own (and its MTP layer's) and hands the total to the loss,
+which then sees what one process would (`qwen35.moe.RouterStatistics`).
 
 The MTP head (trained with a non-zero mtp_loss_weight) lives on the last stage, which then also needs the embedding
 (of the tokens t+1) and the microbatch's input ids: the last stage holds a copy of the embedding (`EmbeddingCopies`;
