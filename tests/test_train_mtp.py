@@ -1,9 +1,10 @@
 """Training with the MTP loss through torchtitan (train_configs/debug.toml, packed documents): the step's loss is
 the main loss plus mtp_loss_weight times the MTP loss, which TensorBoard shows separately; on 2 FSDP processes
 with compiled blocks (the MTP layer included), and on 2 tensor-parallel processes, the losses equal one eager
-process's."""
+process's; after a resume the logged MTP loss is the uninterrupted run's."""
 
 import math
+import shutil
 
 import torch
 from test_train_distributed import (DP2, STEPS, TP2, _assert_matches_one_process, _one_process_run,  # noqa: F401
@@ -39,3 +40,13 @@ def test_mtp_loss_under_tensor_parallelism_matches_one_process(tmp_path, tmp_pat
     steps = list(range(1, STEPS + 1))
     assert sorted(mtp_loss) == steps
     torch.testing.assert_close([mtp_loss[s] for s in steps], [reference[s] for s in steps], rtol=1e-5, atol=0)
+
+
+def test_mtp_loss_logged_after_a_resume_is_the_uninterrupted_runs(tmp_path):
+    debug_assets()
+    common = ("--training.steps", "3", "--checkpoint.enable", "--checkpoint.interval", "2", *MTP)
+    train(tmp_path / "straight", *common)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "straight" / "checkpoint" / "step-2", resumed / "checkpoint" / "step-2")
+    train(resumed, *common)  # resumes from step 2; logs step 3 (one step since the resume, not three)
+    assert scalars(resumed)[MTP_LOSS] == {3: scalars(tmp_path / "straight")[MTP_LOSS][3]}

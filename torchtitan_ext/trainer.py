@@ -86,6 +86,8 @@ class Qwen35Trainer(Trainer):
         return loss
 
     def train_step(self, data_iterator) -> None:
+        if self.metrics_processor.last_logged_step is None:  # this run's first step (torchtitan counted it already)
+            self.metrics_processor.last_logged_step = self.step - 1
         if self.metrics_processor.should_log(self.step):
             self.stop_if_loss_was_nonfinite()  # earlier steps; torchtitan's own logging check covers this one
         super().train_step(data_iterator)
