@@ -1,5 +1,5 @@
 """Pipeline parallelism for Qwen35ForCausalLM: the decoder split by layers into stages (the embedding on the first,
-the final norm and lm_head on the last), what a stage's forward passes on, and the tied-embedding copies.
+the final norm, lm_head and MTP head on the last), what a stage's forward passes on, and the embedding copies.
 
 A stage is a copy of the model (built on the meta device, so copying is free) with the modules of other stages
 removed: parameter names stay the whole model's (`model.layers.5.mlp...`), so checkpoints load across pipeline
@@ -9,8 +9,12 @@ stage derives the same positions and document masks; only activations travel bet
 What a stage passes to the next: the hidden states [B, T, hidden] and, for an MoE model with a load-balancing
 loss, the router statistics of the layers so far: the probability sums [E] (float32, differentiable, so the
 gradient of the loss flows back to every stage's routers) and the assignment counts with the row count appended
-[E + 1] (int64, no gradient). The last stage adds its own and hands the total to the loss, which then sees what
-one process would (`qwen35.moe.RouterStatistics`).
+[E + 1] (int64, no gradient). The last stage adds its own (and its MTP layer's) and hands the total to the loss,
+which then sees what one process would (`qwen35.moe.RouterStatistics`).
+
+The MTP head (trained with a non-zero mtp_loss_weight) lives on the last stage, which then also needs the embedding
+(of the tokens t+1) and the microbatch's input ids: the last stage holds a copy of the embedding (`EmbeddingCopies`;
+for a tied model that copy is its lm_head) and the ids reach it as the keyword `mtp_input_ids`.
 """
 
 from __future__ import annotations
@@ -95,20 +99,24 @@ class StageLayers(nn.ModuleList):
         self.add_module(str(index), module)
 
 
+def needs_embedding_on_last_stage(model: Qwen35ForCausalLM) -> bool:
+    """The last stage runs the MTP head for its loss, which embeds the tokens t+1."""
+    return model.mtp is not None and bool(model.config.mtp_loss_weight)
+
+
 def split_model(model: Qwen35ForCausalLM, plan: StagePlan) -> Qwen35ForCausalLM:
     """A copy of `model` holding `plan`'s modules only (the others are None); `pipeline_stage` is the plan.
-    A tied lm_head on the last stage becomes that stage's own copy of the embedding (`TiedEmbeddingCopies`)."""
-    if model.mtp is not None:
-        raise NotImplementedError("pipeline parallelism with the MTP head ([model] mtp_num_hidden_layers / "
-                                  "mtp_loss_weight): the head needs the embedding and lm_head on one stage")
+    A tied lm_head on the last stage, and the embedding the last stage holds for the MTP loss, are that stage's
+    own copies of the first stage's embedding (`EmbeddingCopies`)."""
     stage = copy.deepcopy(model)
     decoder = stage.model
     decoder.layers = StageLayers({i: decoder.layers[i] for i in plan.layers})
-    if not plan.is_first:
-        decoder.embed_tokens = None
+    if not plan.is_first and not (plan.is_last and needs_embedding_on_last_stage(model)):
+        decoder.embed_tokens = None  # (a tied model's last stage keeps it tied to its lm_head: one copy)
     if not plan.is_last:
         decoder.norm = None
         stage.lm_head = None
+        stage.mtp = None
     stage.pipeline_stage = plan
     return stage
 
@@ -120,7 +128,7 @@ def run_stage(model: Qwen35ForCausalLM, inputs: torch.Tensor, carried: tuple[tor
     (hidden states, normed on the last stage; the router statistics so far as (prob_sum, counts), or () without).
     `carried`: the previous stage's statistics (empty on the first stage)."""
     decoder = model.model
-    x = decoder.embed_tokens(inputs) if decoder.embed_tokens is not None else inputs
+    x = decoder.embed_tokens(inputs) if model.pipeline_stage.is_first else inputs
     B, T = x.shape[:2]
     attn_mask = None
     if cu_seqlens is not None:
@@ -140,14 +148,22 @@ def run_stage(model: Qwen35ForCausalLM, inputs: torch.Tensor, carried: tuple[tor
         x = decoder.norm(x)
     if not with_router_stats:
         return x, ()
+    return x, add_router_statistics(model, carried, router_logits, x.device)
+
+
+def add_router_statistics(model: Qwen35ForCausalLM, carried: tuple[torch.Tensor, ...],
+                          router_logits: list[torch.Tensor], device: torch.device,
+                          row_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The statistics so far (`carried`, empty: none yet) with those of `router_logits` added (of the rows
+    `row_mask` marks, qwen35.moe.router_statistics)."""
     experts = model.config.num_experts
-    prob_sum, counts = carried or (torch.zeros(experts, dtype=torch.float32, device=x.device),
-                                   torch.zeros(experts + 1, dtype=torch.int64, device=x.device))
+    prob_sum, counts = carried or (torch.zeros(experts, dtype=torch.float32, device=device),
+                                   torch.zeros(experts + 1, dtype=torch.int64, device=device))
     if router_logits:
-        stats = router_statistics(router_logits, experts, model.config.num_experts_per_tok)
+        stats = router_statistics(router_logits, experts, model.config.num_experts_per_tok, row_mask)
         prob_sum = prob_sum + stats.prob_sum
-        counts = counts + torch.cat([stats.assignments, stats.assignments.new_full((1,), stats.rows)])
-    return x, (prob_sum, counts)
+        counts = counts + torch.cat([stats.assignments, stats.assignments.new_zeros(1) + stats.rows])
+    return prob_sum, counts
 
 
 def carried_router_statistics(carried: tuple[torch.Tensor, ...]) -> RouterStatistics:
@@ -168,9 +184,10 @@ def _local_grad(param: torch.Tensor) -> torch.Tensor:
     return _local(param.grad)
 
 
-class TiedEmbeddingCopies:
-    """A tied embedding / lm_head weight under pipeline parallelism: the first stage holds the embedding, the
-    last stage the lm_head, each its own copy, kept one set of weights semantically.
+class EmbeddingCopies:
+    """The embedding weight on the first and the last pipeline stage: the first stage holds the embedding, the
+    last stage a tied lm_head or, for the MTP loss, an embedding (tied to its lm_head if the model is tied), each
+    its own copy, kept one set of weights semantically.
 
     After the backward, the last stage's gradient is added to the first stage's and dropped (`sum_gradients`),
     so the first copy carries the weight's whole gradient, is counted once in the gradient norm (as in one
@@ -185,15 +202,19 @@ class TiedEmbeddingCopies:
         self.first_rank, self.last_rank, self.group = first_rank, last_rank, group
 
     def _weights(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        return (self.first.model.embed_tokens.weight if self.first is not None else None,
-                self.last.lm_head.weight if self.last is not None else None)
+        last = None
+        if self.last is not None:
+            embedding = self.last.model.embed_tokens
+            last = (embedding if embedding is not None else self.last.lm_head).weight
+        return self.first.model.embed_tokens.weight if self.first is not None else None, last
 
     @torch.no_grad()
     def sum_gradients(self) -> None:
         first, last = self._weights()
         if last is not None:
             if last.grad is None:
-                raise RuntimeError("the last pipeline stage's lm_head has no gradient to add to the tied embedding")
+                raise RuntimeError("the last pipeline stage's copy of the embedding has no gradient to add to the "
+                                   "first stage's")
             if first is not None:
                 _local_grad(first).add_(_local_grad(last))
             else:

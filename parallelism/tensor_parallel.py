@@ -17,6 +17,11 @@ Parameter storage (all DTensors on the TP mesh, global shapes and layouts identi
   layer, like an FSDP unshard, and keeps checkpoints in HF's layout for any TP degree.
 - MoE blocks are not split by TP: every TP rank runs the whole block on the gathered sequence with replicated
   router / shared expert weights (experts are split by expert parallelism instead).
+- The MTP head (qwen35.mtp; fc, one decoder layer, norms) is not split either: its input is shifted by one token,
+  T - 1 rows that do not split evenly into sequence shards, so every TP rank runs the whole head on the gathered
+  sequence with replicated weights, like an MoE block, and hands the loss its output as a Replicate DTensor
+  (the loss's vocab-parallel cross entropy sums its partial gradient over the TP ranks). It costs one decoder
+  layer's weights per TP rank and the head's compute repeated on each.
 - embed_tokens: vocab-sharded (RowwiseParallel, output sequence-sharded); lm_head: ColwiseParallel. Its logits
   are all-gathered (Replicate, plain tensors: any loss function works unchanged) or, with `loss_parallel`, left
   vocab-sharded as a DTensor [B, T, V] Shard(2) for a vocab-parallel cross entropy (torchtitan's loss takes it):
@@ -83,6 +88,8 @@ def apply_tensor_parallel(model: Qwen35ForCausalLM, tp_mesh: DeviceMesh, *, expe
             _shard_swiglu(layer.mlp, tp_mesh)
         elif isinstance(layer.mlp, SparseMoE):
             _replicate_moe(layer.mlp, tp_mesh, skip_experts=experts_on_ep)
+    if model.mtp is not None:
+        _replicate_mtp(model.mtp, tp_mesh)
 
 
 def _holds(model: nn.Module, name: str) -> bool:
@@ -141,6 +148,20 @@ def _replicate_moe(moe: SparseMoE, mesh: DeviceMesh, *, skip_experts: bool) -> N
         moe, {name: local_replica for name in names},
         map_args=lambda args: (args[0].redistribute(placements=[Replicate()]).to_local(), *args[1:]),
         map_output=lambda out: (_scatter_sequence(out[0], mesh), *out[1:]))  # (hidden, router logits)
+
+
+def _replicate_mtp(mtp: nn.Module, mesh: DeviceMesh) -> None:
+    names = [name for name, _ in mtp.named_parameters()]
+    distribute_parameters(mtp, mesh, {name: Replicate() for name in names})
+    # args: (hidden [B, T-1, H], next_embeds [B, T-1, H], cos, sin); each rank's gradients of them are complete
+    run_on_local_tensors(
+        mtp, {name: local_replica for name in names},
+        map_args=lambda args: (*(_replicated_local(x) for x in args[:2]), *args[2:]),
+        map_output=lambda out: (DTensor.from_local(out[0], mesh, [Replicate()], run_check=False), *out[1:]))
+
+
+def _replicated_local(x: torch.Tensor) -> torch.Tensor:
+    return x.redistribute(placements=[Replicate()]).to_local() if isinstance(x, DTensor) else x
 
 
 def _run_head_sharded(module: nn.Module, mesh: DeviceMesh,

@@ -33,6 +33,8 @@ COMMON = ("--training.steps", str(STEPS), "--training.seq_len", "64", "--lr_sche
 TIED = ("--model.tie_word_embeddings", "true")
 MOE = ("--model.flavor", "debug-moe")  # with its load-balancing loss (router_aux_loss_coef 0.001)
 PP2 = ("--parallelism.pipeline_parallel_degree", "2")
+MTP = ("--model.mtp_loss_weight", "0.3")
+MTP_LOSS = "loss_metrics/mtp_loss"
 
 
 # ---------------------------------------------------------------------------------------------- stage split
@@ -229,8 +231,6 @@ def test_dcp_checkpoints_load_across_pipeline_degrees(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (("--parallelism.context_parallel_degree", "2"),
      r"\[parallelism\] context_parallel_degree = 2: must be 1 with pipeline_parallel_degree > 1"),
-    (("--model.mtp_loss_weight", "0.3"),
-     r"\[model\] mtp_num_hidden_layers = 1: must be 0 with pipeline_parallel_degree > 1 \(the MTP head"),
 ])
 def test_unsupported_pipeline_combinations_are_refused_before_any_work(tmp_path, monkeypatch, overrides, message):
     from torchtitan_ext.toml_config import ConfigError
@@ -299,6 +299,9 @@ def _torchrun(dump_folder: Path, nproc: int, *overrides: str) -> str:
                  id="pp2-moe-interleaved1f1b"),
     # PP x FSDP (4 processes): each dp rank 2 microbatches of 1 window; tied copies FSDP-sharded; V-shaped schedule
     # (the first and last stage on one rank)
+    # MTP loss (untied): the last stage's MTP head embeds with its copy of the first stage's embedding
+    pytest.param(2, MTP, ("--training.local_batch_size", "4"), ("--training.local_batch_size", "4"), "1F1B",
+                 ["applied to pipeline stage 1 (layers [2, 3]) pp=2"], id="pp2-mtp-1f1b"),
     pytest.param(4, TIED, ("--training.local_batch_size", "2", "--parallelism.data_parallel_shard_degree", "2"),
                  ("--training.local_batch_size", "4"), "ZBVZeroBubble",
                  ["applied to pipeline stage 0 (layers [0]) pp=2, dp_shard=2",
@@ -327,3 +330,7 @@ def test_pipeline_parallel_training_matches_one_process(tmp_path, tmp_path_facto
     losses = _losses(tmp_path)
     torch.testing.assert_close(losses, _losses(reference_dump), rtol=1e-5, atol=0)
     assert len(set(losses)) == STEPS  # it trains: the comparison is not vacuous
+    if model == MTP:
+        mtp_loss, reference = scalars(tmp_path)[MTP_LOSS], scalars(reference_dump)[MTP_LOSS]
+        assert sorted(mtp_loss) == list(range(1, STEPS + 1))
+        torch.testing.assert_close(mtp_loss, reference, rtol=1e-5, atol=0)

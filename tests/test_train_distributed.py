@@ -107,11 +107,11 @@ def _torchrun(dump_folder: Path, *overrides: str, entry: tuple[str, ...] = ("-m"
     return log
 
 
-_REFERENCES: dict[tuple[str, ...], list[float]] = {}
+_REFERENCES: dict[tuple[str, ...], Path] = {}
 
 
-def _one_process(tmp_path_factory, *overrides: str) -> list[float]:
-    """Losses of the 1-process run (in this process, one thread like each rank), computed once per setting."""
+def _one_process_run(tmp_path_factory, *overrides: str) -> Path:
+    """Dump folder of the 1-process run (in this process, one thread like each rank), run once per setting."""
     if overrides not in _REFERENCES:
         dump = tmp_path_factory.mktemp("one_process")
         threads = torch.get_num_threads()
@@ -122,8 +122,13 @@ def _one_process(tmp_path_factory, *overrides: str) -> list[float]:
             torch.set_num_threads(threads)
         if "--model.tie_word_embeddings" in overrides:
             assert all(c["tied"] for c in checks), checks
-        _REFERENCES[overrides] = _losses(dump)
+        _REFERENCES[overrides] = dump
     return _REFERENCES[overrides]
+
+
+def _one_process(tmp_path_factory, *overrides: str) -> list[float]:
+    """Losses of the 1-process run."""
+    return _losses(_one_process_run(tmp_path_factory, *overrides))
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,15 @@
 """Training with the MTP loss through torchtitan (train_configs/debug.toml, packed documents): the step's loss is
 the main loss plus mtp_loss_weight times the MTP loss, which TensorBoard shows separately; on 2 FSDP processes
-with compiled blocks (the MTP layer included) the losses equal one eager process's; tensor parallelism is refused
-before any work."""
+with compiled blocks (the MTP layer included), and on 2 tensor-parallel processes, the losses equal one eager
+process's; after a resume the logged MTP loss is the uninterrupted run's."""
 
 import math
+import shutil
 
-import pytest
-
-from test_train_distributed import DP2, _assert_matches_one_process, _torchrun, dealt_data  # noqa: F401
-from test_train_helpers import debug_args, debug_assets, scalars, train
-from torchtitan_ext.toml_config import ConfigError
-from torchtitan_ext.train import load_config
+import torch
+from test_train_distributed import (DP2, STEPS, TP2, _assert_matches_one_process, _one_process_run,  # noqa: F401
+                                    _torchrun, dealt_data)
+from test_train_helpers import debug_assets, scalars, train
 
 LOSS, MTP_LOSS = "loss_metrics/global_avg_loss", "loss_metrics/mtp_loss"
 MTP = ("--model.mtp_loss_weight", "0.3")
@@ -43,8 +42,20 @@ def test_moe_mtp_router_rows_in_the_balancing_loss_under_fsdp_match_one_process(
     _assert_matches_one_process(tmp_path, tmp_path_factory, log, "dp_shard=2", (*dealt_data, *moe_mtp))
 
 
-def test_mtp_loss_with_tensor_parallelism_is_refused_before_training(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match=r"\[model\] mtp_loss_weight = 0.3: .*tensor_parallel_degree = 1"):
-        load_config(debug_args(tmp_path, *MTP, "--parallelism.tensor_parallel_degree", "2",
-                               "--parallelism.data_parallel_shard_degree", "1"))
+def test_mtp_loss_under_tensor_parallelism_matches_one_process(tmp_path, tmp_path_factory):
+    log = _torchrun(tmp_path, *TP2, *MTP)
+    _assert_matches_one_process(tmp_path, tmp_path_factory, log, "tp=2, loss_parallel", MTP)
+    mtp_loss, reference = scalars(tmp_path)[MTP_LOSS], scalars(_one_process_run(tmp_path_factory, *MTP))[MTP_LOSS]
+    steps = list(range(1, STEPS + 1))
+    assert sorted(mtp_loss) == steps
+    torch.testing.assert_close([mtp_loss[s] for s in steps], [reference[s] for s in steps], rtol=1e-5, atol=0)
+
+
+def test_mtp_loss_logged_after_a_resume_is_the_uninterrupted_runs(tmp_path):
+    debug_assets()
+    common = ("--training.steps", "3", "--checkpoint.enable", "--checkpoint.interval", "2", *MTP)
+    train(tmp_path / "straight", *common)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "straight" / "checkpoint" / "step-2", resumed / "checkpoint" / "step-2")
+    train(resumed, *common)  # resumes from step 2; logs step 3 (one step since the resume, not three)
+    assert scalars(resumed)[MTP_LOSS] == {3: scalars(tmp_path / "straight")[MTP_LOSS][3]}

@@ -19,14 +19,15 @@ class Qwen35MetricsProcessor(MetricsProcessor):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.last_logged_step = 0
+        # The step last logged, or before this run's first step (a resumed run starts past 0): set by the trainer
+        self.last_logged_step: int | None = None
 
     def log(self, step: int, global_avg_loss: float, global_max_loss: float, grad_norm: float,
             extra_metrics: dict[str, Any] | None = None):
         """Each recorded term is a sum over microbatches of (local sum / global valid tokens): summed over the
         data-parallel ranks (as torchtitan sums the total loss) and averaged over the steps since the last log."""
         extra = dict(extra_metrics or {})
-        steps = max(step - self.last_logged_step, 1)
+        steps = max(step - (self.last_logged_step or 0), 1)
         self.last_logged_step = step
         for name, value in pop_loss_metrics().items():
             if self.parallel_dims.dp_cp_enabled:

@@ -21,7 +21,8 @@ plain logits.
 
 Pipeline parallelism: a stage (`pipeline_stage` set by parallelism.pipeline.split_model) runs its part of the
 decoder (`pipeline_stage_forward`); torch's pipelining passes tensors only, so the last stage returns the
-TrainingOutput's tensors and `PipelineLoss` rebuilds it for the loss.
+TrainingOutput's tensors and `PipelineLoss` rebuilds it for the loss. The MTP head runs on the last stage, with the
+input ids passed to every stage as the keyword `mtp_input_ids`.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ from typing import NamedTuple
 
 import torch
 from torch.distributed import ProcessGroup
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 
-from parallelism.pipeline import StagePlan, carried_router_statistics, run_stage
+from parallelism.pipeline import StagePlan, add_router_statistics, carried_router_statistics, run_stage
 
 from qwen35 import Qwen35Config, Qwen35ForCausalLM
 from qwen35.moe import RouterStatistics, router_statistics
@@ -99,34 +100,52 @@ class Qwen35TitanModel(BaseModel, Qwen35ForCausalLM):
         hidden, stats = out if with_stats else (out, None)
         cu_seqlens, mtp_hidden = kwargs.get("cu_seqlens"), None
         if config.mtp_loss_weight:
-            if isinstance(hidden, DTensor):
-                raise NotImplementedError("[model] mtp_loss_weight: the MTP head has no tensor-parallel plan yet; "
-                                          "train it with tensor_parallel_degree = 1")
-            mtp_hidden, mtp_router_logits = mtp_hidden_states(self, hidden, input_ids, cu_seqlens)
+            mtp_hidden, mtp_router_logits = self._mtp_hidden_states(hidden, input_ids, cu_seqlens)
             if with_stats:
-                # Only the rows within a document, so that the statistics do not depend on the packing (one
-                # process's row of 4 windows has a boundary row where 2 ranks' rows of 2 have none).
-                row_mask = None if cu_seqlens is None else mtp_rows_within_documents(
-                    input_ids.shape[1], cu_seqlens).expand(input_ids.shape[0], -1).reshape(-1)
                 stats = stats.merged(router_statistics(mtp_router_logits, config.num_experts,
-                                                       config.num_experts_per_tok, row_mask))
+                                                       config.num_experts_per_tok,
+                                                       _mtp_router_rows(input_ids, cu_seqlens)))
         return self._training_output(hidden, stats, mtp_hidden, cu_seqlens)
 
-    def pipeline_stage_forward(self, inputs: torch.Tensor, *carried: torch.Tensor, **kwargs):
+    def _mtp_hidden_states(self, hidden: torch.Tensor, input_ids: torch.Tensor,
+                           cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        # Under tensor parallelism the head runs on the gathered sequence (parallelism.tensor_parallel): gather
+        # before its one-token shift.
+        mtp_input = hidden.redistribute(placements=[Replicate()]) if isinstance(hidden, DTensor) else hidden
+        return mtp_hidden_states(self, mtp_input, input_ids, cu_seqlens)
+
+    def pipeline_stage_forward(self, inputs: torch.Tensor, *carried: torch.Tensor,
+                               mtp_input_ids: torch.Tensor | None = None, **kwargs):
         """inputs: input ids (first stage) or the previous stage's hidden states, `carried` its router statistics
         (parallelism.pipeline.run_stage). A stage before the last returns (hidden, *statistics), or the hidden
         states alone. The last returns, in eval mode, the logits; in training mode the tensors of the
-        TrainingOutput, (final hidden states, lm_head weight, *statistics) (torch's pipelining takes tensors
-        only), which `PipelineLoss` hands to the loss as a TrainingOutput."""
+        TrainingOutput, (final hidden states, lm_head weight, [MTP hidden states, cu_seqlens,] *statistics)
+        (torch's pipelining takes tensors only; the MTP pair with a non-zero mtp_loss_weight, its router rows
+        added to the statistics), which `PipelineLoss` hands to the loss as a TrainingOutput. mtp_input_ids: the
+        microbatch's input ids, which the last stage's MTP head needs (every stage receives them)."""
         hidden, carried = run_stage(self, inputs, carried, with_router_stats=self.with_router_stats, **kwargs)
         if not self.pipeline_stage.is_last:
             return (hidden, *carried) if carried else hidden
         if not self.training:
             return self.lm_head(hidden)
-        out = self._training_output(hidden, None, None, None)
+        mtp_hidden, mtp_outputs, cu_seqlens = None, (), kwargs.get("cu_seqlens")
+        if self.config.mtp_loss_weight:
+            if mtp_input_ids is None:
+                raise ValueError("the last pipeline stage's MTP head needs the microbatch's input ids as the keyword "
+                                 "mtp_input_ids (torchtitan_ext.trainer passes them)")
+            mtp_hidden, mtp_router_logits = self._mtp_hidden_states(hidden, mtp_input_ids, cu_seqlens)
+            if carried:
+                carried = add_router_statistics(self, carried, mtp_router_logits, hidden.device,
+                                                _mtp_router_rows(mtp_input_ids, cu_seqlens))
+            # the documents of the row, for the MTP targets (one document without cu_seqlens)
+            documents = cu_seqlens if cu_seqlens is not None else torch.tensor(
+                [0, mtp_input_ids.shape[1]], dtype=torch.int32, device=mtp_input_ids.device)
+        out = self._training_output(hidden, None, mtp_hidden, None)
+        if mtp_hidden is not None:
+            mtp_outputs = (out.mtp_hidden_states, documents)
         # A view of the weight: after each backward, torch's last stage detaches its outputs in place (to free
         # the graph), which must not detach the parameter itself.
-        return (out.hidden_states, out.lm_head_weight.view_as(out.lm_head_weight), *carried)
+        return (out.hidden_states, out.lm_head_weight.view_as(out.lm_head_weight), *mtp_outputs, *carried)
 
     def _training_output(self, hidden: torch.Tensor, stats: RouterStatistics | None,
                          mtp_hidden: torch.Tensor | None, cu_seqlens: torch.Tensor | None) -> TrainingOutput:
@@ -148,13 +167,22 @@ class Qwen35TitanModel(BaseModel, Qwen35ForCausalLM):
         initialisation is `Qwen35ForCausalLM.init_weights`, not torchtitan's per-module `param_init`."""
 
     def init_states(self, *, buffer_device: torch.device | None = None) -> None:
-        # to_empty() from meta gives embed_tokens and lm_head separate storage: restore the tie first (a pipeline
-        # stage holds one of them at most: parallelism.pipeline.TiedEmbeddingCopies keeps the copies equal).
-        if self.pipeline_stage is None:
+        # to_empty() from meta gives embed_tokens and lm_head separate storage: restore the tie first (where a
+        # pipeline stage holds one of them only, parallelism.pipeline.EmbeddingCopies keeps the copies equal).
+        if self.model.embed_tokens is not None and self.lm_head is not None:
             self.tie_weights()
         if buffer_device is not None:
             self.model.rotary_emb.to(buffer_device)
         Qwen35ForCausalLM.init_weights(self)
+
+
+def _mtp_router_rows(input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor | None:
+    """The MTP router rows that count in the load-balancing statistics: those within a document, so that the
+    statistics do not depend on the packing (one process's row of 4 windows has a boundary row where 2 ranks' rows
+    of 2 windows have none)."""
+    if cu_seqlens is None:
+        return None
+    return mtp_rows_within_documents(input_ids.shape[1], cu_seqlens).expand(input_ids.shape[0], -1).reshape(-1)
 
 
 class PipelineLoss:
@@ -169,7 +197,10 @@ class PipelineLoss:
         if isinstance(outputs, torch.Tensor):
             return self.loss_fn(outputs, labels, **kwargs)
         hidden, weight, *carried = outputs
+        mtp_hidden = documents = None
+        if self.config.mtp_loss_weight:
+            mtp_hidden, documents, *carried = carried
         stats = carried_router_statistics(tuple(carried)) if carried else None
         coef = self.config.router_aux_loss_coef if stats is not None else 0.0
-        return self.loss_fn(TrainingOutput(hidden, weight, stats, coef, stats_group=self.stats_group), labels,
-                            **kwargs)
+        return self.loss_fn(TrainingOutput(hidden, weight, stats, coef, mtp_hidden, self.config.mtp_loss_weight,
+                                           documents, stats_group=self.stats_group), labels, **kwargs)

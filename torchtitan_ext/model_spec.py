@@ -21,7 +21,7 @@ from torch.distributed.pipelining.schedules import PipelineScheduleMulti, _Pipel
 
 from parallelism import ParallelDims, ParallelizeSettings, parallelize
 from parallelism.parallel_dims import ParallelMeshes
-from parallelism.pipeline import TiedEmbeddingCopies, plan_stages, split_model
+from parallelism.pipeline import EmbeddingCopies, needs_embedding_on_last_stage, plan_stages, split_model
 from qwen35 import FLAVORS, Qwen35Config, Qwen35ForCausalLM
 # torchtitan's pipelining helpers (private names in 0.3.0; pipeline_llm is built from them)
 from torchtitan.distributed.pipeline_parallel import (_build_pipeline_schedule, _generate_llm_fqn_per_model_part,
@@ -31,6 +31,7 @@ from torchtitan.protocols.model_spec import ModelSpec
 from torchtitan.tools.logging import logger
 from torchtitan.tools import utils
 
+from .loss import pop_loss_metrics, record_loss_metric
 from .model import PipelineLoss, Qwen35TitanModel
 from .state_dict_adapter import Qwen35StateDictAdapter
 
@@ -105,6 +106,24 @@ class MicrobatchListSchedule:
             schedule._has_backward = has_backward
 
 
+def _drop_loss_metrics_of_shape_inference(schedule: _PipelineSchedule) -> None:
+    """At its first step torch's schedule infers the stages' tensor metadata by running each stage's forward, and
+    the last stage's loss, on tensors of the first microbatch's shapes (a later stage's inputs uninitialised): the
+    loss terms that call records (e.g. mtp_loss) are no microbatch's, so they are dropped."""
+    initialize = schedule._initialize_pp_stages  # torch 2.13: the one place that inference runs
+
+    def initialize_without_recording(*args, **kwargs):
+        recorded = pop_loss_metrics()
+        try:
+            return initialize(*args, **kwargs)
+        finally:
+            pop_loss_metrics()
+            for name, value in recorded.items():
+                record_loss_metric(name, value)
+
+    schedule._initialize_pp_stages = initialize_without_recording
+
+
 def make_pipelining_fn(settings: ParallelizeSettings):
     """torchtitan's `pipelining_fn`: (schedule, this rank's stage models, has first stage, has last stage)."""
 
@@ -144,16 +163,17 @@ def make_pipelining_fn(settings: ParallelizeSettings):
         schedule = _build_pipeline_schedule(parallelism=parallelism, local_batch_size=training.local_batch_size,
                                             stages=stages,
                                             loss_fn=PipelineLoss(loss_fn, architecture, meshes.stage.get_group()))
+        _drop_loss_metrics_of_shape_inference(schedule)
         if MicrobatchListSchedule.needed(schedule):
             schedule = MicrobatchListSchedule(schedule)
-        if architecture.tie_word_embeddings:
+        if architecture.tie_word_embeddings or needs_embedding_on_last_stage(model):
             holder = {index: pp_rank for pp_rank in range(dims.pp) for index in stages_of(pp_rank)}
             pp_ranks = pp_mesh.mesh.tolist()  # global ranks of this rank's pipeline
             local = {part.pipeline_stage.index: part for part in parts}
-            tied = TiedEmbeddingCopies(local.get(0), local.get(len(plans) - 1), pp_ranks[holder[0]],
-                                       pp_ranks[holder[len(plans) - 1]], pp_mesh.get_group())
+            copies = EmbeddingCopies(local.get(0), local.get(len(plans) - 1), pp_ranks[holder[0]],
+                                     pp_ranks[holder[len(plans) - 1]], pp_mesh.get_group())
             for part in parts:
-                part.tied_embedding_copies = tied
+                part.embedding_copies = copies
         return (schedule, parts, any(s.is_first for s in stages), any(s.is_last for s in stages))
 
     return pipeline_qwen35

@@ -97,13 +97,9 @@ def _check_parallelism(config: Trainer.Config, world_size: int) -> None:
                           f"(WORLD_SIZE): {err}") from None
     _check_context_parallel(config)
     if parallelism.pipeline_parallel_degree > 1:
-        architecture = config.model_spec.model.architecture
         _require(parallelism.context_parallel_degree == 1, "[parallelism] context_parallel_degree",
                  parallelism.context_parallel_degree, "must be 1 with pipeline_parallel_degree > 1 (context "
                  "parallelism shards each microbatch in the trainer, which the pipeline schedule bypasses; untested)")
-        _require(not architecture.mtp_num_hidden_layers, "[model] mtp_num_hidden_layers",
-                 architecture.mtp_num_hidden_layers, "must be 0 with pipeline_parallel_degree > 1 (the MTP head "
-                 "needs the embedding, the input ids and the lm_head on one stage)")
     global_batch = config.training.global_batch_size
     per_step = config.training.local_batch_size * dims.dp
     _require(global_batch == -1 or global_batch % per_step == 0, "[training] global_batch_size", global_batch,
@@ -127,12 +123,6 @@ def _check_context_parallel(config: Trainer.Config) -> None:
              "one-token shift crosses the ranks' chunks); train it with context_parallel_degree = 1")
 
 
-def _check_mtp(config: Trainer.Config) -> None:
-    weight = config.model_spec.model.architecture.mtp_loss_weight
-    _require(not (weight and config.parallelism.tensor_parallel_degree > 1), "[model] mtp_loss_weight", weight,
-             "the MTP head has no tensor-parallel plan (its layer would hold whole weights beside the sharded "
-             "model's DTensors); train it with tensor_parallel_degree = 1 (FSDP, EP and compile work)")
-
 
 def validate(config: Trainer.Config, world_size: int) -> None:
     """Raise ConfigError on the first value no run could use, naming `[section] key`, the value and the rule.
@@ -142,4 +132,3 @@ def validate(config: Trainer.Config, world_size: int) -> None:
     _check_lr_scheduler(config)
     _check_checkpoint_and_metrics(config)
     _check_parallelism(config, world_size)
-    _check_mtp(config)
