@@ -88,6 +88,9 @@ def _stage_gradients(flavor: str, tied: bool, schedules: tuple[str, ...]) -> dic
     """On 2 ranks: the whole model's loss and gradients over 4 packed microbatches (reference, on every rank),
     then, per schedule, this rank's stages as the trainer builds them (torchtitan_ext's pipelining_fn) under that
     schedule on the same microbatches, the tied copies' gradients summed as the trainer does after the backward."""
+    from torchtitan_ext import compat
+
+    compat.apply()  # a spawned worker is an entry point (the stages' meshes use torchtitan's device type)
     from torchtitan.config.configs import ParallelismConfig
     from torchtitan.distributed.parallel_dims import ParallelDims
 
@@ -131,7 +134,7 @@ def _stage_gradients(flavor: str, tied: bool, schedules: tuple[str, ...]) -> dic
                       target_mbs=[w[:, 1:] for w in windows] if has_last else None, losses=losses,
                       loss_kwargs={"global_valid_tokens": valid})
         if tied:
-            parts[0].tied_embedding_copies.sum_gradients()
+            parts[0].embedding_copies.sum_gradients()
         results[name] = {
             "stages": [part.pipeline_stage.index for part in parts],
             "loss": (sum(l.item() for l in losses), reference) if has_last else None,
