@@ -11,10 +11,6 @@ accumulation over the same microbatches.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import types
 from pathlib import Path
 
@@ -23,13 +19,9 @@ import torch
 import torch.distributed as dist
 
 from distributed_utils import run_distributed
-from test_train_helpers import debug_args, debug_assets, scalars, train
+from test_train_distributed import COMMON, STEPS, _losses, _torchrun, dealt_data  # noqa: F401 (a fixture)
+from test_train_helpers import debug_args, scalars, train
 
-REPO = Path(__file__).resolve().parent.parent
-LOSS = "loss_metrics/global_avg_loss"
-STEPS = 3
-COMMON = ("--training.steps", str(STEPS), "--training.seq_len", "64", "--lr_scheduler.warmup_steps", "1",
-          "--training.mixed_precision_param", "float32")
 TIED = ("--model.tie_word_embeddings", "true")
 MOE = ("--model.flavor", "debug-moe")  # with its load-balancing loss (router_aux_loss_coef 0.001)
 PP2 = ("--parallelism.pipeline_parallel_degree", "2")
@@ -244,20 +236,6 @@ def test_unsupported_pipeline_combinations_are_refused_before_any_work(tmp_path,
         load_config(debug_args(tmp_path, *PP2, *overrides))
 
 
-@pytest.fixture(scope="module")
-def dealt_data(tmp_path_factory) -> tuple[str, ...]:
-    """SFT windows are dealt whole to the data-parallel ranks (window j -> dp rank j % dp), so a data-parallel run
-    sees the windows of one process (as in test_train_distributed)."""
-    path = tmp_path_factory.mktemp("sft") / "arithmetic.jsonl"
-    with path.open("w") as f:
-        for i in range(64):
-            a, b = 3 * i + 1, 7 * i + 2
-            f.write(json.dumps({"question": f"What is {a} plus {b}?",
-                                "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}) + "\n")
-    return ("--data.bootstrap", "none", "--data.kind", "sft", "--data.sft_format", "gsm8k",
-            "--data.dataset_path", str(path))
-
-
 _SEEDS: dict[tuple[str, ...], Path] = {}
 
 
@@ -269,23 +247,6 @@ def _seed_checkpoint(tmp_path_factory, model: tuple[str, ...]) -> tuple[str, ...
         _SEEDS[model] = dump / "checkpoint" / "step-0"
     return ("--checkpoint.enable", "--checkpoint.initial_load_path", str(_SEEDS[model]),
             "--checkpoint.initial_load_model_only", "--checkpoint.interval", "1000")
-
-
-def _losses(dump_folder: Path) -> list[float]:
-    loss = scalars(dump_folder)[LOSS]
-    assert sorted(loss) == list(range(1, STEPS + 1)), loss
-    return [loss[s] for s in range(1, STEPS + 1)]
-
-
-def _torchrun(dump_folder: Path, nproc: int, *overrides: str) -> str:
-    debug_assets()
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv_backend", "c10d",
-               "--rdzv_endpoint=localhost:0", "-m", "torchtitan_ext.train", *debug_args(dump_folder, *overrides)]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    log = done.stdout + done.stderr
-    assert done.returncode == 0, log[-6000:]
-    return log
 
 
 @pytest.mark.parametrize("nproc, model, batch, reference_batch, schedule, applied", [
@@ -326,8 +287,8 @@ def test_pipeline_parallel_training_matches_one_process(tmp_path, tmp_path_facto
     seed = _seed_checkpoint(tmp_path_factory, (*data, *model))
     reference_dump = tmp_path_factory.mktemp("one_process")
     train(reference_dump, *COMMON, *data, *model, *reference_batch, *seed)
-    log = _torchrun(tmp_path, nproc, *COMMON, *data, *model, *batch, *seed, *PP2,
-                    "--parallelism.pipeline_parallel_schedule", schedule)
+    log = _torchrun(tmp_path, *data, *model, *batch, *seed, *PP2, "--parallelism.pipeline_parallel_schedule",
+                    schedule, nproc=nproc, timeout=600)
     for line in applied:
         assert f"qwen35: {line}" in log
     losses = _losses(tmp_path)
