@@ -339,6 +339,21 @@ def _load_tile_t(ptr, tok, tok_mask, row_stride, col0, n_cols, BKB: tl.constexpr
 
 
 @triton.jit
+def _store_block_and_project(state_ptr, x_head, tok, valid, row_stride, kb: tl.constexpr, rows_kb, cols_v, K, V, s,
+                             acc, BKB: tl.constexpr, PREC: tl.constexpr):
+    """Stores K block `kb` of a state walk's state (its tile `s`) and returns acc + X[:, block kb] s."""
+    _store_state(state_ptr, kb * BKB + rows_kb, cols_v, K, V, s)
+    x = _load_tile(x_head, tok, valid, row_stride, kb * BKB, K, BKB)
+    return tl.dot(x, s.to(x.dtype), acc, input_precision=PREC)
+
+
+@triton.jit
+def _project_t(x_head, tok, valid, row_stride, kb: tl.constexpr, K, y, acc, BKB: tl.constexpr, PREC: tl.constexpr):
+    """acc + X[:, block kb]^T y: a state tile's update, X^T read as such from memory."""
+    return tl.dot(_load_tile_t(x_head, tok, valid, row_stride, kb * BKB, K, BKB), y, acc, input_precision=PREC)
+
+
+@triton.jit
 def _walk_gamma(gcum_ptr, tok, valid, last_tok, hv, HV):
     """(gamma of a chunk's rows, gamma of its last valid row `last_tok`) for a state walk. The last value is read as
     a scalar (no reduction across the tile inside the sequential loop); rows past the end of the sequence read 0,
@@ -386,34 +401,29 @@ def _state_kernel(k_ptr, w_ptr, u_ptr, gcum_ptr, h0_ptr, h_ptr, vnew_ptr, ht_ptr
         valid = tok < eos
         # The entry state, and W S one K block at a time.
         h_chunk = h_ptr + ((first_chunk + i) * HV + hv) * K * V
-        _store_state(h_chunk, rows_kb, cols_v, K, V, s0)
-        ws = tl.dot(_load_tile(w_head, tok, valid, HV * K, 0, K, BKB), s0.to(DT), input_precision=PREC)
+        ws = _store_block_and_project(h_chunk, w_head, tok, valid, HV * K, 0, rows_kb, cols_v, K, V, s0,
+                                      tl.full([BT, BV], 0.0, tl.float32), BKB, PREC)
         if K > BKB:
-            _store_state(h_chunk, BKB + rows_kb, cols_v, K, V, s1)
-            ws = tl.dot(_load_tile(w_head, tok, valid, HV * K, BKB, K, BKB), s1.to(DT), ws, input_precision=PREC)
+            ws = _store_block_and_project(h_chunk, w_head, tok, valid, HV * K, 1, rows_kb, cols_v, K, V, s1, ws, BKB,
+                                          PREC)
         if K > 2 * BKB:
-            _store_state(h_chunk, 2 * BKB + rows_kb, cols_v, K, V, s2)
-            ws = tl.dot(_load_tile(w_head, tok, valid, HV * K, 2 * BKB, K, BKB), s2.to(DT), ws,
-                        input_precision=PREC)
+            ws = _store_block_and_project(h_chunk, w_head, tok, valid, HV * K, 2, rows_kb, cols_v, K, V, s2, ws, BKB,
+                                          PREC)
         if K > 3 * BKB:
-            _store_state(h_chunk, 3 * BKB + rows_kb, cols_v, K, V, s3)
-            ws = tl.dot(_load_tile(w_head, tok, valid, HV * K, 3 * BKB, K, BKB), s3.to(DT), ws,
-                        input_precision=PREC)
+            ws = _store_block_and_project(h_chunk, w_head, tok, valid, HV * K, 3, rows_kb, cols_v, K, V, s3, ws, BKB,
+                                          PREC)
         v_new = _load_rows(u_ptr + hv * V, tok, valid, HV * V, cols_v, V) - ws
         _store_rows(vnew_ptr + hv * V, tok, valid, HV * V, cols_v, V, v_new)
         gam, gam_last = _walk_gamma(gcum_ptr, tok, valid, tl.minimum(eos, t0 + BT) - 1, hv, HV)
         v_to_end = (v_new * tl.where(valid, tl.exp(gam_last - gam), 0.0)[:, None]).to(DT)
         decay = tl.exp(gam_last)
-        s0 = tl.dot(_load_tile_t(k_head, tok, valid, H * K, 0, K, BKB), v_to_end, s0 * decay, input_precision=PREC)
+        s0 = _project_t(k_head, tok, valid, H * K, 0, K, v_to_end, s0 * decay, BKB, PREC)
         if K > BKB:
-            s1 = tl.dot(_load_tile_t(k_head, tok, valid, H * K, BKB, K, BKB), v_to_end, s1 * decay,
-                        input_precision=PREC)
+            s1 = _project_t(k_head, tok, valid, H * K, 1, K, v_to_end, s1 * decay, BKB, PREC)
         if K > 2 * BKB:
-            s2 = tl.dot(_load_tile_t(k_head, tok, valid, H * K, 2 * BKB, K, BKB), v_to_end, s2 * decay,
-                        input_precision=PREC)
+            s2 = _project_t(k_head, tok, valid, H * K, 2, K, v_to_end, s2 * decay, BKB, PREC)
         if K > 3 * BKB:
-            s3 = tl.dot(_load_tile_t(k_head, tok, valid, H * K, 3 * BKB, K, BKB), v_to_end, s3 * decay,
-                        input_precision=PREC)
+            s3 = _project_t(k_head, tok, valid, H * K, 3, K, v_to_end, s3 * decay, BKB, PREC)
     if STORE_HT:
         _store_state(ht_ptr + state_offset, rows_kb, cols_v, K, V, s0)
         if K > BKB:
@@ -546,20 +556,17 @@ def _state_bwd_kernel(q_ptr, k_ptr, w_ptr, gcum_ptr, do_ptr, dv_local_ptr, dht_p
         valid = tok < eos
         # dS at the chunk end, and K dS one K block at a time.
         dh_chunk = dh_ptr + ((first_chunk + i) * HV + hv) * K * V
-        _store_state(dh_chunk, rows_kb, cols_v, K, V, ds0)
-        k_ds = tl.dot(_load_tile(k_head, tok, valid, H * K, 0, K, BKB), ds0.to(DT), input_precision=PREC)
+        k_ds = _store_block_and_project(dh_chunk, k_head, tok, valid, H * K, 0, rows_kb, cols_v, K, V, ds0,
+                                        tl.full([BT, BV], 0.0, tl.float32), BKB, PREC)
         if K > BKB:
-            _store_state(dh_chunk, BKB + rows_kb, cols_v, K, V, ds1)
-            k_ds = tl.dot(_load_tile(k_head, tok, valid, H * K, BKB, K, BKB), ds1.to(DT), k_ds,
-                          input_precision=PREC)
+            k_ds = _store_block_and_project(dh_chunk, k_head, tok, valid, H * K, 1, rows_kb, cols_v, K, V, ds1, k_ds,
+                                            BKB, PREC)
         if K > 2 * BKB:
-            _store_state(dh_chunk, 2 * BKB + rows_kb, cols_v, K, V, ds2)
-            k_ds = tl.dot(_load_tile(k_head, tok, valid, H * K, 2 * BKB, K, BKB), ds2.to(DT), k_ds,
-                          input_precision=PREC)
+            k_ds = _store_block_and_project(dh_chunk, k_head, tok, valid, H * K, 2, rows_kb, cols_v, K, V, ds2, k_ds,
+                                            BKB, PREC)
         if K > 3 * BKB:
-            _store_state(dh_chunk, 3 * BKB + rows_kb, cols_v, K, V, ds3)
-            k_ds = tl.dot(_load_tile(k_head, tok, valid, H * K, 3 * BKB, K, BKB), ds3.to(DT), k_ds,
-                          input_precision=PREC)
+            k_ds = _store_block_and_project(dh_chunk, k_head, tok, valid, H * K, 3, rows_kb, cols_v, K, V, ds3, k_ds,
+                                            BKB, PREC)
         gam, gam_last = _walk_gamma(gcum_ptr, tok, valid, tl.minimum(eos, t0 + BT) - 1, hv, HV)
         dv_new = _load_rows(dv_local_ptr + hv * V, tok, valid, HV * V, cols_v, V) + \
             k_ds * tl.where(valid, tl.exp(gam_last - gam), 0.0)[:, None]
@@ -567,22 +574,17 @@ def _state_bwd_kernel(q_ptr, k_ptr, w_ptr, gcum_ptr, do_ptr, dv_local_ptr, dht_p
         minus_dv_new = (-dv_new).to(DT)
         do = (_load_rows(do_ptr + hv * V, tok, valid, HV * V, cols_v, V) * (scale * tl.exp(gam))[:, None]).to(DT)
         decay = tl.exp(gam_last)
-        ds0 = tl.dot(_load_tile_t(q_head, tok, valid, H * K, 0, K, BKB), do, ds0 * decay, input_precision=PREC)
-        ds0 = tl.dot(_load_tile_t(w_head, tok, valid, HV * K, 0, K, BKB), minus_dv_new, ds0, input_precision=PREC)
+        ds0 = _project_t(q_head, tok, valid, H * K, 0, K, do, ds0 * decay, BKB, PREC)
+        ds0 = _project_t(w_head, tok, valid, HV * K, 0, K, minus_dv_new, ds0, BKB, PREC)
         if K > BKB:
-            ds1 = tl.dot(_load_tile_t(q_head, tok, valid, H * K, BKB, K, BKB), do, ds1 * decay, input_precision=PREC)
-            ds1 = tl.dot(_load_tile_t(w_head, tok, valid, HV * K, BKB, K, BKB), minus_dv_new, ds1,
-                         input_precision=PREC)
+            ds1 = _project_t(q_head, tok, valid, H * K, 1, K, do, ds1 * decay, BKB, PREC)
+            ds1 = _project_t(w_head, tok, valid, HV * K, 1, K, minus_dv_new, ds1, BKB, PREC)
         if K > 2 * BKB:
-            ds2 = tl.dot(_load_tile_t(q_head, tok, valid, H * K, 2 * BKB, K, BKB), do, ds2 * decay,
-                         input_precision=PREC)
-            ds2 = tl.dot(_load_tile_t(w_head, tok, valid, HV * K, 2 * BKB, K, BKB), minus_dv_new, ds2,
-                         input_precision=PREC)
+            ds2 = _project_t(q_head, tok, valid, H * K, 2, K, do, ds2 * decay, BKB, PREC)
+            ds2 = _project_t(w_head, tok, valid, HV * K, 2, K, minus_dv_new, ds2, BKB, PREC)
         if K > 3 * BKB:
-            ds3 = tl.dot(_load_tile_t(q_head, tok, valid, H * K, 3 * BKB, K, BKB), do, ds3 * decay,
-                         input_precision=PREC)
-            ds3 = tl.dot(_load_tile_t(w_head, tok, valid, HV * K, 3 * BKB, K, BKB), minus_dv_new, ds3,
-                         input_precision=PREC)
+            ds3 = _project_t(q_head, tok, valid, H * K, 3, K, do, ds3 * decay, BKB, PREC)
+            ds3 = _project_t(w_head, tok, valid, HV * K, 3, K, minus_dv_new, ds3, BKB, PREC)
     if STORE_DH0:
         _store_state(dh0_ptr + state_offset, rows_kb, cols_v, K, V, ds0)
         if K > BKB:
