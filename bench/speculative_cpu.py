@@ -1,10 +1,12 @@
 """Greedy decoding with and without MTP speculation on the debug flavor, in one run.
 
-    python bench/speculative_cpu.py [--threads 2] [--train-steps 200] [--new-tokens 64] [--batch 1] [--repeats 5]
+    python bench/speculative_cpu.py [--threads 2] [--train-steps 200] [--new-tokens 64] [--batch 1] [--repeats 5] [--compile]
 
 Trains the debug model and its MTP head briefly on the debug corpus (pydoc's language-reference topics as bytes,
 main + MTP loss), then decodes the same prompts plainly and with `speculative="mtp"` (checking the outputs are
 identical; median of interleaved repeats) and prints tokens/s of both, their ratio and the MTP acceptance rate.
+--compile: both decode with compiled decoder layers (`generate(compile=True)`; compile time excluded by the
+warm-up).
 """
 
 import argparse
@@ -30,6 +32,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="compiled decoder layers in both runs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -43,7 +46,7 @@ def main() -> None:
 
     def run(**kwargs):
         start = time.perf_counter()
-        out = qwen35.generate(model, prompts, args.new_tokens, eos_token_id=[], **kwargs)
+        out = qwen35.generate(model, prompts, args.new_tokens, eos_token_id=[], compile=args.compile, **kwargs)
         return out, time.perf_counter() - start
 
     run(), run(speculative="mtp")  # warm-up
@@ -57,7 +60,7 @@ def main() -> None:
         assert torch.equal(plain, spec), "speculative output differs from greedy"
     t_plain, t_spec = statistics.median(times_plain), statistics.median(times_spec)
     tokens = args.batch * args.new_tokens
-    print(f"debug flavor, fp32, batch {args.batch}, {args.new_tokens} new tokens, {args.threads} threads, "
+    print(f"debug flavor, fp32, {'compiled' if args.compile else 'eager'} steps, batch {args.batch}, {args.new_tokens} new tokens, {args.threads} threads, "
           f"torch {torch.__version__}")
     print(f"plain greedy   {tokens / t_plain:8.1f} tok/s")
     print(f"MTP speculative {tokens / t_spec:7.1f} tok/s   ratio {t_plain / t_spec:.2f}x   acceptance "

@@ -52,7 +52,8 @@ def apply_activation_checkpointing(model: Qwen35ForCausalLM, mode: str) -> None:
         torch.utils.checkpoint.SAC_IGNORED_OPS.update({torch.ops.profiler._record_function_enter_new.default,
                                                       torch.ops.profiler._record_function_exit._RecordFunction})
         kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _save_expensive_ops)
-    layers = model.model.layers
-    # by name: a pipeline stage's layers keep their whole-model indices (parallelism.pipeline.StageLayers)
-    for name, layer in list(layers.named_children()):
-        layers.register_module(name, checkpoint_wrapper(layer, **kwargs))
+    # the decoder's blocks and the MTP head's layer; by name: a pipeline stage's layers keep their whole-model
+    # indices (parallelism.pipeline.StageLayers)
+    for layers in (model.model.layers, *([model.mtp.layers] if model.mtp is not None else [])):
+        for name, layer in list(layers.named_children()):
+            layers.register_module(name, checkpoint_wrapper(layer, **kwargs))

@@ -20,7 +20,7 @@ def apply_compile(model: Qwen35ForCausalLM, backend: str = "inductor", expert_pa
     # Activation checkpointing replays the forward in the backward; python side effects of the forward (the
     # tensor-parallel parameter swaps) must not be replayed inside the compiled backward.
     torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
-    for layer in [*model.model.layers, *(model.mtp.layers if model.mtp is not None else ())]:
+    for layer in model.decoder_layers():
         block = getattr(layer, "_checkpoint_wrapped_module", layer)  # under activation checkpointing
         if expert_parallel and isinstance(block.mlp, SparseMoE):
             for module in _around_experts(block):

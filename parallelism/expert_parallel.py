@@ -23,7 +23,7 @@ from .local_execution import distribute_parameters, local_shard, run_on_local_te
 
 
 def apply_expert_parallel(model: Qwen35ForCausalLM, ep_mesh: DeviceMesh) -> None:
-    for layer in model.model.layers:
+    for layer in model.decoder_layers():  # the MTP head's MoE layer included
         if isinstance(layer.mlp, SparseMoE):
             _shard_experts(layer.mlp.experts, ep_mesh)
 

@@ -29,11 +29,12 @@ def apply_fsdp(model: Qwen35ForCausalLM, dp_mesh: DeviceMesh, *, expert_dp_mesh:
                     offload_policy=CPUOffloadPolicy(pin_memory=torch.accelerator.is_available()) if cpu_offload
                     else OffloadPolicy())
     shard = dict(mesh=dp_mesh, reshard_after_forward=reshard_after_forward, **policies)
+    if expert_dp_mesh is not None:
+        for experts in (m for layer in model.decoder_layers() for m in layer.modules()
+                        if isinstance(m, GroupedExperts)):
+            fully_shard(experts, mesh=expert_dp_mesh, reshard_after_forward=reshard_after_forward, **policies)
+            experts.set_gradient_divide_factor(expert_grad_divide_factor)
     for layer in model.model.layers:
-        if expert_dp_mesh is not None:
-            for experts in (m for m in layer.modules() if isinstance(m, GroupedExperts)):
-                fully_shard(experts, mesh=expert_dp_mesh, reshard_after_forward=reshard_after_forward, **policies)
-                experts.set_gradient_divide_factor(expert_grad_divide_factor)
         fully_shard(layer, **shard)
     if model.mtp is not None:  # a unit as large as a block; it calls the embedding and lm_head units again
         fully_shard(model.mtp, **shard)

@@ -100,6 +100,10 @@ class Qwen35ForCausalLM(nn.Module):
         self.tie_weights()
         self.init_weights()
 
+    def decoder_layers(self) -> list[DecoderLayer]:
+        """The decoder's layers, then the MTP head's (those a pipeline stage holds)."""
+        return [*self.model.layers, *(self.mtp.layers if self.mtp is not None else ())]
+
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -204,3 +204,29 @@ def test_mtp_layer_router_rows_join_the_load_balancing_loss(packed):
     expected = config.num_experts * sum(counts[e] / len(rows) * probs[:, e].mean() for e in range(config.num_experts))
     share = balancing_loss_share(stats.prob_sum, stats.assignments, stats.rows)
     assert abs(share.item() - expected.item()) <= 1e-6
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_covers_the_mtp_layer_and_keeps_gradients(mode):
+    """The MTP head's decoder layer is checkpointed like the blocks (its activations are a block's), and the
+    main + MTP loss has the gradients of the unwrapped model."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    from parallelism.activation_checkpoint import apply_activation_checkpointing
+
+    ids = torch.randint(2, TINY_CONFIGS["moe_untied"].vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointed in (False, True):
+        model = _mtp_model("moe_untied").train()
+        if checkpointed:
+            apply_activation_checkpointing(model, mode)
+            assert all(isinstance(layer, CheckpointWrapper) for layer in model.decoder_layers())
+        logits, hidden = model(ids, output="logits_and_hidden")
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        mtp_sum, count = mtp_loss_terms(hidden, ids, ids, None, model)
+        (loss + 0.3 * mtp_sum / count).backward()
+        grads.append({name.replace("._checkpoint_wrapped_module", ""): p.grad for name, p in model.named_parameters()
+                      if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any(name.startswith("mtp.layers") for name in grads[0])
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)

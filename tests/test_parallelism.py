@@ -83,6 +83,8 @@ def _train_distributed(flavor: str, overrides: dict, degrees: dict, options: dic
         assert isinstance(group.offload_policy, CPUOffloadPolicy) == settings.fsdp_cpu_offload
     if model.config.tie_word_embeddings:
         assert model.lm_head.weight is model.model.embed_tokens.weight
+    for layer in model.decoder_layers() if model.config.is_moe else []:  # the MTP head's MoE layer too
+        assert layer.mlp.experts.num_experts * dims.ep == model.config.num_experts
     if packed:  # one row: every rank holds all of it (tensor parallelism only)
         assert dims.dp == 1, degrees
         return _train(model, _packed_batch(model.config), packed=True)
@@ -115,7 +117,8 @@ TIED = dict(tie_word_embeddings=True)
     pytest.param("debug", {}, dict(dp_shard=2), dict(fsdp_reshard_after_forward=False, fsdp_cpu_offload=True),
                  id="fsdp2-no_reshard-cpu_offload"),
     pytest.param("debug", TIED, dict(tp=2), dict(loss_parallel=True), id="tp2-tied_embeddings-loss_parallel"),
-    pytest.param("debug-moe", {}, dict(dp_shard=2, ep=2), {}, id="ep2-moe"),
+    # with an MTP head (unused by this loss): its MoE layer's experts are split over the EP ranks like the blocks'
+    pytest.param("debug-moe", dict(mtp_num_hidden_layers=1), dict(dp_shard=2, ep=2), {}, id="ep2-moe-mtp_head"),
     # Selective AC around FSDP-sharded experts (parallelism/activation_checkpoint.py), and compile around the
     # experts, whose token exchange has data-dependent split sizes (parallelism/compile.py).
     pytest.param("debug-moe", {}, dict(dp_shard=2, ep=2), dict(activation_checkpoint="selective"),

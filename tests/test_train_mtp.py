@@ -7,7 +7,7 @@ import math
 import shutil
 
 import torch
-from test_train_distributed import (DP2, STEPS, TP2, _assert_matches_one_process, _one_process_run,  # noqa: F401
+from test_train_distributed import (DP2, EP2, STEPS, TP2, _assert_matches_one_process, _one_process_run,  # noqa: F401
                                     _torchrun, dealt_data)
 from test_train_helpers import debug_assets, scalars, train
 
@@ -40,6 +40,14 @@ def test_moe_mtp_router_rows_in_the_balancing_loss_under_fsdp_match_one_process(
     moe_mtp = ("--model.flavor", "debug-moe", *MTP, "--model.router_aux_loss_coef", "0.5")
     log = _torchrun(tmp_path, *dealt_data, *DP2, *moe_mtp)
     _assert_matches_one_process(tmp_path, tmp_path_factory, log, "dp_shard=2", (*dealt_data, *moe_mtp))
+
+
+def test_moe_mtp_under_expert_parallelism_matches_one_process(tmp_path, tmp_path_factory, dealt_data):
+    """The MTP head's MoE layer is expert-parallel like the blocks' (tests/test_parallelism.py checks the split)."""
+    moe_mtp = ("--model.flavor", "debug-moe", *MTP, "--model.router_aux_loss_coef", "0.5")
+    log = _torchrun(tmp_path, *dealt_data, *DP2, *EP2, *moe_mtp)
+    _assert_matches_one_process(tmp_path, tmp_path_factory, log, "dp_shard=2, ep=2", (*dealt_data, *moe_mtp))
+    assert sorted(scalars(tmp_path)[MTP_LOSS]) == [1, 2, 3]
 
 
 def test_mtp_loss_under_tensor_parallelism_matches_one_process(tmp_path, tmp_path_factory):
