@@ -1,6 +1,7 @@
 """Greedy decoding with and without MTP speculation on the debug flavor, in one run.
 
-    python bench/speculative_cpu.py [--threads 2] [--train-steps 200] [--new-tokens 64] [--batch 1] [--repeats 5] [--compile]
+    python bench/speculative_cpu.py [--threads 2] [--train-steps 200] [--new-tokens 64] [--batch 1] [--repeats 5]
+                                    [--compile]
 
 Trains the debug model and its MTP head briefly on the debug corpus (pydoc's language-reference topics as bytes,
 main + MTP loss), then decodes the same prompts plainly and with `speculative="mtp"` (checking the outputs are
@@ -60,8 +61,8 @@ def main() -> None:
         assert torch.equal(plain, spec), "speculative output differs from greedy"
     t_plain, t_spec = statistics.median(times_plain), statistics.median(times_spec)
     tokens = args.batch * args.new_tokens
-    print(f"debug flavor, fp32, {'compiled' if args.compile else 'eager'} steps, batch {args.batch}, {args.new_tokens} new tokens, {args.threads} threads, "
-          f"torch {torch.__version__}")
+    print(f"debug flavor, fp32, {'compiled' if args.compile else 'eager'} steps, batch {args.batch}, "
+          f"{args.new_tokens} new tokens, {args.threads} threads, torch {torch.__version__}")
     print(f"plain greedy   {tokens / t_plain:8.1f} tok/s")
     print(f"MTP speculative {tokens / t_spec:7.1f} tok/s   ratio {t_plain / t_spec:.2f}x   acceptance "
           f"{stats.acceptance_rate:.0%} ({stats.accepted}/{stats.drafted}), {stats.verify_steps} verification steps")

@@ -13,6 +13,7 @@ from test_train_helpers import debug_assets, scalars, train
 
 LOSS, MTP_LOSS = "loss_metrics/global_avg_loss", "loss_metrics/mtp_loss"
 MTP = ("--model.mtp_loss_weight", "0.3")
+MOE_MTP = ("--model.flavor", "debug-moe", *MTP, "--model.router_aux_loss_coef", "0.5")
 
 
 def test_mtp_loss_is_added_with_its_weight_and_logged(tmp_path):
@@ -37,16 +38,14 @@ def test_moe_mtp_router_rows_in_the_balancing_loss_under_fsdp_match_one_process(
                                                                               dealt_data):
     """One process packs its 4 SFT windows into one row, each of 2 ranks its 2 windows: the MTP rows that join
     two documents differ between the two (one at the ranks' seam), so they must not count in the router balance."""
-    moe_mtp = ("--model.flavor", "debug-moe", *MTP, "--model.router_aux_loss_coef", "0.5")
-    log = _torchrun(tmp_path, *dealt_data, *DP2, *moe_mtp)
-    _assert_matches_one_process(tmp_path, tmp_path_factory, log, "dp_shard=2", (*dealt_data, *moe_mtp))
+    log = _torchrun(tmp_path, *dealt_data, *DP2, *MOE_MTP)
+    _assert_matches_one_process(tmp_path, tmp_path_factory, log, "dp_shard=2", (*dealt_data, *MOE_MTP))
 
 
 def test_moe_mtp_under_expert_parallelism_matches_one_process(tmp_path, tmp_path_factory, dealt_data):
     """The MTP head's MoE layer is expert-parallel like the blocks' (tests/test_parallelism.py checks the split)."""
-    moe_mtp = ("--model.flavor", "debug-moe", *MTP, "--model.router_aux_loss_coef", "0.5")
-    log = _torchrun(tmp_path, *dealt_data, *DP2, *EP2, *moe_mtp)
-    _assert_matches_one_process(tmp_path, tmp_path_factory, log, "dp_shard=2, ep=2", (*dealt_data, *moe_mtp))
+    log = _torchrun(tmp_path, *dealt_data, *DP2, *EP2, *MOE_MTP)
+    _assert_matches_one_process(tmp_path, tmp_path_factory, log, "dp_shard=2, ep=2", (*dealt_data, *MOE_MTP))
     assert sorted(scalars(tmp_path)[MTP_LOSS]) == [1, 2, 3]
 
 
