@@ -6,7 +6,7 @@
 Trains the debug model and its MTP head briefly on the debug corpus (pydoc's language-reference topics as bytes,
 main + MTP loss), then decodes the same prompts plainly and with `speculative="mtp"` (checking the outputs are
 identical; median of interleaved repeats) and prints tokens/s of both, their ratio and the MTP acceptance rate.
---compile: both decode with compiled decoder layers (`generate(compile=True)`; compile time excluded by the
+--compile: both decode with compiled steps (`generate(compile=True)`; compile time excluded by the
 warm-up).
 """
 
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--compile", action="store_true", help="compiled decoder layers in both runs")
+    parser.add_argument("--compile", action="store_true", help="compiled decode steps in both runs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -21,12 +21,14 @@ def eos_set(eos_token_id) -> set[int]:
     return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
 
 
-# Decode steps on CPU are compiled by default only when this many of them amortise the compile: 4 s for the two
-# layer graphs on an idle 2-core CPU (several times that on a loaded one), saving 3 ms per step at hidden 512 x 8
-# layers (BENCHMARKS.md, #17), i.e. paid back after ~1,400 steps unloaded.
-CPU_COMPILE_MIN_STEPS = 2048
+# Decode steps on CPU are compiled by default only when this many of them amortise the compile: ~25 s in a fresh
+# process on the 2-core CI machine, saving ~4.3 ms per step at hidden 512 x 8 layers (BENCHMARKS.md, #17).
+CPU_COMPILE_MIN_STEPS = 4096
 
-_compiled_layers: dict[str, Callable] = {}
+# One traced and compiled subgraph per layer kind, reused by every layer inside the compiled step, so that the
+# step's compile time barely grows with depth.
+_layer_region = torch.compiler.nested_compile_region(call_layer)
+_compiled: dict[tuple[Callable, str], Callable] = {}
 
 
 def decode_compile_unsupported(model: Qwen35ForCausalLM) -> str | None:
@@ -48,35 +50,44 @@ def compile_pays(model: Qwen35ForCausalLM, device: torch.device | str, decode_st
     return torch.device(device).type == "cuda" or decode_steps >= CPU_COMPILE_MIN_STEPS
 
 
-def compiled_layer(device: torch.device | str) -> Callable:
-    """`call_layer` compiled (fullgraph) for decode steps on the cache; on CUDA as CUDA graphs
-    (mode "reduce-overhead"). Parameters are graph inputs, so one compiled graph per layer kind (Gated DeltaNet,
-    attention) serves every layer of every model of the same shapes, and compile time does not grow with depth.
-    The cache's shapes do not change from step to step (`qwen35.cache`); a new batch size or cache length
-    recompiles once with those sizes symbolic (torch.compile's automatic dynamic shapes), then never again (a
-    batch of one, whose size torch.compile specialises, has its own graphs)."""
-    kind = torch.device(device).type
-    if kind not in _compiled_layers:
-        _compiled_layers[kind] = torch.compile(call_layer, fullgraph=True,
-                                               mode="reduce-overhead" if kind == "cuda" else None)
-    return _compiled_layers[kind]
+def _layered_forward(model: Qwen35ForCausalLM, *args, **kwargs):
+    return model(*args, run_layer=_layer_region, **kwargs)
+
+
+def _compiled_for(fn: Callable, device: torch.device | str, cuda_graphs: bool) -> Callable:
+    """fn compiled (fullgraph) once per process and device kind; on CUDA as CUDA graphs if cuda_graphs."""
+    key = (fn, torch.device(device).type)
+    if key not in _compiled:
+        mode = "reduce-overhead" if cuda_graphs and key[1] == "cuda" else None
+        _compiled[key] = torch.compile(fn, fullgraph=True, mode=mode)
+    return _compiled[key]
+
+
+def compiled_step(device: torch.device | str) -> Callable:
+    """`model(...)` on a decode cache as one compiled graph (fullgraph; on CUDA as CUDA graphs, mode
+    "reduce-overhead"): embedding, mask, positions, every layer, the final norm and lm_head. The model is an
+    argument, so one compiled step serves every model of the same shapes. The cache's shapes do not change from
+    step to step (`qwen35.cache`); its length (a Python int) and a new batch size or cache length recompile once
+    with those sizes symbolic (torch.compile's automatic dynamic shapes), then never again (a batch of one, whose
+    size torch.compile specialises, has its own graph)."""
+    return _compiled_for(_layered_forward, device, cuda_graphs=True)
 
 
 def compiled_decode_step(model: Qwen35ForCausalLM, cache: Qwen35Cache) -> Callable:
-    """model's forward on `cache` with each decoder layer applied by `compiled_layer`. On CUDA the cache's
-    buffers get static addresses (the CUDA graphs update them in place) and each call starts a new graph step."""
+    """model's forward on `cache` through `compiled_step`. On CUDA the cache's buffers get static addresses (the
+    CUDA graphs update them in place) and each call starts a new graph step."""
     device = cache.valid.device
-    run_layer = compiled_layer(device)
+    step = functools.partial(compiled_step(device), model)
     if device.type != "cuda":
-        return functools.partial(model, run_layer=run_layer)
+        return step
     for buffer in cache.buffers():
         torch._dynamo.mark_static_address(buffer)
 
-    def step(*args, **kwargs):
+    def cuda_graph_step(*args, **kwargs):
         torch.compiler.cudagraph_mark_step_begin()
-        return model(*args, run_layer=run_layer, **kwargs)
+        return step(*args, **kwargs)
 
-    return step
+    return cuda_graph_step
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
@@ -161,7 +172,7 @@ def generate(model: Qwen35ForCausalLM, input_ids: torch.Tensor, max_new_tokens: 
     """Greedy (default) or temperature/top-p sampling. input_ids [B, T], left-padded when padding_mask [B, T]
     (1 = token) is given. Returns [B, T + n] with the prompt; sequences that hit EOS are filled with
     pad_token_id (default: the first EOS id) until all are done. `on_token` receives each step's tokens [B].
-    compile: run the decode steps (after the eager prefill) with compiled decoder layers (`compiled_layer`; a
+    compile: run the decode steps (after the eager prefill) as one compiled graph each (`compiled_step`; a
     one-time compile per process removes the per-op overhead); None (default) decides by `compile_pays`.
     speculative="mtp" (greedy only): the model's MTP head drafts one token that the main model verifies with
     the next one in a single two-token step; the output is the plain greedy output. `stats` (a
@@ -198,7 +209,7 @@ def generate(model: Qwen35ForCausalLM, input_ids: torch.Tensor, max_new_tokens: 
         return output.result()
     if speculative:
         stats = stats if stats is not None else SpeculationStats()
-        _generate_mtp_speculative(model, decode, input_ids, padding_mask, cache, output, stats)
+        _generate_mtp_speculative(model, decode, compile, input_ids, padding_mask, cache, output, stats)
         result = output.result()
         stats.new_tokens += result.shape[1] - T
         return result
@@ -229,7 +240,7 @@ def _mtp_draft(model: Qwen35ForCausalLM, hidden: torch.Tensor, next_tokens: torc
     return model.lm_head(out[:, -1]).argmax(-1)
 
 
-def _generate_mtp_speculative(model, decode, input_ids, padding_mask, cache, output: _Output,
+def _generate_mtp_speculative(model, decode, compile: bool, input_ids, padding_mask, cache, output: _Output,
                               stats: SpeculationStats) -> None:
     """Greedy decoding with the MTP head as a one-token drafter, every row at its own pace.
 
@@ -239,7 +250,8 @@ def _generate_mtp_speculative(model, decode, input_ids, padding_mask, cache, out
     draft == y1, the one after it (y2). A row that rejects keeps one position: its second one becomes a hole
     (skipped by attention and positions, like left padding) and its Gated DeltaNet conv window and state return
     to their values after `last`, kept by the token-by-token recorded step. So every kept state is exactly one of
-    plain decoding."""
+    plain decoding. compile: the drafts after the prefill's run as one compiled graph each (without CUDA graphs,
+    which would have to alternate with the verification step's)."""
     start = time.perf_counter()
     B = input_ids.shape[0]
     device = input_ids.device
@@ -247,6 +259,7 @@ def _generate_mtp_speculative(model, decode, input_ids, padding_mask, cache, out
     if padding_mask is None:
         padding_mask = torch.ones_like(input_ids)
     ones = torch.ones(B, 2, dtype=padding_mask.dtype, device=device)
+    draft_next = _compiled_for(_mtp_draft, device, cuda_graphs=False) if compile else _mtp_draft
     logits, hidden = model(input_ids, padding_mask=padding_mask, cache=cache, num_logits_to_keep=1,
                            output="logits_and_hidden")
     last = logits[:, -1].argmax(-1)
@@ -269,6 +282,6 @@ def _generate_mtp_speculative(model, decode, input_ids, padding_mask, cache, out
         done = output.append(y2, rows=accepted)
         if not done:
             kept_mask = torch.stack([torch.ones_like(accepted), accepted], 1).to(padding_mask.dtype)
-            draft = _mtp_draft(model, hidden, torch.stack([y1, y2], 1), mtp_cache, kept_mask, kept)
+            draft = draft_next(model, hidden, torch.stack([y1, y2], 1), mtp_cache, kept_mask, kept)
             last = torch.where(accepted, y2, y1)
     stats.seconds += time.perf_counter() - start

@@ -5,6 +5,8 @@ file on the lent GPU machine before the benchmarks. The CPU suite covers the sam
 interpreter; what only a GPU shows is code generation, tensor-core precision and launch limits.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -164,16 +166,24 @@ def test_model_cuda_matches_cpu(name, compiled):
         torch.testing.assert_close(grads[n], ref, rtol=1e-3, atol=1e-4, msg=lambda m: f"{n}: {m}")
 
 
-def test_greedy_decoding_cuda_matches_cpu():
+@pytest.mark.parametrize("speculative", [None, "mtp"])
+def test_greedy_decoding_cuda_matches_cpu(speculative):
+    """Compiled decode steps (the default on CUDA: one CUDA graph per step) on a left-padded batch give CPU's eager
+    greedy tokens, with and without MTP speculation (a two-token recorded verification step per draft)."""
     config = TINY_CONFIGS["dense_tied_gqa4_hv1x"]
+    if speculative:
+        config = dataclasses.replace(config, mtp_num_hidden_layers=1)
     torch.manual_seed(0)
     cpu_model = qwen35.Qwen35ForCausalLM(config).eval()
     cuda_model = qwen35.Qwen35ForCausalLM(config).to(CUDA).eval()
     cuda_model.load_state_dict(cpu_model.state_dict())
     prompt = torch.randint(2, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(prompt)
+    mask[1, :4] = 0
     with torch.no_grad():
-        ref = qwen35.generate(cpu_model, prompt, max_new_tokens=12)
-        out = qwen35.generate(cuda_model, prompt.to(CUDA), max_new_tokens=12)
+        ref = qwen35.generate(cpu_model, prompt, max_new_tokens=12, padding_mask=mask, compile=False)
+        out = qwen35.generate(cuda_model, prompt.to(CUDA), max_new_tokens=12, padding_mask=mask.to(CUDA),
+                              speculative=speculative)
     assert torch.equal(out.cpu(), ref)
 
 
