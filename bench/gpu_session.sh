@@ -22,7 +22,14 @@
 #   cp_32k      (240 s) bench/context_parallel.py --one-device-step cuda: the 0.8B step (bf16, chunked loss, no AC)
 #                       at T = 32,768 (documents of 4,096) with CP = 1 on this one GPU: the memory model (saved
 #                       activations + gradients) vs the measured peak; not in the default list: name it
-# All seven exceed one call's 600 s: split them over calls on the warm machine (each within the idle release time),
+#   decode      (300 s) bench/decode_gpu.py --new-tokens 128: #17's eval throughput, the 0.8B bf16 GSM8K-shaped
+#                       batch (32 left-padded prompts of 60-160 tokens, 128 greedy tokens each, EOS off) in
+#                       questions/s, ours compiled (CUDA graphs) and eager next to transformers (+ fla) on the same
+#                       weights, with the compile time and the token agreement ($OUT/decode.json). Estimate ~190 s:
+#                       imports and models ~25 s, first use of our and fla's Triton kernels ~70 s, compile ~60 s,
+#                       then 4 calls each (warm-up + 3 repeats) of transformers ~5 s (~35 ms/step), ours eager ~3 s
+#                       and ours compiled ~1 s; not in the default list: name it
+# All eight exceed one call's 600 s: split them over calls on the warm machine (each within the idle release time),
 # e.g. "tests gdn" (timeout_s 600) then "train_step titan_08b" (timeout_s 480).
 # A fresh machine compiles every Triton kernel and autotunes fla's once per process, which is most of each limit.
 # Record the numbers in BENCHMARKS.md with the device named.
@@ -71,7 +78,8 @@ for name in ${@:-tests gdn}; do
             --doc-len $((16384 / docs)) --warmup 2 --repeats 5; done' ;;
         cp_32k) step cp_32k 240 python3 bench/context_parallel.py --one-device-step cuda --flavor 0.8B \
             --seq-lens 32768 ;;
-        *) echo "unknown step $name (tests, train_step, gdn, titan, titan_08b, packed_step, cp_32k)" \
+        decode) step decode 300 python3 bench/decode_gpu.py --new-tokens 128 --repeats 3 --out "$OUT/decode.json" ;;
+        *) echo "unknown step $name (tests, train_step, gdn, titan, titan_08b, packed_step, cp_32k, decode)" \
             | tee -a "$OUT/steps.txt" ;;
     esac
 done

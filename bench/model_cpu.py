@@ -5,9 +5,11 @@
 Prints tokens/s of a training step (forward + backward), of prefill and of decode, and ours / transformers, for
 our model in eager mode and compiled (torch.compile fullgraph, inductor; compile time excluded by a warm-up and
 printed separately for decode). Decode is greedy `qwen35.generate` with eager steps (compile=False) and with
-compiled decoder layers (compile=True), against transformers' greedy `generate`, repeats interleaved so that a
-change of machine load hits all three. transformers runs eagerly on its torch path (its delta-rule fallback is
-what it ships for CPU).
+compiled steps (compile=True, one graph per step), against transformers' greedy `generate`, repeats interleaved
+so that a change of machine load hits all three. transformers runs eagerly on its torch path (its delta-rule
+fallback is what it ships for CPU). Interleaved with them, the weight-streaming floor of a decode step: one
+matrix-vector product with each of the step's weight matrices (every linear layer and lm_head), which any batch-1
+decoder must at least do; transformers' step time over it bounds the ratio any implementation reaches here.
 """
 
 import argparse
@@ -79,6 +81,14 @@ def main() -> None:
     def decode_ours(compile):
         return lambda: qwen35.generate(ours, prompt, args.new_tokens, eos_token_id=[], compile=compile)
 
+    weights = [m.weight for m in ours.modules() if isinstance(m, torch.nn.Linear)]
+    vectors = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
+
+    def weight_streaming_floor():
+        for _ in range(args.new_tokens):
+            for w in weights:
+                torch.nn.functional.linear(vectors[w.shape[1]], w)
+
     compiled = torch.compile(ours, fullgraph=True)
     identity = lambda x: x  # noqa: E731
     hf_logits = lambda o: o.logits  # noqa: E731
@@ -96,9 +106,11 @@ def main() -> None:
     start = time.perf_counter()
     compiled_decode()
     compile_seconds = time.perf_counter() - start - eager_seconds
-    decode_times = {"hf": [], "eager": [], "compiled": []}
+    weight_streaming_floor()  # warm-up
+    decode_times = {"hf": [], "eager": [], "compiled": [], "floor": []}
     for _ in range(args.repeats):
-        for name, fn in (("hf", decode_hf), ("eager", eager_decode), ("compiled", compiled_decode)):
+        for name, fn in (("hf", decode_hf), ("eager", eager_decode), ("compiled", compiled_decode),
+                         ("floor", weight_streaming_floor)):
             start = time.perf_counter()
             fn()
             decode_times[name].append(time.perf_counter() - start)
@@ -115,7 +127,7 @@ def main() -> None:
           f"seq {args.seq}, fp32, {args.threads} threads, torch {torch.__version__}; max |logit diff| {diff:.2e}")
     print(f"{'measurement':24s} {'ours tok/s':>12s} {'transformers tok/s':>20s} {'ratio':>8s}")
     rows += [("decode, eager steps", decode_tps["eager"], decode_tps["hf"]),
-             ("  compiled layers", decode_tps["compiled"], decode_tps["hf"])]
+             ("  compiled steps", decode_tps["compiled"], decode_tps["hf"])]
     for name, ours_tps, hf_tps in rows:
         print(f"{name:24s} {ours_tps:12.1f} {hf_tps:20.1f} {ours_tps / hf_tps:7.2f}x")
     spread = {name: f"{min(t) * 1e3 / args.new_tokens:.2f}-{max(t) * 1e3 / args.new_tokens:.2f}"
@@ -123,6 +135,10 @@ def main() -> None:
     print(f"decode ms/token over {args.repeats} repeats (min-max): transformers {spread['hf']}, eager "
           f"{spread['eager']}, compiled {spread['compiled']}; compile (first compiled call minus an eager one) "
           f"{compile_seconds:.1f} s")
+    weight_mb = sum(w.numel() * w.element_size() for w in weights) / 1e6
+    print(f"weight-streaming floor: {len(weights)} matrix-vector products over {weight_mb:.1f} MB per token take "
+          f"{spread['floor']} ms/token, so no batch-1 decoder here can exceed "
+          f"{decode_tps['floor'] / decode_tps['hf']:.2f}x transformers")
 
 
 if __name__ == "__main__":
