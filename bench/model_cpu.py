@@ -5,7 +5,7 @@
 Prints tokens/s of a training step (forward + backward), of prefill and of decode, and ours / transformers, for
 our model in eager mode and compiled (torch.compile fullgraph, inductor; compile time excluded by a warm-up and
 printed separately for decode). Decode is greedy `qwen35.generate` with eager steps (compile=False) and with
-compiled steps (compile=True, one graph per step), against transformers' greedy `generate`, repeats interleaved
+compiled steps (compile=True, one graph per step on CPU), against transformers' greedy `generate`, repeats interleaved
 so that a change of machine load hits all three. transformers runs eagerly on its torch path (its delta-rule
 fallback is what it ships for CPU). Interleaved with them, the weight-streaming floor of a decode step: one
 matrix-vector product with each of the step's weight matrices (every linear layer and lm_head), which any batch-1

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import Qwen35Cache
+from .gated_deltanet import traces_recurrent_step
 from .model import Qwen35ForCausalLM, call_layer
 from .mtp import mtp_layer_config
 
@@ -25,7 +26,7 @@ def eos_set(eos_token_id) -> set[int]:
 # process on the 2-core CI machine, saving ~4.3 ms per step at hidden 512 x 8 layers (BENCHMARKS.md, #17).
 CPU_COMPILE_MIN_STEPS = 4096
 
-# One traced and compiled subgraph per layer kind, reused by every layer inside the compiled step, so that the
+# One traced and compiled subgraph per layer kind, reused by every layer inside a compiled step, so that the
 # step's compile time barely grows with depth.
 _layer_region = torch.compiler.nested_compile_region(call_layer)
 _compiled: dict[tuple[Callable, str], Callable] = {}
@@ -50,10 +51,6 @@ def compile_pays(model: Qwen35ForCausalLM, device: torch.device | str, decode_st
     return torch.device(device).type == "cuda" or decode_steps >= CPU_COMPILE_MIN_STEPS
 
 
-def _layered_forward(model: Qwen35ForCausalLM, *args, **kwargs):
-    return model(*args, run_layer=_layer_region, **kwargs)
-
-
 def _compiled_for(fn: Callable, device: torch.device | str, cuda_graphs: bool) -> Callable:
     """fn compiled (fullgraph) once per process and device kind; on CUDA as CUDA graphs if cuda_graphs."""
     key = (fn, torch.device(device).type)
@@ -63,21 +60,27 @@ def _compiled_for(fn: Callable, device: torch.device | str, cuda_graphs: bool) -
     return _compiled[key]
 
 
-def compiled_step(device: torch.device | str) -> Callable:
-    """`model(...)` on a decode cache as one compiled graph (fullgraph; on CUDA as CUDA graphs, mode
-    "reduce-overhead"): embedding, mask, positions, every layer, the final norm and lm_head. The model is an
-    argument, so one compiled step serves every model of the same shapes. The cache's shapes do not change from
-    step to step (`qwen35.cache`); its length (a Python int) and a new batch size or cache length recompile once
-    with those sizes symbolic (torch.compile's automatic dynamic shapes), then never again (a batch of one, whose
-    size torch.compile specialises, has its own graph)."""
-    return _compiled_for(_layered_forward, device, cuda_graphs=True)
+def _forward_with_layer_regions(model: Qwen35ForCausalLM, *args, **kwargs):
+    return model(*args, run_layer=_layer_region, **kwargs)
 
 
 def compiled_decode_step(model: Qwen35ForCausalLM, cache: Qwen35Cache) -> Callable:
-    """model's forward on `cache` through `compiled_step`. On CUDA the cache's buffers get static addresses (the
-    CUDA graphs update them in place) and each call starts a new graph step."""
+    """model's forward on `cache`, compiled. The model is a graph input, so the compiled code serves every model of
+    the same shapes. The cache's shapes do not change from step to step (`qwen35.cache`); a new batch size or cache
+    length recompiles once with those sizes symbolic (torch.compile's automatic dynamic shapes), then never again (a
+    batch of one, whose size torch.compile specialises, has its own graphs).
+
+    Where the one-token delta-rule update is traced into the graph (`traces_recurrent_step`: CPU), the whole step
+    is one graph: embedding, mask, positions, the layers as nested compile regions, final norm and lm_head (its
+    first steps recompile once more, with the cache length symbolic). Elsewhere (CUDA) the step calls the in-place
+    op, which torch does not functionalize inside a nested compile region (torch 2.13: "Found a custom (non-ATen)
+    operator whose output has alias annotations"), and inlining every layer would make the compile grow with
+    depth: so each decoder layer is one compiled call, one graph per layer kind, run as CUDA graphs (mode
+    "reduce-overhead"), with the cache's buffers at static addresses and each call starting a new graph step."""
     device = cache.valid.device
-    step = functools.partial(compiled_step(device), model)
+    if traces_recurrent_step(device):
+        return functools.partial(_compiled_for(_forward_with_layer_regions, device, cuda_graphs=False), model)
+    step = functools.partial(model, run_layer=_compiled_for(call_layer, device, cuda_graphs=True))
     if device.type != "cuda":
         return step
     for buffer in cache.buffers():
@@ -172,8 +175,8 @@ def generate(model: Qwen35ForCausalLM, input_ids: torch.Tensor, max_new_tokens: 
     """Greedy (default) or temperature/top-p sampling. input_ids [B, T], left-padded when padding_mask [B, T]
     (1 = token) is given. Returns [B, T + n] with the prompt; sequences that hit EOS are filled with
     pad_token_id (default: the first EOS id) until all are done. `on_token` receives each step's tokens [B].
-    compile: run the decode steps (after the eager prefill) as one compiled graph each (`compiled_step`; a
-    one-time compile per process removes the per-op overhead); None (default) decides by `compile_pays`.
+    compile: run the decode steps (after the eager prefill) compiled (`compiled_decode_step`; a one-time compile
+    per process removes the per-op overhead); None (default) decides by `compile_pays`.
     speculative="mtp" (greedy only): the model's MTP head drafts one token that the main model verifies with
     the next one in a single two-token step; the output is the plain greedy output. `stats` (a
     `SpeculationStats`) receives the acceptance counts."""

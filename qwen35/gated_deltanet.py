@@ -13,11 +13,17 @@ from .config import Qwen35Config
 from .layers import GatedRMSNorm
 
 
+def traces_recurrent_step(device: torch.device | str) -> bool:
+    """Whether a compiled decode step on `device` traces the one-token delta-rule update (its torch reference) into
+    its graph, where inductor fuses its few small ops (CPU), instead of calling the registered in-place op (CUDA: the
+    Triton kernel, which updates the state in one pass)."""
+    return torch.device(device).type == "cpu"
+
+
 def recurrent_step(query, key, value, g, beta, state: torch.Tensor, scale: float) -> torch.Tensor:
-    """One decode position of the gated delta rule (q/k L2-normalised), advancing `state` in place. Eager and on
-    CUDA: the registered in-place op. Compiled on CPU: its CPU implementation (the torch reference) traced into
-    the graph, where inductor fuses its few small ops instead of calling them one by one through the opaque op."""
-    if torch.compiler.is_compiling() and state.device.type == "cpu":
+    """One decode position of the gated delta rule (q/k L2-normalised), advancing `state` in place: the registered
+    in-place op, or, compiled where `traces_recurrent_step`, its CPU implementation traced into the graph."""
+    if torch.compiler.is_compiling() and traces_recurrent_step(state.device):
         out, final_state = delta_rule_reference.recurrent_gated_delta_rule(
             query, key, value, g, beta, scale=scale, initial_state=state, output_final_state=True,
             use_qk_l2norm=True)

@@ -168,8 +168,8 @@ def test_model_cuda_matches_cpu(name, compiled):
 
 @pytest.mark.parametrize("speculative", [None, "mtp"])
 def test_greedy_decoding_cuda_matches_cpu(speculative):
-    """Compiled decode steps (the default on CUDA: one CUDA graph per step) on a left-padded batch give CPU's eager
-    greedy tokens, with and without MTP speculation (a two-token recorded verification step per draft)."""
+    """Compiled decode steps (the default on CUDA: each decoder layer a CUDA graph) on a left-padded batch give CPU's
+    eager greedy tokens, with and without MTP speculation (a two-token recorded verification step per draft)."""
     config = TINY_CONFIGS["dense_tied_gqa4_hv1x"]
     if speculative:
         config = dataclasses.replace(config, mtp_num_hidden_layers=1)

@@ -1,10 +1,13 @@
 """Decoding and packing: cache steps vs full forward, greedy generation vs transformers, left padding,
 sampling, EOS, packed documents vs separate forwards."""
 
+import dataclasses
+
 import pytest
 import torch
 
 import qwen35
+from qwen35 import decoding, gated_deltanet
 from qwen35.decoding import CPU_COMPILE_MIN_STEPS, compile_pays
 from hf_oracle import hf_causal_lm
 from tiny_configs import TINY_CONFIGS
@@ -129,6 +132,25 @@ def test_compiled_decode_steps_generate_the_same_tokens_without_recompiling_per_
     # symbolic (a batch of one, whose size torch.compile always specialises, gets its own graphs); then none, for
     # any prompt length, batch or model of these shapes
     assert compiled_graphs[0] <= 2 and compiled_graphs[2:] == [0, 0]
+
+
+def test_compiled_layers_calling_the_inplace_delta_rule_op_generate_the_same_tokens(monkeypatch):
+    """CUDA's compiled decode on CPU: the step calls the in-place delta-rule op (on CUDA the Triton kernel), which
+    cannot sit in a nested compile region, so each decoder layer is its own compiled call. Plain and speculative
+    (two-token recorded verification steps) greedy decoding give the eager tokens."""
+    for module in (gated_deltanet, decoding):
+        monkeypatch.setattr(module, "traces_recurrent_step", lambda device: False)
+    torch.manual_seed(0)
+    config = dataclasses.replace(TINY_CONFIGS["dense_untied_gqa2_hv2x"], mtp_num_hidden_layers=1)
+    model = qwen35.Qwen35ForCausalLM(config).eval()
+    ids = _ids(config, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    expected = qwen35.generate(model, ids, 10, padding_mask=mask, eos_token_id=[], compile=False)
+    for speculative in (None, "mtp"):
+        got = qwen35.generate(model, ids, 10, padding_mask=mask, eos_token_id=[], compile=True,
+                              speculative=speculative)
+        assert torch.equal(got, expected), speculative
 
 
 def test_decode_steps_are_compiled_where_the_compile_pays_and_can_compile():

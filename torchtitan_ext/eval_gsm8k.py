@@ -13,7 +13,7 @@ after it. Numbers are compared as decimals after dropping thousands commas, `$` 
 Prompts are sorted by length and generated in left-padded batches (greedy outputs equal batch size 1); results
 are reported in input order. stdout gets one summary line, stderr the progress; --output gets one JSON line per
 question (question, gold, reply, predicted, correct), written once all are done. Decode steps run compiled
-(`qwen35.decoding.compiled_step`) where the compile pays for all the batches' steps
+(`qwen35.decoding.compiled_decode_step`) where the compile pays for all the batches' steps
 (`qwen35.decoding.compile_pays`: always on CUDA, on CPU from CPU_COMPILE_MIN_STEPS); --compile / --no-compile
 decide instead.
 """
