@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import socket
@@ -29,6 +30,7 @@ def _worker(rank: int, world_size: int, port: int, result_path: str, fn, args) -
     except BaseException:  # noqa: BLE001 - the parent re-raises it with the traceback
         outcome = ("error", traceback.format_exc())
     finally:
+        gc.collect()  # free what may hold gloo work before finalization, as torchtitan_ext.train.run does
         dist.destroy_process_group()
     if rank == 0 or outcome[0] == "error":
         with open(f"{result_path}.{rank}", "wb") as f:

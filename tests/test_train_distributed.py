@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -103,8 +104,23 @@ def _torchrun(dump_folder: Path, *overrides: str, entry: tuple[str, ...] = ("-m"
                "--rdzv_endpoint=localhost:0", *entry, *debug_args(dump_folder, *COMMON, *overrides)]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     log = done.stdout + done.stderr
-    assert done.returncode == 0, log[-6000:]
+    assert done.returncode == 0, _without_warnings(log)[-6000:]
     return log
+
+
+def _without_warnings(log: str) -> str:
+    """The log without Python warnings (a `file:line: SomeWarning: ...` line and its echoed source line), which
+    otherwise fill the tail shown for a failed run."""
+    kept, after_warning = [], False
+    for line in log.splitlines():
+        if re.search(r":\d+: \w*Warning: ", line):
+            after_warning = True
+        elif not (after_warning and line.startswith(" ")):
+            after_warning = False
+            kept.append(line)
+        else:
+            after_warning = False
+    return "\n".join(kept)
 
 
 _REFERENCES: dict[tuple[str, ...], Path] = {}

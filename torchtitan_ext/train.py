@@ -4,6 +4,7 @@ under `torchrun --nproc_per_node=N`."""
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import socket
 import sys
@@ -80,6 +81,11 @@ def run(config: Trainer.Config) -> None:
     finally:
         if trainer is not None:
             trainer.close()
+            # Free the trainer's reference cycles (modules, FSDP and pipeline state, which can hold gloo work) now,
+            # not during interpreter finalization, where freeing such work can abort the process (SIGABRT,
+            # "terminate called without an active exception"; see pytorch/pytorch#179291).
+            del trainer
+            gc.collect()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
