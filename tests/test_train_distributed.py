@@ -115,11 +115,10 @@ def _without_warnings(log: str) -> str:
     for line in log.splitlines():
         if re.search(r":\d+: \w*Warning: ", line):
             after_warning = True
-        elif not (after_warning and line.startswith(" ")):
-            after_warning = False
+            continue
+        if not (after_warning and line.startswith(" ")):
             kept.append(line)
-        else:
-            after_warning = False
+        after_warning = False
     return "\n".join(kept)
 
 
